@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The test command: every check CI runs, in order. Run it from anywhere after
+# installing the project with its dev extras into .venv (see README.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${SESSION_MANAGER_VENV:-.venv}/bin
+
+echo "== generated code matches protos/"
+"$BIN/python" scripts/codegen.py --check
+echo "== buf lint"
+"$BIN/buf" lint
+echo "== buf breaking (against the frozen v1 contract)"
+"$BIN/buf" breaking --against .ci/contract-baseline.binpb
+echo "== ruff"
+"$BIN/ruff" check .
+"$BIN/ruff" format --check .
+echo "== mypy"
+"$BIN/mypy"
+echo "== pytest"
+"$BIN/python" -m pytest "$@"

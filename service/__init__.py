@@ -1,0 +1,1 @@
+"""Session Manager: the one authority over WhatsApp Web sessions."""

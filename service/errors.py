@@ -1,0 +1,91 @@
+"""Contract errors and their mapping to gRPC status (AIP-193).
+
+Every error leaves the service as a gRPC status code with exactly one
+``google.rpc.ErrorInfo`` whose ``reason`` is the contract code. This module is
+the only place that knows the mapping.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from service.contract import Reason, Status, reason_code, status_text
+from sessionmanager.v1 import session_pb2
+
+DOMAIN = "sessionmanager.v1"
+
+_GRPC_CODE: dict[Reason, grpc.StatusCode] = {
+    session_pb2.ERROR_REASON_SESSION_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    session_pb2.ERROR_REASON_INVALID_INSTANCE_ID: grpc.StatusCode.INVALID_ARGUMENT,
+    session_pb2.ERROR_REASON_INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    session_pb2.ERROR_REASON_SESSION_ALREADY_CONNECTED: grpc.StatusCode.FAILED_PRECONDITION,
+    session_pb2.ERROR_REASON_SESSION_NOT_CONNECTED: grpc.StatusCode.FAILED_PRECONDITION,
+    session_pb2.ERROR_REASON_QR_NOT_AVAILABLE: grpc.StatusCode.FAILED_PRECONDITION,
+    session_pb2.ERROR_REASON_QR_GENERATION_FAILED: grpc.StatusCode.INTERNAL,
+    session_pb2.ERROR_REASON_SESSION_MANAGER_ERROR: grpc.StatusCode.INTERNAL,
+    session_pb2.ERROR_REASON_WHATSAPP_ERROR: grpc.StatusCode.UNAVAILABLE,
+    session_pb2.ERROR_REASON_SESSION_ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    session_pb2.ERROR_REASON_INVALID_TRANSITION: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+class ContractError(Exception):
+    """An error of the contract: a reason, a message and metadata for ErrorInfo."""
+
+    def __init__(self, reason: Reason, message: str, **metadata: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.metadata = metadata
+
+    @property
+    def code(self) -> str:
+        return reason_code(self.reason)
+
+    @property
+    def grpc_code(self) -> grpc.StatusCode:
+        return _GRPC_CODE[self.reason]
+
+    def __repr__(self) -> str:
+        return f"ContractError({self.code}, {self.message!r}, {self.metadata!r})"
+
+
+def session_not_found(instance_id: str) -> ContractError:
+    return ContractError(
+        session_pb2.ERROR_REASON_SESSION_NOT_FOUND,
+        f"session {instance_id!r} does not exist",
+        instance_id=instance_id,
+    )
+
+
+def invalid_argument(field: str, message: str, instance_id: str = "") -> ContractError:
+    metadata = {"field": field}
+    if instance_id:
+        metadata["instance_id"] = instance_id
+    return ContractError(session_pb2.ERROR_REASON_INVALID_ARGUMENT, message, **metadata)
+
+
+def in_status(reason: Reason, message: str, instance_id: str, status: Status) -> ContractError:
+    """An error that depends on the session's status, which travels in the metadata."""
+    return ContractError(reason, message, instance_id=instance_id, status=status_text(status))
+
+
+def internal(message: str) -> ContractError:
+    return ContractError(session_pb2.ERROR_REASON_SESSION_MANAGER_ERROR, message)
+
+
+def to_rpc_status(error: ContractError) -> status_pb2.Status:
+    """The ``google.rpc.Status`` carrying the error's one ErrorInfo."""
+    info = error_details_pb2.ErrorInfo(reason=error.code, domain=DOMAIN, metadata=error.metadata)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    return status_pb2.Status(code=error.grpc_code.value[0], message=error.message, details=[detail])
+
+
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def trailing_metadata(error: ContractError) -> tuple[tuple[str, bytes], ...]:
+    return ((STATUS_DETAILS_KEY, to_rpc_status(error).SerializeToString()),)

@@ -1,0 +1,360 @@
+"""The gRPC servicers: request validation, the call into the domain, the reply.
+
+Contract errors become a gRPC status with one ErrorInfo (``errors``); anything
+unexpected becomes SESSION_MANAGER_ERROR and is logged, never UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from service import errors, validation
+from service.contract import Status
+from service.sessions import SendResult, SessionManager
+from service.simulated import SimulatedEngine
+from service.states import Session
+from service.store import decode_page_token, encode_page_token
+from service.watch import WatchClosed
+from sessionmanager.v1 import (
+    engine_service_pb2 as engine_pb,
+)
+from sessionmanager.v1 import (
+    engine_service_pb2_grpc,
+    session_pb2,
+    session_service_pb2_grpc,
+    simulator_service_pb2_grpc,
+)
+from sessionmanager.v1 import (
+    session_service_pb2 as pb,
+)
+from sessionmanager.v1 import (
+    simulator_service_pb2 as sim_pb,
+)
+
+log = logging.getLogger(__name__)
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+_DISCONNECT_REASONS = {
+    session_pb2.DISCONNECT_REASON_LOGOUT,
+    session_pb2.DISCONNECT_REASON_NETWORK,
+    session_pb2.DISCONNECT_REASON_TIMEOUT,
+    session_pb2.DISCONNECT_REASON_UNKNOWN,
+}
+
+
+def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def session_message(s: Session) -> session_pb2.WhatsAppSession:
+    """The contract's ``WhatsAppSession`` for a committed session state."""
+    message = session_pb2.WhatsAppSession(
+        id=s.id,
+        instance_id=s.instance_id,
+        status=s.status,
+        qr_status=s.qr_status,
+        created_at=_timestamp(s.created_at),
+        updated_at=_timestamp(s.updated_at),
+        revision=s.revision,
+    )
+    for name in ("phone_number", "qr_string", "last_error_code", "last_error_message"):
+        value = getattr(s, name)
+        if value is not None:
+            setattr(message, name, value)
+    for name in ("qr_generated_at", "qr_expires_at", "connected_at", "disconnected_at"):
+        value = getattr(s, name)
+        if value is not None:
+            getattr(message, name).FromDatetime(value)
+    return message
+
+
+async def _abort(context: Context, error: errors.ContractError) -> None:
+    await context.abort(
+        error.grpc_code, error.message, trailing_metadata=errors.trailing_metadata(error)
+    )
+
+
+def _unexpected(error: Exception) -> errors.ContractError:
+    log.exception("unexpected failure", exc_info=error)
+    return errors.internal(f"the Session Manager failed: {type(error).__name__}")
+
+
+def unary(
+    method: Callable[[Any, Request, Context], Awaitable[Response]],
+) -> Callable[[Any, Request, Context], Awaitable[Response]]:
+    """Turn contract errors, and anything unexpected, into the contract's status."""
+
+    @functools.wraps(method)
+    async def handler(self: Any, request: Request, context: Context) -> Response:
+        try:
+            return await method(self, request, context)
+        except errors.ContractError as error:
+            await _abort(context, error)
+        except Exception as error:  # noqa: BLE001 - the contract's SESSION_MANAGER_ERROR
+            await _abort(context, _unexpected(error))
+        raise AssertionError("unreachable: abort raises")
+
+    return handler
+
+
+class SessionService(session_service_pb2_grpc.SessionServiceServicer):
+    def __init__(self, manager: SessionManager) -> None:
+        self._manager = manager
+
+    @unary
+    async def GetSession(
+        self, request: pb.GetSessionRequest, context: Context
+    ) -> pb.GetSessionResponse:
+        session = self._manager.get(validation.instance_id(request.instance_id))
+        return pb.GetSessionResponse(session=session_message(session))
+
+    @unary
+    async def RequestQR(
+        self, request: pb.RequestQRRequest, context: Context
+    ) -> pb.RequestQRResponse:
+        session = await self._manager.request_qr(validation.instance_id(request.instance_id))
+        assert session.qr_string is not None
+        assert session.qr_expires_at is not None
+        return pb.RequestQRResponse(
+            qr_string=session.qr_string,
+            qr_expires_at=_timestamp(session.qr_expires_at),
+            session=session_message(session),
+        )
+
+    @unary
+    async def Send(self, request: pb.SendRequest, context: Context) -> pb.SendResponse:
+        iid = validation.instance_id(request.instance_id)
+        to = validation.recipient(request.to, iid)
+        text = validation.text(request.text, iid)
+        key = (
+            validation.idempotency_key(request.idempotency_key, iid)
+            if request.HasField("idempotency_key")
+            else None
+        )
+        return _send_response(await self._manager.send(iid, to, text, key))
+
+    @unary
+    async def Disconnect(
+        self, request: pb.DisconnectRequest, context: Context
+    ) -> pb.DisconnectResponse:
+        session = await self._manager.disconnect(validation.instance_id(request.instance_id))
+        return pb.DisconnectResponse(session=session_message(session))
+
+    async def WatchSession(
+        self, request: pb.WatchSessionRequest, context: Context
+    ) -> AsyncIterator[pb.WatchSessionResponse]:
+        try:
+            iid = validation.instance_id(request.instance_id)
+            watcher = self._manager.watch(iid)
+        except errors.ContractError as error:
+            await _abort(context, error)
+            return
+        try:
+            while True:
+                session = await watcher.next()
+                yield pb.WatchSessionResponse(session=session_message(session))
+        except WatchClosed as closed:
+            if closed.deleted:
+                await _abort(context, errors.session_not_found(iid))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, closed.why)
+        finally:
+            self._manager.unwatch(iid, watcher)
+
+    @unary
+    async def CreateSession(
+        self, request: pb.CreateSessionRequest, context: Context
+    ) -> pb.CreateSessionResponse:
+        session = await self._manager.create(validation.instance_id(request.instance_id))
+        return pb.CreateSessionResponse(session=session_message(session))
+
+    @unary
+    async def ListSessions(
+        self, request: pb.ListSessionsRequest, context: Context
+    ) -> pb.ListSessionsResponse:
+        size = validation.page_size(request.page_size)
+        after = ""
+        if request.page_token:
+            decoded = decode_page_token(request.page_token)
+            if decoded is None:
+                raise errors.invalid_argument(
+                    "page_token", "page_token is not a token this service gave"
+                )
+            after = decoded
+        status: Status | None = None
+        if request.HasField("status"):
+            status = validation.enum_value(  # type: ignore[assignment]
+                request.status, set(session_pb2.SessionStatus.values()), "status"
+            )
+        sessions, last = await self._manager.list(size, after, status)
+        return pb.ListSessionsResponse(
+            sessions=[session_message(s) for s in sessions],
+            next_page_token=encode_page_token(last) if last is not None else "",
+        )
+
+    @unary
+    async def DeleteSession(
+        self, request: pb.DeleteSessionRequest, context: Context
+    ) -> pb.DeleteSessionResponse:
+        await self._manager.delete(validation.instance_id(request.instance_id))
+        return pb.DeleteSessionResponse()
+
+
+def _send_response(result: SendResult) -> pb.SendResponse:
+    message = result.message
+    response = pb.SendResponse(
+        message_id=message.id,
+        status=message.status,
+        accepted_at=_timestamp(message.accepted_at),
+        replayed=result.replayed,
+    )
+    if message.whatsapp_message_id is not None:
+        response.whatsapp_message_id = message.whatsapp_message_id
+    return response
+
+
+class EngineService(engine_service_pb2_grpc.EngineServiceServicer):
+    """The internal reports of the engine side, over gRPC."""
+
+    def __init__(self, manager: SessionManager) -> None:
+        self._manager = manager
+
+    @unary
+    async def ReportQRCode(
+        self, request: engine_pb.ReportQRCodeRequest, context: Context
+    ) -> engine_pb.ReportQRCodeResponse:
+        iid = validation.instance_id(request.instance_id)
+        code = validation.pairing_code(request.code, iid)
+        if not request.HasField("expires_at"):
+            raise errors.invalid_argument("expires_at", "expires_at is required", iid)
+        session = await self._manager.qr_code(iid, code, request.expires_at.ToDatetime(tzinfo=UTC))
+        return engine_pb.ReportQRCodeResponse(session=session_message(session))
+
+    @unary
+    async def ReportQRScanned(
+        self, request: engine_pb.ReportQRScannedRequest, context: Context
+    ) -> engine_pb.ReportQRScannedResponse:
+        session = await self._manager.qr_scanned(validation.instance_id(request.instance_id))
+        return engine_pb.ReportQRScannedResponse(session=session_message(session))
+
+    @unary
+    async def ReportConnecting(
+        self, request: engine_pb.ReportConnectingRequest, context: Context
+    ) -> engine_pb.ReportConnectingResponse:
+        session = await self._manager.reconnecting(validation.instance_id(request.instance_id))
+        return engine_pb.ReportConnectingResponse(session=session_message(session))
+
+    @unary
+    async def ReportConnected(
+        self, request: engine_pb.ReportConnectedRequest, context: Context
+    ) -> engine_pb.ReportConnectedResponse:
+        iid = validation.instance_id(request.instance_id)
+        phone = validation.phone_number(request.phone_number, iid=iid)
+        session = await self._manager.connected(iid, phone)
+        return engine_pb.ReportConnectedResponse(session=session_message(session))
+
+    @unary
+    async def ReportDisconnected(
+        self, request: engine_pb.ReportDisconnectedRequest, context: Context
+    ) -> engine_pb.ReportDisconnectedResponse:
+        iid = validation.instance_id(request.instance_id)
+        reason = validation.enum_value(request.reason, _DISCONNECT_REASONS, "reason", iid)
+        message = validation.error_message(request.message, iid) if request.message else ""
+        session = await self._manager.disconnected(iid, reason, message)  # type: ignore[arg-type]
+        return engine_pb.ReportDisconnectedResponse(session=session_message(session))
+
+    @unary
+    async def ReportError(
+        self, request: engine_pb.ReportErrorRequest, context: Context
+    ) -> engine_pb.ReportErrorResponse:
+        iid = validation.instance_id(request.instance_id)
+        code = validation.error_code(request.code, iid)
+        message = validation.error_message(request.message, iid)
+        session = await self._manager.failed(iid, code, message)
+        return engine_pb.ReportErrorResponse(session=session_message(session))
+
+
+_FAULTS = {sim_pb.FAULT_PAIRING: "pairing", sim_pb.FAULT_SEND: "send"}
+_FAULT_MESSAGES = {
+    "TEMPORARY_BAN": "WhatsApp banned this number temporarily",
+    "CLIENT_OUTDATED": "WhatsApp refused this client version as outdated",
+}
+
+
+class SimulatorService(simulator_service_pb2_grpc.SimulatorServiceServicer):
+    """Commands to the simulated phone; served only with the simulated engine."""
+
+    def __init__(self, manager: SessionManager, engine: SimulatedEngine) -> None:
+        self._manager = manager
+        self._engine = engine
+
+    def _existing(self, instance_id: str) -> str:
+        return self._manager.get(validation.instance_id(instance_id)).instance_id
+
+    def _current(self, iid: str) -> session_pb2.WhatsAppSession:
+        return session_message(self._manager.get(iid))
+
+    @unary
+    async def ScanQR(
+        self, request: sim_pb.ScanQRRequest, context: Context
+    ) -> sim_pb.ScanQRResponse:
+        iid = self._existing(request.instance_id)
+        phone = (
+            validation.phone_number(request.phone_number, iid=iid) if request.phone_number else ""
+        )
+        await self._engine.scan(iid, phone, request.hold_handshake)
+        return sim_pb.ScanQRResponse(session=self._current(iid))
+
+    @unary
+    async def CompleteHandshake(
+        self, request: sim_pb.CompleteHandshakeRequest, context: Context
+    ) -> sim_pb.CompleteHandshakeResponse:
+        iid = self._existing(request.instance_id)
+        await self._engine.complete_handshake(iid)
+        return sim_pb.CompleteHandshakeResponse(session=self._current(iid))
+
+    @unary
+    async def DropNetwork(
+        self, request: sim_pb.DropNetworkRequest, context: Context
+    ) -> sim_pb.DropNetworkResponse:
+        iid = self._existing(request.instance_id)
+        await self._engine.drop_network(iid, request.hold_reconnect)
+        return sim_pb.DropNetworkResponse(session=self._current(iid))
+
+    @unary
+    async def UnlinkDevice(
+        self, request: sim_pb.UnlinkDeviceRequest, context: Context
+    ) -> sim_pb.UnlinkDeviceResponse:
+        iid = self._existing(request.instance_id)
+        await self._engine.unlink(iid)
+        return sim_pb.UnlinkDeviceResponse(session=self._current(iid))
+
+    @unary
+    async def FailSession(
+        self, request: sim_pb.FailSessionRequest, context: Context
+    ) -> sim_pb.FailSessionResponse:
+        iid = self._existing(request.instance_id)
+        code = validation.error_code(request.code or "TEMPORARY_BAN", iid)
+        message = request.message or _FAULT_MESSAGES.get(code, f"The session failed: {code}")
+        await self._engine.fail(iid, code, validation.error_message(message, iid))
+        return sim_pb.FailSessionResponse(session=self._current(iid))
+
+    @unary
+    async def InjectFault(
+        self, request: sim_pb.InjectFaultRequest, context: Context
+    ) -> sim_pb.InjectFaultResponse:
+        iid = self._existing(request.instance_id)
+        fault = validation.enum_value(request.fault, set(_FAULTS), "fault", iid)
+        self._engine.inject_fault(iid, _FAULTS[fault])  # type: ignore[index]
+        return sim_pb.InjectFaultResponse()

@@ -1,0 +1,131 @@
+"""The asyncio gRPC server: services, health, reflection, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service.clock import Clock, SystemClock
+from service.config import Settings
+from service.rpc import EngineService, SessionService, SimulatorService
+from service.sessions import SessionManager
+from service.simulated import PairingTimes, SimulatedEngine
+from service.store import Store
+from sessionmanager.v1 import (
+    engine_service_pb2,
+    engine_service_pb2_grpc,
+    session_service_pb2,
+    session_service_pb2_grpc,
+    simulator_service_pb2,
+    simulator_service_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+
+SESSION_SERVICE = session_service_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name
+ENGINE_SERVICE = engine_service_pb2.DESCRIPTOR.services_by_name["EngineService"].full_name
+SIMULATOR_SERVICE = simulator_service_pb2.DESCRIPTOR.services_by_name["SimulatorService"].full_name
+
+MAX_MESSAGE_BYTES = 1 << 20
+
+# Thousands of watch streams may open at once (every open Central Hub page
+# holds one): let the server queue that many calls it has not picked up yet,
+# instead of cancelling them.
+SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", 4 * MAX_MESSAGE_BYTES),
+    ("grpc.max_concurrent_streams", 100_000),
+    ("grpc.server_max_unrequested_time_in_server", 60),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+)
+
+
+@dataclass
+class RunningServer:
+    """A started server and what it owns; ``stop`` takes it down in order."""
+
+    server: grpc.aio.Server
+    port: int
+    manager: SessionManager
+    store: Store
+    engine: SimulatedEngine
+    health: health_aio.HealthServicer
+    grace: float
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.health.enter_graceful_shutdown()
+        self.manager.close_watches()
+        await self.server.stop(self.grace if grace is None else grace)
+        await self.manager.close()
+        await self.store.close()
+        log.info("stopped")
+
+
+def build_engine(settings: Settings, clock: Clock) -> SimulatedEngine:
+    times = PairingTimes(
+        first=settings.qr_first_seconds,
+        rotation=settings.qr_rotation_seconds,
+        codes=settings.qr_codes,
+    )
+    return SimulatedEngine(clock, times)
+
+
+async def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
+    """Open the database, load every session and start listening."""
+    clock = clock or SystemClock()
+    store = await Store.open(settings.database)
+    engine = build_engine(settings, clock)
+    manager = SessionManager(store, engine, clock, qr_timeout=settings.qr_timeout)
+    try:
+        await manager.start()
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        session_service_pb2_grpc.add_SessionServiceServicer_to_server(
+            SessionService(manager), server
+        )
+        engine_service_pb2_grpc.add_EngineServiceServicer_to_server(EngineService(manager), server)
+        services = [SESSION_SERVICE, ENGINE_SERVICE]
+        simulator_service_pb2_grpc.add_SimulatorServiceServicer_to_server(
+            SimulatorService(manager, engine), server
+        )
+        services.append(SIMULATOR_SERVICE)
+        health_servicer = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            [*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+        port = server.add_insecure_port(settings.address)
+        if port == 0:
+            raise OSError(f"could not listen on {settings.address}")
+        await server.start()
+    except BaseException:
+        await manager.close()
+        await store.close()
+        raise
+    for name in ("", *services):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("listening on %s (port %d), database %s", settings.address, port, settings.database)
+    return RunningServer(
+        server, port, manager, store, engine, health_servicer, settings.shutdown_grace
+    )
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    running = await start(settings)
+    print(f"session-manager listening on port {running.port}", flush=True)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+    log.info("shutting down")
+    await running.stop()

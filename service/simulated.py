@@ -1,0 +1,173 @@
+"""The simulated engine: a deterministic phone and WhatsApp, for tests and demos.
+
+It behaves like the real engine towards the Session Manager: pairing shows a
+first code valid for 60 s, then rotates to a new code every 20 s, six codes
+in all (durations configurable), and reports everything through the same
+``EngineEvents``. On command (``SimulatorService``) the phone scans, the
+handshake completes, the network drops and comes back, the phone unlinks the
+device, or the session fails for good. Codes are realistic whatsmeow pairing
+payloads, derived from the instance id and a counter so runs are repeatable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import itertools
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from service.clock import Clock
+from service.contract import LOGOUT, NETWORK
+from service.engine import EngineError, EngineEvents
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PHONE = "+15550000000"
+
+
+@dataclass(frozen=True, slots=True)
+class PairingTimes:
+    """How long pairing codes live: whatsmeow's timing by default."""
+
+    first: float = 60.0
+    rotation: float = 20.0
+    codes: int = 6
+    #: The next code is shown this long before the current one expires, so that a
+    #: shown code never lapses while pairing goes on.
+    lead: float = 1.0
+
+
+@dataclass(slots=True)
+class _Device:
+    phone_number: str | None = None
+    rotation: asyncio.Task[None] | None = None
+    faults: set[str] = field(default_factory=set)
+
+
+def pairing_payload(instance_id: str, serial: int) -> str:
+    """A pairing payload shaped like whatsmeow's: ``ref,noise_key,identity_key,adv_secret``."""
+
+    def part(label: str, size: int) -> str:
+        digest = hashlib.sha256(f"{instance_id}:{serial}:{label}".encode()).digest()
+        return base64.b64encode(digest[:size]).decode()
+
+    return f"2@{part('ref', 24)},{part('noise', 32)},{part('identity', 32)},{part('adv', 32)}"
+
+
+class SimulatedEngine:
+    resumes_pairing = True
+
+    def __init__(self, clock: Clock, times: PairingTimes | None = None) -> None:
+        self._clock = clock
+        self._times = times or PairingTimes()
+        self._devices: dict[str, _Device] = {}
+        self._serial = itertools.count(1)
+        self._events: EngineEvents | None = None
+
+    @property
+    def events(self) -> EngineEvents:
+        assert self._events is not None, "bind() first"
+        return self._events
+
+    def bind(self, events: EngineEvents) -> None:
+        self._events = events
+
+    def _device(self, instance_id: str) -> _Device:
+        return self._devices.setdefault(instance_id, _Device())
+
+    # Engine.
+
+    async def start_pairing(self, instance_id: str) -> None:
+        device = self._device(instance_id)
+        self._stop_rotation(device)
+        if "pairing" in device.faults:
+            device.faults.discard("pairing")
+            raise EngineError("PAIRING_FAILED", "the simulated engine was told to fail pairing")
+        expires_at = self._clock.now() + timedelta(seconds=self._times.first)
+        await self.events.qr_code(instance_id, self._next_code(instance_id), expires_at)
+        if self._times.codes > 1:
+            device.rotation = asyncio.create_task(self._rotate(instance_id, expires_at))
+
+    def _next_code(self, instance_id: str) -> str:
+        return pairing_payload(instance_id, next(self._serial))
+
+    async def _rotate(self, instance_id: str, expires_at: datetime) -> None:
+        lead = timedelta(seconds=min(self._times.lead, self._times.rotation / 2))
+        for _ in range(self._times.codes - 1):
+            await self._clock.sleep_until(expires_at - lead)
+            expires_at = self._clock.now() + timedelta(seconds=self._times.rotation)
+            try:
+                await self.events.qr_code(instance_id, self._next_code(instance_id), expires_at)
+            except Exception as error:  # noqa: BLE001 - the session moved on; stop rotating
+                log.debug("rotation of %s stopped: %s", instance_id, error)
+                return
+
+    def _stop_rotation(self, device: _Device) -> None:
+        if device.rotation is not None and device.rotation is not asyncio.current_task():
+            device.rotation.cancel()
+        device.rotation = None
+
+    async def stop_pairing(self, instance_id: str) -> None:
+        self._stop_rotation(self._device(instance_id))
+
+    async def restore(self, instance_id: str, phone_number: str | None) -> None:
+        device = self._device(instance_id)
+        device.phone_number = phone_number or device.phone_number or DEFAULT_PHONE
+        await self.events.connected(instance_id, device.phone_number)
+
+    async def send(self, instance_id: str, to: str, text: str) -> str:
+        device = self._device(instance_id)
+        if "send" in device.faults:
+            device.faults.discard("send")
+            raise EngineError("SEND_REFUSED", "the simulated WhatsApp refused the message")
+        digest = hashlib.sha256(f"{instance_id}:{next(self._serial)}".encode()).hexdigest()
+        return "3EB0" + digest[:16].upper()
+
+    async def logout(self, instance_id: str) -> None:
+        device = self._devices.pop(instance_id, None)
+        if device is not None:
+            self._stop_rotation(device)
+
+    async def close(self) -> None:
+        for device in self._devices.values():
+            self._stop_rotation(device)
+        rotations = [d.rotation for d in self._devices.values() if d.rotation is not None]
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*rotations, return_exceptions=True)
+
+    # The phone and WhatsApp, on command.
+
+    async def scan(self, instance_id: str, phone_number: str, hold_handshake: bool) -> None:
+        device = self._device(instance_id)
+        await self.events.qr_scanned(instance_id)
+        self._stop_rotation(device)
+        device.phone_number = phone_number or DEFAULT_PHONE
+        if not hold_handshake:
+            await self.events.connected(instance_id, device.phone_number)
+
+    async def complete_handshake(self, instance_id: str) -> None:
+        device = self._device(instance_id)
+        await self.events.connected(instance_id, device.phone_number or DEFAULT_PHONE)
+
+    async def drop_network(self, instance_id: str, hold_reconnect: bool) -> None:
+        await self.events.disconnected(instance_id, NETWORK)
+        await self.events.reconnecting(instance_id)
+        if not hold_reconnect:
+            await self.complete_handshake(instance_id)
+
+    async def unlink(self, instance_id: str) -> None:
+        await self.events.disconnected(instance_id, LOGOUT)
+        device = self._devices.pop(instance_id, None)
+        if device is not None:
+            self._stop_rotation(device)
+
+    async def fail(self, instance_id: str, code: str, message: str) -> None:
+        await self.events.failed(instance_id, code, message)
+        self._stop_rotation(self._device(instance_id))
+
+    def inject_fault(self, instance_id: str, fault: str) -> None:
+        self._device(instance_id).faults.add(fault)

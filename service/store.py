@@ -1,0 +1,471 @@
+"""All SQL of the Session Manager: one SQLite file, one connection, one writer.
+
+Every operation, read or write, goes through one queue served by one task in
+order. Writes that arrive together are committed in one transaction (group
+commit); an operation returns only after its transaction is durably committed
+(WAL, ``synchronous=FULL``). Reads see only committed data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import sqlite3
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from service.contract import (
+    MESSAGE_STATUS_TEXTS,
+    QR_STATUS_TEXTS,
+    STATUS_TEXTS,
+    MessageStatus,
+    Status,
+    message_status_from_text,
+    message_status_text,
+    qr_status_from_text,
+    qr_status_text,
+    status_from_text,
+    status_text,
+)
+from service.states import Session
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Operation = Callable[[aiosqlite.Connection], Awaitable[T]]
+
+_MAX_BATCH = 512
+
+
+def _in(values: tuple[str, ...]) -> str:
+    return ", ".join(f"'{value}'" for value in values)
+
+
+# Each entry migrates the schema from version N to N + 1 (PRAGMA user_version).
+MIGRATIONS: tuple[str, ...] = (
+    f"""
+    CREATE TABLE ll_whatsapp_qr_sessions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        instance_id TEXT NOT NULL UNIQUE CHECK (
+            length(instance_id) BETWEEN 1 AND 64
+            AND substr(instance_id, 1, 1) GLOB '[A-Za-z0-9]'
+            AND instance_id NOT GLOB '*[^A-Za-z0-9_.-]*'
+        ),
+        phone_number TEXT,
+        status TEXT NOT NULL CHECK (status IN ({_in(STATUS_TEXTS)})),
+        qr_status TEXT NOT NULL CHECK (qr_status IN ({_in(QR_STATUS_TEXTS)})),
+        qr_string TEXT,
+        qr_generated_at TEXT,
+        qr_expires_at TEXT,
+        connected_at TEXT,
+        disconnected_at TEXT,
+        last_error_code TEXT,
+        last_error_message TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        revision INTEGER NOT NULL CHECK (revision >= 1),
+        CHECK (qr_string IS NULL OR qr_status IN ('generated', 'expired')),
+        CHECK (status <> 'connected' OR (phone_number IS NOT NULL AND connected_at IS NOT NULL)),
+        CHECK (status <> 'error'
+            OR (last_error_code IS NOT NULL AND last_error_message IS NOT NULL))
+    );
+    CREATE TABLE messages (
+        id TEXT PRIMARY KEY,
+        session_id INTEGER NOT NULL
+            REFERENCES ll_whatsapp_qr_sessions (id) ON DELETE CASCADE,
+        idempotency_key TEXT,
+        recipient TEXT NOT NULL,
+        text TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ({_in(MESSAGE_STATUS_TEXTS)})),
+        whatsapp_message_id TEXT,
+        error_code TEXT,
+        error_message TEXT,
+        accepted_at TEXT NOT NULL,
+        finished_at TEXT,
+        UNIQUE (session_id, idempotency_key)
+    );
+    CREATE INDEX messages_by_session ON messages (session_id, accepted_at);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_SESSION_COLUMNS = (
+    "id, instance_id, phone_number, status, qr_status, qr_string, qr_generated_at, "
+    "qr_expires_at, connected_at, disconnected_at, last_error_code, last_error_message, "
+    "created_at, updated_at, revision"
+)
+_MESSAGE_COLUMNS = (
+    "id, idempotency_key, recipient, text, status, whatsapp_message_id, error_code, "
+    "error_message, accepted_at"
+)
+
+
+class SchemaTooNew(RuntimeError):
+    """The database file was written by a newer release."""
+
+
+class StaleRevision(RuntimeError):
+    """An update expected a revision that is no longer the stored one."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One recorded Send."""
+
+    id: str
+    session_id: int
+    idempotency_key: str | None
+    recipient: str
+    text: str
+    status: MessageStatus
+    accepted_at: datetime
+    whatsapp_message_id: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+def _ts(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _dt(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def _session_row(row: sqlite3.Row | tuple[Any, ...]) -> Session:
+    return Session(
+        id=row[0],
+        instance_id=row[1],
+        phone_number=row[2],
+        status=status_from_text(row[3]),
+        qr_status=qr_status_from_text(row[4]),
+        qr_string=row[5],
+        qr_generated_at=_dt(row[6]),
+        qr_expires_at=_dt(row[7]),
+        connected_at=_dt(row[8]),
+        disconnected_at=_dt(row[9]),
+        last_error_code=row[10],
+        last_error_message=row[11],
+        created_at=_dt(row[12]),  # type: ignore[arg-type]
+        updated_at=_dt(row[13]),  # type: ignore[arg-type]
+        revision=row[14],
+    )
+
+
+def _session_values(s: Session) -> tuple[Any, ...]:
+    return (
+        s.instance_id,
+        s.phone_number,
+        status_text(s.status),
+        qr_status_text(s.qr_status),
+        s.qr_string,
+        _ts(s.qr_generated_at),
+        _ts(s.qr_expires_at),
+        _ts(s.connected_at),
+        _ts(s.disconnected_at),
+        s.last_error_code,
+        s.last_error_message,
+        _ts(s.created_at),
+        _ts(s.updated_at),
+        s.revision,
+    )
+
+
+def _message_row(session_id: int, row: sqlite3.Row | tuple[Any, ...]) -> Message:
+    return Message(
+        id=row[0],
+        session_id=session_id,
+        idempotency_key=row[1],
+        recipient=row[2],
+        text=row[3],
+        status=message_status_from_text(row[4]),
+        whatsapp_message_id=row[5],
+        error_code=row[6],
+        error_message=row[7],
+        accepted_at=_dt(row[8]),  # type: ignore[arg-type]
+    )
+
+
+def encode_page_token(instance_id: str) -> str:
+    return base64.urlsafe_b64encode(instance_id.encode()).decode()
+
+
+def decode_page_token(token: str) -> str | None:
+    """The last ``instance_id`` of the previous page, or None for a malformed token."""
+    try:
+        return base64.urlsafe_b64decode(token.encode()).decode()
+    except (ValueError, UnicodeError):
+        return None
+
+
+@dataclass(slots=True)
+class _Job:
+    operation: Operation[Any]
+    done: asyncio.Future[Any]
+
+
+class Store:
+    """The SQLite file; every method is one operation, committed before it returns."""
+
+    def __init__(self, connection: aiosqlite.Connection, path: Path) -> None:
+        self._db = connection
+        self.path = path
+        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
+        self._writer = asyncio.create_task(self._serve(), name="store-writer")
+
+    @classmethod
+    async def open(cls, path: Path | str) -> Store:
+        path = Path(path)
+        if str(path) != ":memory:":
+            path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            await db.execute("PRAGMA journal_mode = WAL")
+            await db.execute("PRAGMA synchronous = FULL")
+            await db.execute("PRAGMA foreign_keys = ON")
+            await db.execute("PRAGMA busy_timeout = 5000")
+            await _migrate(db)
+        except BaseException:
+            await db.close()
+            raise
+        return cls(db, path)
+
+    async def close(self) -> None:
+        """Finish every queued operation, checkpoint the WAL and close the file."""
+        await self._queue.put(None)
+        await self._writer
+        with contextlib.suppress(sqlite3.Error):
+            await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        await self._db.close()
+
+    async def run(self, operation: Operation[T]) -> T:
+        """Run ``operation`` in the writer's next transaction; return once committed."""
+        if self._writer.done():
+            raise RuntimeError("the store is closed")
+        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Job(operation, done))
+        return await done
+
+    async def _serve(self) -> None:
+        closing = False
+        while not closing:
+            first = await self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < _MAX_BATCH and not self._queue.empty():
+                job = self._queue.get_nowait()
+                if job is None:
+                    closing = True
+                    break
+                batch.append(job)
+            await self._commit(batch)
+
+    async def _commit(self, batch: list[_Job]) -> None:
+        try:
+            results = await self._transaction(batch)
+        except Exception as error:  # noqa: BLE001 - handed to the caller
+            if len(batch) > 1:
+                # One operation failed: run each alone so that only that one fails.
+                for job in batch:
+                    await self._commit([job])
+            elif not batch[0].done.done():
+                batch[0].done.set_exception(error)
+            return
+        for job, result in zip(batch, results, strict=True):
+            if not job.done.done():
+                job.done.set_result(result)
+
+    async def _transaction(self, batch: list[_Job]) -> list[Any]:
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            results = [await job.operation(self._db) for job in batch]
+            await self._db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                await self._db.execute("ROLLBACK")
+            raise
+        return results
+
+    # Sessions.
+
+    async def load_sessions(self) -> list[Session]:
+        async def operation(db: aiosqlite.Connection) -> list[Session]:
+            rows = await db.execute_fetchall(
+                f"SELECT {_SESSION_COLUMNS} FROM ll_whatsapp_qr_sessions"
+            )
+            return [_session_row(row) for row in rows]
+
+        return await self.run(operation)
+
+    async def insert_session(self, session: Session) -> int:
+        """Store a new session; returns its id. Raises sqlite3.IntegrityError if it exists."""
+
+        async def operation(db: aiosqlite.Connection) -> int:
+            cursor = await db.execute(
+                "INSERT INTO ll_whatsapp_qr_sessions (instance_id, phone_number, status, "
+                "qr_status, qr_string, qr_generated_at, qr_expires_at, connected_at, "
+                "disconnected_at, last_error_code, last_error_message, created_at, updated_at, "
+                "revision) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                _session_values(session),
+            )
+            row_id = cursor.lastrowid
+            await cursor.close()
+            assert row_id is not None
+            return row_id
+
+        return await self.run(operation)
+
+    async def update_session(self, session: Session) -> None:
+        """Store the next revision of a session; the stored one must be revision - 1."""
+
+        async def operation(db: aiosqlite.Connection) -> None:
+            cursor = await db.execute(
+                "UPDATE ll_whatsapp_qr_sessions SET instance_id = ?, phone_number = ?, "
+                "status = ?, qr_status = ?, qr_string = ?, qr_generated_at = ?, "
+                "qr_expires_at = ?, connected_at = ?, disconnected_at = ?, last_error_code = ?, "
+                "last_error_message = ?, created_at = ?, updated_at = ?, revision = ? "
+                "WHERE id = ? AND revision = ?",
+                (*_session_values(session), session.id, session.revision - 1),
+            )
+            changed = cursor.rowcount
+            await cursor.close()
+            if changed != 1:
+                raise StaleRevision(
+                    f"{session.instance_id} is not at revision {session.revision - 1}"
+                )
+
+        await self.run(operation)
+
+    async def delete_session(self, session_id: int) -> None:
+        async def operation(db: aiosqlite.Connection) -> None:
+            await db.execute("DELETE FROM ll_whatsapp_qr_sessions WHERE id = ?", (session_id,))
+
+        await self.run(operation)
+
+    async def list_sessions(self, after: str, limit: int, status: Status | None) -> list[Session]:
+        """Up to ``limit`` sessions with ``instance_id > after``, ordered by instance_id."""
+        where, params = "instance_id > ?", [after]
+        if status is not None:
+            where += " AND status = ?"
+            params.append(status_text(status))
+
+        async def operation(db: aiosqlite.Connection) -> list[Session]:
+            rows = await db.execute_fetchall(
+                f"SELECT {_SESSION_COLUMNS} FROM ll_whatsapp_qr_sessions WHERE {where} "
+                "ORDER BY instance_id LIMIT ?",
+                (*params, limit),
+            )
+            return [_session_row(row) for row in rows]
+
+        return await self.run(operation)
+
+    # Messages.
+
+    async def insert_message(self, message: Message) -> None:
+        """Record an accepted message. Raises sqlite3.IntegrityError on a repeated key."""
+
+        async def operation(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "INSERT INTO messages (id, session_id, idempotency_key, recipient, text, status, "
+                "whatsapp_message_id, error_code, error_message, accepted_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    message.id,
+                    message.session_id,
+                    message.idempotency_key,
+                    message.recipient,
+                    message.text,
+                    message_status_text(message.status),
+                    message.whatsapp_message_id,
+                    message.error_code,
+                    message.error_message,
+                    _ts(message.accepted_at),
+                ),
+            )
+
+        await self.run(operation)
+
+    async def finish_message(self, message: Message, finished_at: datetime) -> None:
+        """Record the engine's result for a pending message."""
+
+        async def operation(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "UPDATE messages SET status = ?, whatsapp_message_id = ?, error_code = ?, "
+                "error_message = ?, finished_at = ? WHERE id = ?",
+                (
+                    message_status_text(message.status),
+                    message.whatsapp_message_id,
+                    message.error_code,
+                    message.error_message,
+                    _ts(finished_at),
+                    message.id,
+                ),
+            )
+
+        await self.run(operation)
+
+    async def find_message(self, session_id: int, idempotency_key: str) -> Message | None:
+        async def operation(db: aiosqlite.Connection) -> Message | None:
+            rows = list(
+                await db.execute_fetchall(
+                    f"SELECT {_MESSAGE_COLUMNS} FROM messages "
+                    "WHERE session_id = ? AND idempotency_key = ?",
+                    (session_id, idempotency_key),
+                )
+            )
+            return _message_row(session_id, rows[0]) if rows else None
+
+        return await self.run(operation)
+
+    async def fail_pending_messages(self, code: str, message: str, at: datetime) -> int:
+        """Mark messages whose result was never recorded as failed; returns how many."""
+
+        async def operation(db: aiosqlite.Connection) -> int:
+            cursor = await db.execute(
+                "UPDATE messages SET status = 'failed', error_code = ?, error_message = ?, "
+                "finished_at = ? WHERE status = 'pending'",
+                (code, message, _ts(at)),
+            )
+            changed = cursor.rowcount
+            await cursor.close()
+            return changed
+
+        return await self.run(operation)
+
+    async def integrity_check(self) -> str:
+        async def operation(db: aiosqlite.Connection) -> str:
+            rows = list(await db.execute_fetchall("PRAGMA integrity_check"))
+            return "; ".join(str(row[0]) for row in rows)
+
+        return await self.run(operation)
+
+
+async def _migrate(db: aiosqlite.Connection) -> None:
+    rows = list(await db.execute_fetchall("PRAGMA user_version"))
+    version = int(rows[0][0])
+    if version > SCHEMA_VERSION:
+        raise SchemaTooNew(
+            f"the database has schema version {version}; this release knows up to {SCHEMA_VERSION}"
+        )
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        log.info("migrating the database schema to version %d", target)
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[target - 1].split(";"):
+                if statement.strip():
+                    await db.execute(statement)
+            await db.execute(f"PRAGMA user_version = {target}")
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise

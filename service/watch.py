@@ -1,0 +1,91 @@
+"""Fan-out of committed session states to watchers.
+
+Each watcher has a small bounded queue of references to immutable states.
+Publishing never waits for a watcher: when a watcher's queue is full it is
+cleared and only the latest state is kept, so a slow reader skips to the
+latest state, costs bounded memory and never holds back anybody else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+DEFAULT_BUFFER = 16
+
+
+class WatchClosed(Exception):
+    """The watched stream ended: the session was deleted or the server is stopping."""
+
+    def __init__(self, why: str, *, deleted: bool = False) -> None:
+        super().__init__(why)
+        self.why = why
+        self.deleted = deleted
+
+
+class Watcher(Generic[T]):
+    __slots__ = ("_closed", "_items", "_limit", "_ready")
+
+    def __init__(self, limit: int) -> None:
+        self._items: deque[T] = deque()
+        self._limit = limit
+        self._ready = asyncio.Event()
+        self._closed: WatchClosed | None = None
+
+    def push(self, item: T) -> None:
+        if len(self._items) >= self._limit:
+            self._items.clear()  # skip intermediate states, keep order and the latest
+        self._items.append(item)
+        self._ready.set()
+
+    def close(self, why: WatchClosed) -> None:
+        self._closed = why
+        self._ready.set()
+
+    async def next(self) -> T:
+        """The next state, in publish order; raises WatchClosed once closed and drained."""
+        while not self._items:
+            if self._closed is not None:
+                raise self._closed
+            self._ready.clear()
+            await self._ready.wait()
+        return self._items.popleft()
+
+
+class WatchHub(Generic[T]):
+    def __init__(self, buffer: int = DEFAULT_BUFFER) -> None:
+        self._buffer = buffer
+        self._watchers: dict[str, set[Watcher[T]]] = {}
+
+    def subscribe(self, key: str, current: T) -> Watcher[T]:
+        watcher: Watcher[T] = Watcher(self._buffer)
+        watcher.push(current)
+        self._watchers.setdefault(key, set()).add(watcher)
+        return watcher
+
+    def unsubscribe(self, key: str, watcher: Watcher[T]) -> None:
+        watchers = self._watchers.get(key)
+        if watchers is not None:
+            watchers.discard(watcher)
+            if not watchers:
+                del self._watchers[key]
+
+    def publish(self, key: str, item: T) -> None:
+        for watcher in self._watchers.get(key, ()):
+            watcher.push(item)
+
+    def close(self, key: str, why: WatchClosed) -> None:
+        for watcher in self._watchers.pop(key, set()):
+            watcher.close(why)
+
+    def close_all(self, why: WatchClosed) -> None:
+        for key in list(self._watchers):
+            self.close(key, why)
+
+    def count(self, key: str | None = None) -> int:
+        if key is not None:
+            return len(self._watchers.get(key, ()))
+        return sum(len(watchers) for watchers in self._watchers.values())

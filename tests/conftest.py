@@ -1,0 +1,72 @@
+"""Fixtures: real servers on port 0 with a temporary database.
+
+``harness`` runs the server in the test's own event loop with a manual clock,
+so QR lifetimes and expiries are driven by ``await harness.clock.advance(s)``
+and no test sleeps. ``start_harness`` starts another one on the same database
+(a restart).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import grpc
+import pytest
+
+from service.clock import ManualClock
+from service.config import Settings
+from service.server import RunningServer, start
+from sessionmanager.v1 import (
+    engine_service_pb2_grpc,
+    session_service_pb2_grpc,
+    simulator_service_pb2_grpc,
+)
+
+
+@dataclass
+class Harness:
+    running: RunningServer
+    channel: grpc.aio.Channel
+    clock: ManualClock
+    settings: Settings
+    sessions: session_service_pb2_grpc.SessionServiceAsyncStub
+    engine: engine_service_pb2_grpc.EngineServiceAsyncStub
+    simulator: simulator_service_pb2_grpc.SimulatorServiceAsyncStub
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.running.port}"
+
+    async def stop(self) -> None:
+        await self.channel.close(None)
+        await self.running.stop(grace=1.0)
+
+
+async def start_harness(settings: Settings, clock: ManualClock) -> Harness:
+    running = await start(settings, clock)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    return Harness(
+        running=running,
+        channel=channel,
+        clock=clock,
+        settings=settings,
+        sessions=session_service_pb2_grpc.SessionServiceStub(channel),
+        engine=engine_service_pb2_grpc.EngineServiceStub(channel),
+        simulator=simulator_service_pb2_grpc.SimulatorServiceStub(channel),
+    )
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return replace(Settings(), address="127.0.0.1:0", database=tmp_path / "sessions.db")
+
+
+@pytest.fixture
+async def harness(settings: Settings) -> AsyncIterator[Harness]:
+    running = await start_harness(settings, ManualClock())
+    try:
+        yield running
+    finally:
+        await running.stop()
