@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from service import config
-from service.server import serve
+from service.server import InsecureAddress, serve
 
 
 class _SessionFormatter(logging.Formatter):
@@ -35,7 +35,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = config.settings_from(args)
     _configure_logging(settings.log_level)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except InsecureAddress as error:
+        print(f"session-manager: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.auth import parse_tokens
+
 ENGINES = ("simulated",)
 
 
@@ -22,6 +24,19 @@ class Settings:
     qr_rotation_seconds: float = 20.0
     qr_codes: int = 6
     shutdown_grace: float = 10.0
+    send_rate: float = 5.0
+    send_burst: int = 20
+    max_watchers_per_session: int = 100
+    max_watchers: int = 20_000
+    public_token_file: Path | None = None
+    internal_token_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    allow_unauthenticated_remote: bool = False
+    #: Read from SESSION_MANAGER_PUBLIC_TOKEN / _INTERNAL_TOKEN or the token files.
+    public_tokens: tuple[bytes, ...] = ()
+    internal_tokens: tuple[bytes, ...] = ()
 
 
 # (flag, environment variable, field, type, help)
@@ -83,7 +98,66 @@ _OPTIONS: tuple[tuple[str, str, str, type, str], ...] = (
         float,
         "seconds in-flight calls get to finish on SIGTERM",
     ),
+    (
+        "--public-token-file",
+        "SESSION_MANAGER_PUBLIC_TOKEN_FILE",
+        "public_token_file",
+        Path,
+        "file with the token(s) of SessionService callers",
+    ),
+    (
+        "--internal-token-file",
+        "SESSION_MANAGER_INTERNAL_TOKEN_FILE",
+        "internal_token_file",
+        Path,
+        "file with the token(s) of the engine side",
+    ),
+    (
+        "--tls-cert",
+        "SESSION_MANAGER_TLS_CERT",
+        "tls_cert",
+        Path,
+        "PEM certificate chain; with --tls-key, serve TLS",
+    ),
+    ("--tls-key", "SESSION_MANAGER_TLS_KEY", "tls_key", Path, "PEM private key of --tls-cert"),
+    (
+        "--tls-client-ca",
+        "SESSION_MANAGER_TLS_CLIENT_CA",
+        "tls_client_ca",
+        Path,
+        "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)",
+    ),
+    (
+        "--send-rate",
+        "SESSION_MANAGER_SEND_RATE",
+        "send_rate",
+        float,
+        "messages per second each session may send on average (0: no limit)",
+    ),
+    (
+        "--send-burst",
+        "SESSION_MANAGER_SEND_BURST",
+        "send_burst",
+        int,
+        "messages a session may send at once before the rate applies",
+    ),
+    (
+        "--max-watchers-per-session",
+        "SESSION_MANAGER_MAX_WATCHERS_PER_SESSION",
+        "max_watchers_per_session",
+        int,
+        "open WatchSession streams per session",
+    ),
+    (
+        "--max-watchers",
+        "SESSION_MANAGER_MAX_WATCHERS",
+        "max_watchers",
+        int,
+        "open WatchSession streams in all",
+    ),
 )
+
+_TRUE = {"1", "true", "yes", "on"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,6 +170,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             default=None,
             help=f"{text} [env {env}, default {getattr(defaults, name)}]",
         )
+    parser.add_argument(
+        "--allow-unauthenticated-remote",
+        action="store_true",
+        default=None,
+        help="listen on a non-loopback address without tokens, on purpose "
+        "[env SESSION_MANAGER_ALLOW_UNAUTHENTICATED_REMOTE]",
+    )
 
 
 def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
@@ -112,10 +193,39 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
                 ) from error
         if value is not None:
             values[name] = value
+    allow = getattr(args, "allow_unauthenticated_remote", None)
+    if allow is None:
+        allow = environ.get("SESSION_MANAGER_ALLOW_UNAUTHENTICATED_REMOTE", "").lower() in _TRUE
+    values["allow_unauthenticated_remote"] = allow
+    values["public_tokens"] = _tokens(
+        environ, "SESSION_MANAGER_PUBLIC_TOKEN", values.get("public_token_file")
+    )
+    values["internal_tokens"] = _tokens(
+        environ, "SESSION_MANAGER_INTERNAL_TOKEN", values.get("internal_token_file")
+    )
     settings = Settings(**values)  # type: ignore[arg-type]
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    if settings.tls_client_ca is not None and settings.tls_cert is None:
+        raise SystemExit("--tls-client-ca needs --tls-cert and --tls-key")
     if settings.engine not in ENGINES:
         raise SystemExit(f"unknown engine {settings.engine!r}; choose one of {', '.join(ENGINES)}")
     return settings
+
+
+def _tokens(environ: Mapping[str, str], env: str, file: object) -> tuple[bytes, ...]:
+    text = environ.get(env, "")
+    if isinstance(file, Path):
+        try:
+            text += "\n" + file.read_text()
+        except OSError as error:
+            raise SystemExit(f"cannot read the token file {file}: {error.strerror}") from error
+    return parse_tokens(text)
+
+
+def is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def parse(argv: Sequence[str]) -> Settings:

@@ -28,17 +28,23 @@ _GRPC_CODE: dict[Reason, grpc.StatusCode] = {
     session_pb2.ERROR_REASON_WHATSAPP_ERROR: grpc.StatusCode.UNAVAILABLE,
     session_pb2.ERROR_REASON_SESSION_ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
     session_pb2.ERROR_REASON_INVALID_TRANSITION: grpc.StatusCode.FAILED_PRECONDITION,
+    session_pb2.ERROR_REASON_UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    session_pb2.ERROR_REASON_PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    session_pb2.ERROR_REASON_LIMIT_EXCEEDED: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
 class ContractError(Exception):
     """An error of the contract: a reason, a message and metadata for ErrorInfo."""
 
-    def __init__(self, reason: Reason, message: str, **metadata: str) -> None:
+    def __init__(
+        self, reason: Reason, message: str, *, retry_after: float | None = None, **metadata: str
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
         self.metadata = metadata
+        self.retry_after = retry_after
 
     @property
     def code(self) -> str:
@@ -61,10 +67,10 @@ def session_not_found(instance_id: str) -> ContractError:
 
 
 def invalid_argument(field: str, message: str, instance_id: str = "") -> ContractError:
-    metadata = {"field": field}
+    error = ContractError(session_pb2.ERROR_REASON_INVALID_ARGUMENT, message, field=field)
     if instance_id:
-        metadata["instance_id"] = instance_id
-    return ContractError(session_pb2.ERROR_REASON_INVALID_ARGUMENT, message, **metadata)
+        error.metadata["instance_id"] = instance_id
+    return error
 
 
 def in_status(reason: Reason, message: str, instance_id: str, status: Status) -> ContractError:
@@ -79,9 +85,25 @@ def internal(message: str) -> ContractError:
 def to_rpc_status(error: ContractError) -> status_pb2.Status:
     """The ``google.rpc.Status`` carrying the error's one ErrorInfo."""
     info = error_details_pb2.ErrorInfo(reason=error.code, domain=DOMAIN, metadata=error.metadata)
-    detail = any_pb2.Any()
-    detail.Pack(info)
-    return status_pb2.Status(code=error.grpc_code.value[0], message=error.message, details=[detail])
+    details = [any_pb2.Any()]
+    details[0].Pack(info)
+    if error.retry_after is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromMilliseconds(max(1, round(error.retry_after * 1000)))
+        details.append(any_pb2.Any())
+        details[1].Pack(retry)
+    return status_pb2.Status(code=error.grpc_code.value[0], message=error.message, details=details)
+
+
+def limit_exceeded(
+    limit: str, message: str, retry_after: float, instance_id: str = ""
+) -> ContractError:
+    error = ContractError(
+        session_pb2.ERROR_REASON_LIMIT_EXCEEDED, message, retry_after=retry_after, limit=limit
+    )
+    if instance_id:
+        error.metadata["instance_id"] = instance_id
+    return error
 
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"

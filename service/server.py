@@ -12,8 +12,10 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service.auth import TokenInterceptor, Tokens
 from service.clock import Clock, SystemClock
-from service.config import Settings
+from service.config import Settings, is_loopback
+from service.limits import Limits
 from service.rpc import EngineService, SessionService, SimulatorService
 from service.sessions import SessionManager
 from service.simulated import PairingTimes, SimulatedEngine
@@ -70,6 +72,21 @@ class RunningServer:
         log.info("stopped")
 
 
+class InsecureAddress(RuntimeError):
+    """A non-loopback address without tokens, not explicitly allowed."""
+
+
+def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
 def build_engine(settings: Settings, clock: Clock) -> SimulatedEngine:
     times = PairingTimes(
         first=settings.qr_first_seconds,
@@ -81,13 +98,31 @@ def build_engine(settings: Settings, clock: Clock) -> SimulatedEngine:
 
 async def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
     """Open the database, load every session and start listening."""
+    tokens = Tokens(public=settings.public_tokens, internal=settings.internal_tokens)
+    if not (
+        tokens.enabled or is_loopback(settings.address) or settings.allow_unauthenticated_remote
+    ):
+        raise InsecureAddress(
+            f"refusing to listen on {settings.address} without tokens: set "
+            "SESSION_MANAGER_PUBLIC_TOKEN and SESSION_MANAGER_INTERNAL_TOKEN (README, Security), "
+            "or pass --allow-unauthenticated-remote if this is intended"
+        )
     clock = clock or SystemClock()
     store = await Store.open(settings.database)
     engine = build_engine(settings, clock)
-    manager = SessionManager(store, engine, clock, qr_timeout=settings.qr_timeout)
+    limits = Limits(
+        send_rate=settings.send_rate,
+        send_burst=settings.send_burst,
+        watchers_per_session=settings.max_watchers_per_session,
+        watchers_total=settings.max_watchers,
+    )
+    manager = SessionManager(store, engine, clock, qr_timeout=settings.qr_timeout, limits=limits)
     try:
         await manager.start()
-        server = grpc.aio.server(options=SERVER_OPTIONS)
+        server = grpc.aio.server(
+            options=SERVER_OPTIONS,
+            interceptors=[TokenInterceptor(tokens)] if tokens.enabled else None,
+        )
         session_service_pb2_grpc.add_SessionServiceServicer_to_server(
             SessionService(manager), server
         )
@@ -102,7 +137,11 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         reflection.enable_server_reflection(
             [*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
-        port = server.add_insecure_port(settings.address)
+        credentials = _server_credentials(settings)
+        if credentials is None:
+            port = server.add_insecure_port(settings.address)
+        else:
+            port = server.add_secure_port(settings.address, credentials)
         if port == 0:
             raise OSError(f"could not listen on {settings.address}")
         await server.start()

@@ -38,6 +38,7 @@ from service.contract import (
     status_text,
 )
 from service.engine import Engine, EngineError
+from service.limits import Limits, SendRate
 from service.qr import render_data_url
 from service.states import Session
 from service.store import Message, Store
@@ -80,12 +81,15 @@ class SessionManager:
         *,
         qr_timeout: float = DEFAULT_QR_TIMEOUT,
         watch_buffer: int = 16,
+        limits: Limits | None = None,
     ) -> None:
         self._store = store
         self._engine = engine
         self._clock = clock
         self._qr_timeout = qr_timeout
         self.hub: WatchHub[Session] = WatchHub(watch_buffer)
+        self._limits = limits or Limits()
+        self._send_rate = SendRate(self._limits.send_rate, self._limits.send_burst)
         self._sessions: dict[str, Session] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._pairings: dict[str, asyncio.Future[Session]] = {}
@@ -160,7 +164,23 @@ class SessionManager:
 
     def watch(self, instance_id: str) -> Watcher[Session]:
         """A watcher that yields the current state first, then every committed change."""
-        return self.hub.subscribe(instance_id, self.get(instance_id))
+        session = self.get(instance_id)
+        if self.hub.count(instance_id) >= self._limits.watchers_per_session:
+            raise errors.limit_exceeded(
+                "watchers_per_session",
+                f"session {instance_id!r} already has "
+                f"{self._limits.watchers_per_session} open watchers",
+                retry_after=1.0,
+                instance_id=instance_id,
+            )
+        if self.hub.count() >= self._limits.watchers_total:
+            raise errors.limit_exceeded(
+                "watchers_total",
+                f"the server already has {self._limits.watchers_total} open watchers",
+                retry_after=1.0,
+                instance_id=instance_id,
+            )
+        return self.hub.subscribe(instance_id, session)
 
     def unwatch(self, instance_id: str, watcher: Watcher[Session]) -> None:
         self.hub.unsubscribe(instance_id, watcher)
@@ -209,6 +229,7 @@ class SessionManager:
                 instance_id, WatchClosed(f"session {instance_id!r} was deleted", deleted=True)
             )
         self._locks.pop(instance_id, None)
+        self._send_rate.forget(instance_id)
         log.info("deleted", extra={"instance_id": instance_id})
 
     # Public operations.
@@ -289,6 +310,7 @@ class SessionManager:
         session = self.get(instance_id)
         if idempotency_key is None:
             states.check_can_send(session)
+            self._take_send_token(instance_id)
             return await self._shielded(self._send(session, to, text, None))
         key = (instance_id, idempotency_key)
         running = self._sends.get(key)
@@ -301,21 +323,42 @@ class SessionManager:
         states.check_can_send(self.get(instance_id))
         if key in self._sends:  # another call with the key started meanwhile
             return await self.send(instance_id, to, text, idempotency_key)
+        self._take_send_token(instance_id)
         future: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
         self._sends[key] = future
+        return await self._shielded(self._send_keyed(key, future, session, to, text))
+
+    async def _send_keyed(
+        self,
+        key: tuple[str, str],
+        future: asyncio.Future[SendResult],
+        session: Session,
+        to: str,
+        text: str,
+    ) -> SendResult:
+        """Send once for an idempotency key; calls with the same key meanwhile share the result."""
         try:
-            result = await self._shielded(self._send(session, to, text, idempotency_key))
+            result = await self._send(session, to, text, key[1])
+        except Exception as error:
+            future.set_exception(error)
+            future.exception()  # marked retrieved: the waiters, if any, get it too
+            raise
+        else:
             future.set_result(result)
             return result
-        except errors.ContractError as error:
-            future.set_exception(error)
-            raise
         finally:
             del self._sends[key]
-            if not future.done():
-                future.cancel()
-            elif not future.cancelled():
-                future.exception()  # retrieved: waiters, if any, got it already
+
+    def _take_send_token(self, instance_id: str) -> None:
+        wait = self._send_rate.take(instance_id, self._clock.now())
+        if wait is not None:
+            raise errors.limit_exceeded(
+                "send_rate",
+                f"session {instance_id!r} sends faster than {self._limits.send_rate:g} "
+                f"messages per second; retry in {wait:.2f} s",
+                retry_after=wait,
+                instance_id=instance_id,
+            )
 
     def _replay(self, result: SendResult, instance_id: str) -> SendResult:
         if result.message.status == FAILED:

@@ -59,17 +59,20 @@ class WatchHub(Generic[T]):
     def __init__(self, buffer: int = DEFAULT_BUFFER) -> None:
         self._buffer = buffer
         self._watchers: dict[str, set[Watcher[T]]] = {}
+        self._total = 0
 
     def subscribe(self, key: str, current: T) -> Watcher[T]:
         watcher: Watcher[T] = Watcher(self._buffer)
         watcher.push(current)
         self._watchers.setdefault(key, set()).add(watcher)
+        self._total += 1
         return watcher
 
     def unsubscribe(self, key: str, watcher: Watcher[T]) -> None:
         watchers = self._watchers.get(key)
-        if watchers is not None:
+        if watchers is not None and watcher in watchers:
             watchers.discard(watcher)
+            self._total -= 1
             if not watchers:
                 del self._watchers[key]
 
@@ -78,7 +81,9 @@ class WatchHub(Generic[T]):
             watcher.push(item)
 
     def close(self, key: str, why: WatchClosed) -> None:
-        for watcher in self._watchers.pop(key, set()):
+        watchers = self._watchers.pop(key, set())
+        self._total -= len(watchers)
+        for watcher in watchers:
             watcher.close(why)
 
     def close_all(self, why: WatchClosed) -> None:
@@ -88,4 +93,4 @@ class WatchHub(Generic[T]):
     def count(self, key: str | None = None) -> int:
         if key is not None:
             return len(self._watchers.get(key, ()))
-        return sum(len(watchers) for watchers in self._watchers.values())
+        return self._total

@@ -150,6 +150,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """CreateSession named an `instance_id` that already exists (ALREADY_EXISTS, 409)."""
     ERROR_REASON_INVALID_TRANSITION: _ErrorReason.ValueType  # 11
     """An engine report does not fit the session's current status (FAILED_PRECONDITION, 409)."""
+    ERROR_REASON_UNAUTHENTICATED: _ErrorReason.ValueType  # 12
+    """The call carries no valid bearer token (UNAUTHENTICATED, 401)."""
+    ERROR_REASON_PERMISSION_DENIED: _ErrorReason.ValueType  # 13
+    """The call's token is valid but not for this service, e.g. a public token on EngineService (PERMISSION_DENIED, 403)."""
+    ERROR_REASON_LIMIT_EXCEEDED: _ErrorReason.ValueType  # 14
+    """A limit was reached, e.g. the session's send rate or the number of watchers;
+    `metadata.limit` names it and a `google.rpc.RetryInfo` says when to retry (RESOURCE_EXHAUSTED, 429).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists the contract's error codes. Every error the service
@@ -182,6 +190,14 @@ ERROR_REASON_SESSION_ALREADY_EXISTS: ErrorReason.ValueType  # 10
 """CreateSession named an `instance_id` that already exists (ALREADY_EXISTS, 409)."""
 ERROR_REASON_INVALID_TRANSITION: ErrorReason.ValueType  # 11
 """An engine report does not fit the session's current status (FAILED_PRECONDITION, 409)."""
+ERROR_REASON_UNAUTHENTICATED: ErrorReason.ValueType  # 12
+"""The call carries no valid bearer token (UNAUTHENTICATED, 401)."""
+ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 13
+"""The call's token is valid but not for this service, e.g. a public token on EngineService (PERMISSION_DENIED, 403)."""
+ERROR_REASON_LIMIT_EXCEEDED: ErrorReason.ValueType  # 14
+"""A limit was reached, e.g. the session's send rate or the number of watchers;
+`metadata.limit` names it and a `google.rpc.RetryInfo` says when to retry (RESOURCE_EXHAUSTED, 429).
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
