@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 from service import config
 from service.server import InsecureAddress, serve
@@ -19,9 +21,30 @@ class _SessionFormatter(logging.Formatter):
         return f"{line} instance_id={instance_id}" if instance_id else line
 
 
-def _configure_logging(level: str) -> None:
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        instance_id = getattr(record, "instance_id", None)
+        if instance_id:
+            line["instance_id"] = instance_id
+        if record.exc_info:
+            line["error"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
+def _configure_logging(level: str, style: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_SessionFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if style == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(_SessionFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
@@ -34,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config.add_arguments(serve_parser)
     args = parser.parse_args(argv)
     settings = config.settings_from(args)
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))
     except InsecureAddress as error:

@@ -24,6 +24,8 @@ class Settings:
     qr_rotation_seconds: float = 20.0
     qr_codes: int = 6
     shutdown_grace: float = 10.0
+    metrics_address: str = ""
+    log_format: str = "text"
     send_rate: float = 5.0
     send_burst: int = 20
     max_watchers_per_session: int = 100
@@ -155,6 +157,20 @@ _OPTIONS: tuple[tuple[str, str, str, type, str], ...] = (
         int,
         "open WatchSession streams in all",
     ),
+    (
+        "--metrics-address",
+        "SESSION_MANAGER_METRICS_ADDRESS",
+        "metrics_address",
+        str,
+        "host:port to serve Prometheus /metrics on (off when empty)",
+    ),
+    (
+        "--log-format",
+        "SESSION_MANAGER_LOG_FORMAT",
+        "log_format",
+        str,
+        "text (for people) or json (one object per line)",
+    ),
 )
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -204,6 +220,8 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         environ, "SESSION_MANAGER_INTERNAL_TOKEN", values.get("internal_token_file")
     )
     settings = Settings(**values)  # type: ignore[arg-type]
+    if settings.log_format not in ("text", "json"):
+        raise SystemExit(f"unknown log format {settings.log_format!r}; choose text or json")
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise SystemExit("--tls-cert and --tls-key go together")
     if settings.tls_client_ca is not None and settings.tls_cert is None:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import _async as health_aio
@@ -16,6 +17,7 @@ from service.auth import TokenInterceptor, Tokens
 from service.clock import Clock, SystemClock
 from service.config import Settings, is_loopback
 from service.limits import Limits
+from service.metrics import Metrics, MetricsInterceptor
 from service.rpc import EngineService, SessionService, SimulatorService
 from service.sessions import SessionManager
 from service.simulated import PairingTimes, SimulatedEngine
@@ -62,6 +64,7 @@ class RunningServer:
     engine: SimulatedEngine
     health: health_aio.HealthServicer
     grace: float
+    metrics: Metrics | None = None
 
     async def stop(self, grace: float | None = None) -> None:
         await self.health.enter_graceful_shutdown()
@@ -69,6 +72,8 @@ class RunningServer:
         await self.server.stop(self.grace if grace is None else grace)
         await self.manager.close()
         await self.store.close()
+        if self.metrics is not None:
+            self.metrics.close()
         log.info("stopped")
 
 
@@ -116,13 +121,18 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         watchers_per_session=settings.max_watchers_per_session,
         watchers_total=settings.max_watchers,
     )
-    manager = SessionManager(store, engine, clock, qr_timeout=settings.qr_timeout, limits=limits)
+    metrics = Metrics() if settings.metrics_address else None
+    manager = SessionManager(
+        store, engine, clock, qr_timeout=settings.qr_timeout, limits=limits, metrics=metrics
+    )
     try:
         await manager.start()
-        server = grpc.aio.server(
-            options=SERVER_OPTIONS,
-            interceptors=[TokenInterceptor(tokens)] if tokens.enabled else None,
-        )
+        interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
+        if metrics is not None:
+            interceptors.append(MetricsInterceptor(metrics))
+        if tokens.enabled:
+            interceptors.append(TokenInterceptor(tokens))
+        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors or None)
         session_service_pb2_grpc.add_SessionServiceServicer_to_server(
             SessionService(manager), server
         )
@@ -145,7 +155,13 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         if port == 0:
             raise OSError(f"could not listen on {settings.address}")
         await server.start()
+        if metrics is not None and settings.metrics_address:
+            metrics.watch(manager)
+            metrics_port = metrics.serve(settings.metrics_address)
+            log.info("metrics on port %d, path /metrics", metrics_port)
     except BaseException:
+        if metrics is not None:
+            metrics.close()
         await manager.close()
         await store.close()
         raise
@@ -153,7 +169,7 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("listening on %s (port %d), database %s", settings.address, port, settings.database)
     return RunningServer(
-        server, port, manager, store, engine, health_servicer, settings.shutdown_grace
+        server, port, manager, store, engine, health_servicer, settings.shutdown_grace, metrics
     )
 
 

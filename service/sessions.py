@@ -39,6 +39,7 @@ from service.contract import (
 )
 from service.engine import Engine, EngineError
 from service.limits import Limits, SendRate
+from service.metrics import Metrics, count_statuses
 from service.qr import render_data_url
 from service.states import Session
 from service.store import Message, Store
@@ -82,6 +83,7 @@ class SessionManager:
         qr_timeout: float = DEFAULT_QR_TIMEOUT,
         watch_buffer: int = 16,
         limits: Limits | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
         self._engine = engine
@@ -89,6 +91,7 @@ class SessionManager:
         self._qr_timeout = qr_timeout
         self.hub: WatchHub[Session] = WatchHub(watch_buffer)
         self._limits = limits or Limits()
+        self._metrics = metrics
         self._send_rate = SendRate(self._limits.send_rate, self._limits.send_burst)
         self._sessions: dict[str, Session] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -161,6 +164,12 @@ class SessionManager:
         if len(page) > page_size:
             return page[:page_size], page[page_size - 1].instance_id
         return page, None
+
+    def status_counts(self) -> dict[str, int]:
+        return count_statuses(status_text(s.status) for s in list(self._sessions.values()))
+
+    def watcher_count(self) -> int:
+        return self.hub.count()
 
     def watch(self, instance_id: str) -> Watcher[Session]:
         """A watcher that yields the current state first, then every committed change."""
@@ -386,6 +395,8 @@ class SessionManager:
                 message, status=FAILED, error_code=error.code, error_message=error.message
             )
         await self._store.finish_message(message, self._clock.now())
+        if self._metrics is not None:
+            self._metrics.messages.labels("sent" if message.status == SENT else "failed").inc()
         if message.status == FAILED:
             raise _whatsapp_error(message, session.instance_id, replayed=False)
         return SendResult(message, replayed=False)
@@ -441,6 +452,8 @@ class SessionManager:
         if session.qr_status == QR_GENERATED:
             if isinstance(event, states.QRShown):
                 self._arm_expiry(instance_id, event.expires_at)
+                if self._metrics is not None:
+                    self._metrics.qr_codes.inc()
         else:
             self._cancel_expiry(instance_id)
         if not isinstance(event, states.QRExpired):

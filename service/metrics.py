@@ -1,0 +1,152 @@
+"""Prometheus metrics: sessions by status, RPCs by method and code, watchers,
+QR codes issued, messages sent. Served over HTTP when ``--metrics-address`` is set.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter as Tally
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from service.contract import STATUS_TEXTS
+
+if TYPE_CHECKING:
+    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+    Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]]
+else:  # the stubs' generic class is not subscriptable at run time
+    _ServerInterceptor = grpc.aio.ServerInterceptor
+
+
+class SessionCounts(Protocol):
+    def status_counts(self) -> dict[str, int]: ...
+
+    def watcher_count(self) -> int: ...
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._http: WSGIServer | None = None
+        self.rpcs = Counter(
+            "sessionmanager_rpcs",
+            "RPCs handled, by method and gRPC status code.",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.rpc_seconds = Histogram(
+            "sessionmanager_rpc_duration_seconds",
+            "Time to handle an RPC (a stream: its whole life), by method.",
+            ["method"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 30, 300),
+        )
+        self.qr_codes = Counter(
+            "sessionmanager_qr_codes", "QR codes issued to sessions.", registry=self.registry
+        )
+        self.messages = Counter(
+            "sessionmanager_messages",
+            "Messages handed to the engine, by result (sent or failed).",
+            ["status"],
+            registry=self.registry,
+        )
+
+    def watch(self, sessions: SessionCounts) -> None:
+        """Report the sessions by status and the open watchers of ``sessions``."""
+        self.registry.register(_SessionCollector(sessions))
+
+    def serve(self, address: str) -> int:
+        """Serve ``/metrics`` over HTTP on ``host:port``; returns the port."""
+        host, _, port = address.rpartition(":")
+        self._http, _ = start_http_server(int(port), host.strip("[]") or "127.0.0.1", self.registry)
+        return int(self._http.server_port)
+
+    @property
+    def port(self) -> int | None:
+        return None if self._http is None else int(self._http.server_port)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+class _SessionCollector(Collector):
+    def __init__(self, sessions: SessionCounts) -> None:
+        self._sessions = sessions
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        by_status = GaugeMetricFamily(
+            "sessionmanager_sessions", "Sessions, by status.", labels=["status"]
+        )
+        counts = self._sessions.status_counts()
+        for status in STATUS_TEXTS:
+            by_status.add_metric([status], counts.get(status, 0))
+        yield by_status
+        yield GaugeMetricFamily(
+            "sessionmanager_watchers",
+            "Open WatchSession streams.",
+            value=self._sessions.watcher_count(),
+        )
+
+
+def count_statuses(statuses: Iterator[str]) -> dict[str, int]:
+    return dict(Tally(statuses))
+
+
+class MetricsInterceptor(_ServerInterceptor):
+    """Counts and times every RPC by method and final status code."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def _record(self, method: str, context: Any, started: float) -> None:
+        code = context.code()
+        name = code.name if isinstance(code, grpc.StatusCode) else "OK"
+        self._metrics.rpcs.labels(method, name).inc()
+        self._metrics.rpc_seconds.labels(method).observe(time.perf_counter() - started)
+
+    async def intercept_service(
+        self,
+        continuation: Continuation,
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        serializers = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            behavior = handler.unary_unary
+
+            async def unary(request: Any, context: Any) -> Any:
+                started = time.perf_counter()
+                try:
+                    return await behavior(request, context)
+                finally:
+                    self._record(method, context, started)
+
+            return grpc.unary_unary_rpc_method_handler(unary, **serializers)
+        if handler.unary_stream is not None:
+            stream: Any = handler.unary_stream
+
+            async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
+                started = time.perf_counter()
+                try:
+                    async for response in stream(request, context):
+                        yield response
+                finally:
+                    self._record(method, context, started)
+
+            return grpc.unary_stream_rpc_method_handler(streaming, **serializers)
+        return handler
