@@ -8,7 +8,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.clock import ManualClock
@@ -18,19 +17,14 @@ from sessionmanager.v1 import engine_service_pb2 as engine_pb
 from sessionmanager.v1 import session_service_pb2 as pb
 from sessionmanager.v1 import session_service_pb2_grpc
 from tests.conftest import start_harness
+from tests.status_details import error_info
 
 PUBLIC = b"public-token-for-central-hub"
 INTERNAL = b"internal-token-for-the-engine"
 
 
 def _reason(error: grpc.aio.AioRpcError) -> str:
-    trailers = error.trailing_metadata() or ()
-    raw = dict(trailers)["grpc-status-details-bin"]
-    status = status_pb2.Status.FromString(raw)
-    (detail,) = status.details
-    info = error_details_pb2.ErrorInfo()
-    assert detail.Unpack(info)
-    return info.reason
+    return str(error_info(error).reason)
 
 
 def _bearer(token: bytes) -> tuple[tuple[str, str], ...]:

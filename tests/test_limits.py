@@ -7,24 +7,18 @@ import dataclasses
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import error_details_pb2
 
 from service.clock import ManualClock
 from service.config import Settings
 from sessionmanager.v1 import session_service_pb2 as pb
 from sessionmanager.v1 import simulator_service_pb2 as sim
 from tests.conftest import Harness, start_harness
+from tests.status_details import error_info, next_state, retry_delay
 
 
 def _details(error: grpc.aio.AioRpcError) -> tuple[error_details_pb2.ErrorInfo, float]:
-    raw = dict(error.trailing_metadata() or ())["grpc-status-details-bin"]
-    status = status_pb2.Status.FromString(raw)
-    info, retry = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
-    infos = [d for d in status.details if d.Is(info.DESCRIPTOR)]
-    assert len(infos) == 1
-    infos[0].Unpack(info)
-    assert any(d.Unpack(retry) for d in status.details if d.Is(retry.DESCRIPTOR))
-    return info, retry.retry_delay.ToTimedelta().total_seconds()
+    return error_info(error), retry_delay(error)
 
 
 async def _connected(harness: Harness, instance_id: str) -> None:
@@ -76,7 +70,7 @@ async def test_watchers_per_session_and_in_total(settings: Settings) -> None:
         streams = []
         for iid in ("a", "a", "b"):
             stream = harness.sessions.WatchSession(pb.WatchSessionRequest(instance_id=iid))
-            assert (await stream.read()).session.instance_id == iid
+            assert (await next_state(stream)).instance_id == iid
             streams.append(stream)
 
         third_on_a = harness.sessions.WatchSession(pb.WatchSessionRequest(instance_id="a"))
@@ -97,7 +91,7 @@ async def test_watchers_per_session_and_in_total(settings: Settings) -> None:
             await asyncio.sleep(0.01)
         assert harness.running.manager.hub.count() == 2
         again = harness.sessions.WatchSession(pb.WatchSessionRequest(instance_id="b"))
-        assert (await again.read()).session.instance_id == "b"
+        assert (await next_state(again)).instance_id == "b"
         again.cancel()
         for stream in streams[1:]:
             stream.cancel()

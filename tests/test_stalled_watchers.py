@@ -21,6 +21,7 @@ import grpc
 from sessionmanager.v1 import session_pb2, session_service_pb2_grpc, simulator_service_pb2_grpc
 from sessionmanager.v1 import session_service_pb2 as pb
 from sessionmanager.v1 import simulator_service_pb2 as sim
+from tests.status_details import next_state
 
 STALLED = 1_000
 CYCLES = 60  # each DropNetwork cycle commits three changes
@@ -71,17 +72,17 @@ async def test_stalled_watchers_stay_bounded(tmp_path: Path) -> None:
             baseline = _rss(server.pid)
 
             active = sessions.WatchSession(pb.WatchSessionRequest(instance_id="busy"))
-            first = await active.read()
+            first_state = await next_state(active)
             started = time.monotonic()
             for _ in range(CYCLES):
                 await phone.DropNetwork(sim.DropNetworkRequest(instance_id="busy"))
             latest = (await sessions.GetSession(pb.GetSessionRequest(instance_id="busy"))).session
-            assert latest.revision == first.session.revision + 3 * CYCLES
+            assert latest.revision == first_state.revision + 3 * CYCLES
 
-            seen = [first.session.revision]
+            seen = [first_state.revision]
             while seen[-1] < latest.revision:
-                response = await asyncio.wait_for(active.read(), timeout=30)
-                seen.append(response.session.revision)
+                state = await asyncio.wait_for(next_state(active), timeout=30)
+                seen.append(state.revision)
             elapsed = time.monotonic() - started
             assert seen == sorted(set(seen))
             assert seen[-1] == latest.revision
