@@ -1,0 +1,207 @@
+"""Contract errors as exceptions: one class per ``ErrorInfo.reason``.
+
+The Session Manager sends every error as a gRPC status plus one
+``google.rpc.ErrorInfo`` (in the ``grpc-status-details-bin`` trailer) whose
+``reason`` is the contract code and whose ``metadata`` carries the dynamic
+values (``instance_id``, often ``status``). ``from_rpc_error`` turns a
+``grpc.RpcError`` (sync or ``grpc.aio``) into the matching exception;
+``REASONS`` is the one reason -> class mapping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+DOMAIN = "sessionmanager.v1"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+class SessionManagerClientError(Exception):
+    """Any failure of a call to the Session Manager.
+
+    ``reason`` is the contract code (``SESSION_NOT_FOUND``) or ``None`` when the
+    status carried no ErrorInfo; ``code`` the gRPC status code; ``message`` the
+    server's message; ``metadata`` the ErrorInfo metadata.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        code: grpc.StatusCode = grpc.StatusCode.UNKNOWN,
+        metadata: Mapping[str, str] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+        self.code = code
+        self.metadata: dict[str, str] = dict(metadata or {})
+        #: Seconds to wait before retrying, from a ``google.rpc.RetryInfo``, if sent.
+        self.retry_after = retry_after
+
+    @property
+    def instance_id(self) -> str | None:
+        return self.metadata.get("instance_id")
+
+    @property
+    def status(self) -> str | None:
+        """The session's status in text form, when the error depends on it."""
+        return self.metadata.get("status")
+
+    @property
+    def field(self) -> str | None:
+        """The invalid request field, for INVALID_ARGUMENT."""
+        return self.metadata.get("field")
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(reason={self.reason!r}, code={self.code.name}, "
+            f"message={self.message!r}, metadata={self.metadata!r})"
+        )
+
+
+class SessionNotFoundError(SessionManagerClientError):
+    """SESSION_NOT_FOUND (NOT_FOUND, 404)."""
+
+
+class InvalidInstanceIdError(SessionManagerClientError):
+    """INVALID_INSTANCE_ID (INVALID_ARGUMENT, 400)."""
+
+
+class InvalidArgumentError(SessionManagerClientError):
+    """INVALID_ARGUMENT (INVALID_ARGUMENT, 400); ``field`` names the field."""
+
+
+class SessionAlreadyConnectedError(SessionManagerClientError):
+    """SESSION_ALREADY_CONNECTED (FAILED_PRECONDITION, 409)."""
+
+
+class SessionNotConnectedError(SessionManagerClientError):
+    """SESSION_NOT_CONNECTED (FAILED_PRECONDITION, 409); ``status`` is the current status."""
+
+
+class QRNotAvailableError(SessionManagerClientError):
+    """QR_NOT_AVAILABLE (FAILED_PRECONDITION, 409)."""
+
+
+class QRGenerationFailedError(SessionManagerClientError):
+    """QR_GENERATION_FAILED (INTERNAL, 500)."""
+
+
+class SessionManagerError(SessionManagerClientError):
+    """SESSION_MANAGER_ERROR (INTERNAL, 500)."""
+
+
+class WhatsAppError(SessionManagerClientError):
+    """WHATSAPP_ERROR (UNAVAILABLE, 502)."""
+
+
+class SessionAlreadyExistsError(SessionManagerClientError):
+    """SESSION_ALREADY_EXISTS (ALREADY_EXISTS, 409)."""
+
+
+class InvalidTransitionError(SessionManagerClientError):
+    """INVALID_TRANSITION (FAILED_PRECONDITION, 409); engine reports only."""
+
+
+class UnauthenticatedError(SessionManagerClientError):
+    """UNAUTHENTICATED (UNAUTHENTICATED, 401): no valid bearer token."""
+
+
+class PermissionDeniedError(SessionManagerClientError):
+    """PERMISSION_DENIED (PERMISSION_DENIED, 403): the token is not for this service."""
+
+
+class LimitExceededError(SessionManagerClientError):
+    """LIMIT_EXCEEDED (RESOURCE_EXHAUSTED, 429); ``limit`` names it, ``retry_after`` says when."""
+
+    @property
+    def limit(self) -> str | None:
+        return self.metadata.get("limit")
+
+
+class SessionManagerTimeoutError(SessionManagerClientError):
+    """The call's deadline passed (DEADLINE_EXCEEDED)."""
+
+
+class SessionManagerUnavailableError(SessionManagerClientError):
+    """The Session Manager could not be reached (UNAVAILABLE without ErrorInfo)."""
+
+
+#: The one mapping from ``ErrorInfo.reason`` to exception class.
+REASONS: dict[str, type[SessionManagerClientError]] = {
+    "SESSION_NOT_FOUND": SessionNotFoundError,
+    "INVALID_INSTANCE_ID": InvalidInstanceIdError,
+    "INVALID_ARGUMENT": InvalidArgumentError,
+    "SESSION_ALREADY_CONNECTED": SessionAlreadyConnectedError,
+    "SESSION_NOT_CONNECTED": SessionNotConnectedError,
+    "QR_NOT_AVAILABLE": QRNotAvailableError,
+    "QR_GENERATION_FAILED": QRGenerationFailedError,
+    "SESSION_MANAGER_ERROR": SessionManagerError,
+    "WHATSAPP_ERROR": WhatsAppError,
+    "SESSION_ALREADY_EXISTS": SessionAlreadyExistsError,
+    "INVALID_TRANSITION": InvalidTransitionError,
+    "UNAUTHENTICATED": UnauthenticatedError,
+    "PERMISSION_DENIED": PermissionDeniedError,
+    "LIMIT_EXCEEDED": LimitExceededError,
+}
+
+#: Failures that carry no ErrorInfo, by gRPC code.
+_TRANSPORT: dict[grpc.StatusCode, type[SessionManagerClientError]] = {
+    grpc.StatusCode.DEADLINE_EXCEEDED: SessionManagerTimeoutError,
+    grpc.StatusCode.UNAVAILABLE: SessionManagerUnavailableError,
+}
+
+
+def _status(trailing_metadata: object) -> status_pb2.Status | None:
+    for item in trailing_metadata or ():  # type: ignore[attr-defined]
+        key, value = item
+        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
+            return status_pb2.Status.FromString(value)
+    return None
+
+
+def error_info(trailing_metadata: object) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo in a call's trailing metadata, if there is one."""
+    status = _status(trailing_metadata)
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None
+
+
+def retry_after(trailing_metadata: object) -> float | None:
+    """The delay of a ``google.rpc.RetryInfo`` in the trailing metadata, in seconds."""
+    status = _status(trailing_metadata)
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            return float(retry.retry_delay.ToMilliseconds()) / 1000
+    return None
+
+
+def from_rpc_error(error: grpc.RpcError) -> SessionManagerClientError:
+    """The exception for a failed call (``grpc.RpcError`` or ``grpc.aio.AioRpcError``)."""
+    code: grpc.StatusCode = getattr(error, "code", lambda: grpc.StatusCode.UNKNOWN)()
+    message: str = getattr(error, "details", lambda: "")() or ""
+    trailers = getattr(error, "trailing_metadata", lambda: ())()
+    info = error_info(trailers)
+    if info is not None:
+        cls = REASONS.get(info.reason, SessionManagerClientError)
+        return cls(
+            message,
+            reason=info.reason,
+            code=code,
+            metadata=dict(info.metadata),
+            retry_after=retry_after(trailers),
+        )
+    cls = _TRANSPORT.get(code, SessionManagerClientError)
+    return cls(message or code.name, code=code)

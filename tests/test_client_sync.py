@@ -1,0 +1,230 @@
+"""The synchronous client through grpc_testing: this test plays the server side."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import grpc
+import grpc_testing
+import pytest
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from client import errors
+from client.sync import SessionManagerClient
+from sessionmanager.v1 import session_pb2, session_service_pb2
+
+pb = session_service_pb2
+SERVICE = pb.DESCRIPTOR.services_by_name["SessionService"]
+T = TypeVar("T")
+
+
+def method(name: str) -> Any:
+    return SERVICE.methods_by_name[name]
+
+
+@pytest.fixture
+def channel() -> Any:
+    return grpc_testing.channel([SERVICE], grpc_testing.strict_real_time())
+
+
+class Calls:
+    """Runs client calls in daemon threads, so a failing test never hangs on one."""
+
+    def __call__(self, fn: Callable[[], T]) -> Future[T]:
+        future: Future[T] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn())
+            except BaseException as error:  # noqa: BLE001 - handed to the test
+                future.set_exception(error)
+
+        threading.Thread(target=run, daemon=True).start()
+        return future
+
+
+@pytest.fixture
+def pool() -> Calls:
+    return Calls()
+
+
+@pytest.fixture
+def client(channel: Any) -> SessionManagerClient:
+    return SessionManagerClient(channel=channel, token="s3cret", timeout=7)
+
+
+def call(pool: Calls, fn: Callable[[], T]) -> Future[T]:
+    return pool(fn)
+
+
+def trailers(reason: str, code: grpc.StatusCode, retry_ms: int | None = None, **meta: str) -> Any:
+    info = error_details_pb2.ErrorInfo(reason=reason, domain="sessionmanager.v1", metadata=meta)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    details = [detail]
+    if retry_ms is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromMilliseconds(retry_ms)
+        extra = any_pb2.Any()
+        extra.Pack(retry)
+        details.append(extra)
+    status = status_pb2.Status(code=code.value[0], message="m", details=details)
+    return (("grpc-status-details-bin", status.SerializeToString()),)
+
+
+def test_get_session_sends_request_token_and_returns_the_message(
+    client: SessionManagerClient, channel: Any, pool: Calls
+) -> None:
+    future = call(pool, lambda: client.get_session("sender_51"))
+    metadata, request, rpc = channel.take_unary_unary(method("GetSession"))
+    assert request == pb.GetSessionRequest(instance_id="sender_51")
+    assert ("authorization", "Bearer s3cret") in metadata
+    stored = session_pb2.WhatsAppSession(
+        instance_id="sender_51", status=session_pb2.SESSION_STATUS_CONNECTED, revision=4
+    )
+    rpc.terminate(pb.GetSessionResponse(session=stored), (), grpc.StatusCode.OK, "")
+    assert future.result(5) == stored
+
+
+def test_send_with_idempotency_key_and_per_call_timeout(
+    client: SessionManagerClient, channel: Any, pool: Calls
+) -> None:
+    future = call(pool, lambda: client.send("sender_51", "+549", "hola", "k1", timeout=2))
+    _, request, rpc = channel.take_unary_unary(method("Send"))
+    assert request.idempotency_key == "k1"
+    assert request.HasField("idempotency_key")
+    rpc.terminate(pb.SendResponse(message_id="m1", replayed=True), (), grpc.StatusCode.OK, "")
+    assert future.result(5).replayed
+
+    future = call(pool, lambda: client.send("sender_51", "+549", "hola"))
+    _, request, rpc = channel.take_unary_unary(method("Send"))
+    assert not request.HasField("idempotency_key")
+    rpc.terminate(pb.SendResponse(message_id="m2"), (), grpc.StatusCode.OK, "")
+    assert future.result(5).message_id == "m2"
+
+
+def test_list_iterates_every_page(client: SessionManagerClient, channel: Any, pool: Calls) -> None:
+    future = call(pool, lambda: [s.instance_id for s in client.iter_sessions(status="connected")])
+    _, first, rpc = channel.take_unary_unary(method("ListSessions"))
+    assert first.status == session_pb2.SESSION_STATUS_CONNECTED
+    assert first.page_token == ""
+    page = [session_pb2.WhatsAppSession(instance_id="a")]
+    rpc.terminate(
+        pb.ListSessionsResponse(sessions=page, next_page_token="t2"), (), grpc.StatusCode.OK, ""
+    )
+    _, second, rpc = channel.take_unary_unary(method("ListSessions"))
+    assert second.page_token == "t2"
+    page = [session_pb2.WhatsAppSession(instance_id="b")]
+    rpc.terminate(pb.ListSessionsResponse(sessions=page), (), grpc.StatusCode.OK, "")
+    assert future.result(5) == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("reason", "code", "expected"),
+    [
+        ("SESSION_NOT_FOUND", grpc.StatusCode.NOT_FOUND, errors.SessionNotFoundError),
+        (
+            "SESSION_NOT_CONNECTED",
+            grpc.StatusCode.FAILED_PRECONDITION,
+            errors.SessionNotConnectedError,
+        ),
+        ("WHATSAPP_ERROR", grpc.StatusCode.UNAVAILABLE, errors.WhatsAppError),
+        ("INVALID_ARGUMENT", grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidArgumentError),
+        ("SESSION_MANAGER_ERROR", grpc.StatusCode.INTERNAL, errors.SessionManagerError),
+    ],
+)
+def test_error_info_becomes_the_exception(
+    client: SessionManagerClient,
+    channel: Any,
+    pool: Calls,
+    reason: str,
+    code: grpc.StatusCode,
+    expected: type[errors.SessionManagerClientError],
+) -> None:
+    future = call(pool, lambda: client.send("sender_51", "+5491100000000", "hola"))
+    _, _, rpc = channel.take_unary_unary(method("Send"))
+    rpc.terminate(
+        None, trailers(reason, code, instance_id="sender_51", status="init"), code, "told so"
+    )
+    with pytest.raises(expected) as caught:
+        future.result(5)
+    assert caught.value.reason == reason
+    assert caught.value.code is code
+    assert caught.value.message == "told so"
+    assert caught.value.status == "init"
+    assert caught.value.instance_id == "sender_51"
+
+
+def test_limit_exceeded_carries_retry_after(
+    client: SessionManagerClient, channel: Any, pool: Calls
+) -> None:
+    future = call(pool, lambda: client.send("sender_51", "+5491100000000", "hola"))
+    _, _, rpc = channel.take_unary_unary(method("Send"))
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    rpc.terminate(None, trailers("LIMIT_EXCEEDED", code, 1500, limit="send_rate"), code, "slow")
+    with pytest.raises(errors.LimitExceededError) as caught:
+        future.result(5)
+    assert caught.value.limit == "send_rate"
+    assert caught.value.retry_after == 1.5
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, errors.SessionManagerUnavailableError),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, errors.SessionManagerTimeoutError),
+    ],
+)
+def test_transport_errors_without_error_info(
+    client: SessionManagerClient,
+    channel: Any,
+    pool: Calls,
+    code: grpc.StatusCode,
+    expected: type[errors.SessionManagerClientError],
+) -> None:
+    future = call(pool, lambda: client.get_session("sender_51"))
+    _, _, rpc = channel.take_unary_unary(method("GetSession"))
+    rpc.terminate(None, (), code, "gone")
+    with pytest.raises(expected) as caught:
+        future.result(5)
+    assert caught.value.reason is None
+    assert caught.value.code is code
+
+
+def test_watch_skips_revisions_already_seen(
+    client: SessionManagerClient, channel: Any, pool: Calls
+) -> None:
+    def first_three() -> list[int]:
+        watch = client.watch("sender_51")
+        revisions = [next(watch).revision for _ in range(3)]
+        watch.close()
+        return revisions
+
+    future = call(pool, first_three)
+    _, request, rpc = channel.take_unary_stream(method("WatchSession"))
+    assert request.instance_id == "sender_51"
+    for revision in (3, 2, 3, 4, 6):
+        rpc.send_response(
+            pb.WatchSessionResponse(session=session_pb2.WhatsAppSession(revision=revision))
+        )
+    assert future.result(5) == [3, 4, 6]
+    rpc.terminate((), grpc.StatusCode.OK, "")
+
+
+def test_retry_policy_covers_only_idempotent_reads() -> None:
+    import json
+
+    from client._common import ChannelSettings
+
+    options = dict(ChannelSettings().channel_options())
+    assert options["grpc.enable_retries"] == 1
+    config = json.loads(options["grpc.service_config"])
+    (method_config,) = config["methodConfig"]
+    names = {entry["method"] for entry in method_config["name"]}
+    assert names == {"GetSession", "ListSessions", "WatchSession"}
+    assert method_config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert "grpc.service_config" not in dict(ChannelSettings(retry=False).channel_options())

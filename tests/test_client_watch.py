@@ -1,0 +1,118 @@
+"""The client's watch re-subscribes across a server restart and never goes back in revision."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import pytest
+
+from client import errors
+from client._common import Backoff
+from client.aio import AsyncSessionManagerClient
+from client.enums import SessionStatus, status_of
+from service.clock import ManualClock
+from service.config import Settings
+from sessionmanager.v1 import simulator_service_pb2 as sim
+from tests.conftest import start_harness
+
+FAST_RECONNECT = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 300),
+)
+FAST = Backoff(initial=0.05, maximum=0.3, max_attempts=60)
+
+
+async def test_watch_resumes_across_restart(settings: Settings) -> None:
+    clock = ManualClock()
+    first = await start_harness(settings, clock)
+    port = first.running.port
+    client = AsyncSessionManagerClient(
+        first.address, timeout=5, options=FAST_RECONNECT, backoff=FAST
+    )
+    second = None
+    seen = []
+    try:
+        await client.create_session("sender_51")
+        watch = client.watch("sender_51")
+        seen.append(await asyncio.wait_for(anext(watch), 5))
+        await client.request_qr("sender_51")
+        seen.append(await asyncio.wait_for(anext(watch), 5))
+        assert [s.revision for s in seen] == [1, 2]
+
+        # The server goes away (its watch streams end with UNAVAILABLE) and a
+        # new one starts on the same database and the same port.
+        pending = asyncio.ensure_future(anext(watch))
+        await first.stop()
+        await asyncio.sleep(0.2)
+        assert not pending.done()
+        second = await start_harness(replace(settings, address=f"127.0.0.1:{port}"), clock)
+
+        # The re-subscription's first message (revision 2 again) is not repeated.
+        # The phone is driven through the new server's own stubs: Send-like
+        # commands are not retried by the client, and its channel may still be
+        # reconnecting.
+        await second.simulator.ScanQR(
+            sim.ScanQRRequest(
+                instance_id="sender_51", phone_number="+5491122334455", hold_handshake=True
+            )
+        )
+        seen.append(await asyncio.wait_for(pending, 10))
+        await second.simulator.CompleteHandshake(
+            sim.CompleteHandshakeRequest(instance_id="sender_51")
+        )
+        seen.append(await asyncio.wait_for(anext(watch), 5))
+        await watch.aclose()
+    finally:
+        await client.close()
+        if second is not None:
+            await second.stop()
+
+    revisions = [s.revision for s in seen]
+    assert revisions == [1, 2, 3, 4]
+    assert [status_of(s) for s in seen] == [
+        SessionStatus.INIT,
+        SessionStatus.QR_REQUIRED,
+        SessionStatus.CONNECTING,
+        SessionStatus.CONNECTED,
+    ]
+
+
+async def test_watch_gives_up_after_bounded_attempts(settings: Settings) -> None:
+    harness = await start_harness(settings, ManualClock())
+    client = AsyncSessionManagerClient(
+        harness.address,
+        timeout=5,
+        retry=False,
+        backoff=Backoff(initial=0.01, maximum=0.02, max_attempts=3),
+    )
+    try:
+        await client.create_session("sender_51")
+        watch = client.watch("sender_51")
+        assert (await anext(watch)).revision == 1
+        await harness.stop()
+        with pytest.raises(errors.SessionManagerUnavailableError):
+            await asyncio.wait_for(anext(watch), 10)
+    finally:
+        await client.close()
+
+
+async def test_watch_ends_when_the_session_is_deleted(settings: Settings) -> None:
+    harness = await start_harness(settings, ManualClock())
+    client = AsyncSessionManagerClient(harness.address, timeout=5)
+    try:
+        await client.create_session("sender_51")
+        watch = client.watch("sender_51")
+        assert (await anext(watch)).revision == 1
+        await client.delete_session("sender_51")
+        with pytest.raises(errors.SessionNotFoundError):
+            await asyncio.wait_for(anext(watch), 5)
+    finally:
+        await client.close()
+        await harness.stop()
+
+
+def test_backoff_is_bounded() -> None:
+    policy = Backoff(initial=0.1, maximum=1.0, multiplier=2.0)
+    assert [policy.delay(n) for n in range(1, 7)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
