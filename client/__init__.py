@@ -7,6 +7,7 @@ Central Hub's reaction table; ``smctl`` (``client.cli``) is the command line.
 Sessions are returned as the generated ``WhatsAppSession`` messages.
 """
 
+from client._common import TLS, Backoff
 from client.aio import AsyncSessionManagerClient
 from client.enums import QRStatus, SessionStatus, qr_status_of, status_of
 from client.errors import SessionManagerClientError, from_rpc_error
@@ -14,8 +15,10 @@ from client.reaction import Action, SessionNotReadyError, ensure_can_send, react
 from client.sync import SessionManagerClient
 
 __all__ = [
+    "TLS",
     "Action",
     "AsyncSessionManagerClient",
+    "Backoff",
     "QRStatus",
     "SessionManagerClient",
     "SessionManagerClientError",

@@ -10,6 +10,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from client import TLS, AsyncSessionManagerClient
+from client.errors import PermissionDeniedError
 from service.clock import ManualClock
 from service.config import Settings
 from service.server import InsecureAddress, start
@@ -149,5 +151,33 @@ async def test_tls_and_mutual_tls(settings: Settings, pki: Path) -> None:
         async with grpc.aio.insecure_channel(target) as channel:
             with pytest.raises(grpc.aio.AioRpcError):
                 await _create_over(channel)
+    finally:
+        await running.stop(grace=0)
+
+
+async def test_client_over_mutual_tls_with_tokens(secured: Settings, pki: Path) -> None:
+    """What the README's Security section sets up, used through the client library."""
+    server_settings = dataclasses.replace(
+        secured,
+        tls_cert=pki / "server.pem",
+        tls_key=pki / "server.key",
+        tls_client_ca=pki / "ca.pem",
+    )
+    running = await start(server_settings, ManualClock())
+    tls = TLS(pki / "ca.pem", pki / "client.pem", pki / "client.key")
+    address = f"localhost:{running.port}"
+    try:
+        async with AsyncSessionManagerClient(
+            address, tls=tls, token=PUBLIC.decode(), simulator_token=INTERNAL.decode()
+        ) as client:
+            created = await client.create_session("tls_client")
+            assert created.revision == 1
+            qr = await client.request_qr("tls_client")
+            assert qr.qr_string.startswith("data:image/png;base64,")
+            scanned = await client.simulator.scan_qr("tls_client", "+5491122334455")
+            assert scanned.phone_number == "+5491122334455"
+        async with AsyncSessionManagerClient(address, tls=tls, token=INTERNAL.decode()) as wrong:
+            with pytest.raises(PermissionDeniedError):
+                await wrong.get_session("tls_client")
     finally:
         await running.stop(grace=0)
