@@ -20,7 +20,6 @@ from service.contract import Status
 from service.sessions import SendResult, SessionManager
 from service.simulated import SimulatedEngine
 from service.states import Session
-from service.store import decode_page_token, encode_page_token
 from service.watch import WatchClosed
 from sessionmanager.v1 import (
     engine_service_pb2 as engine_pb,
@@ -184,14 +183,7 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
         self, request: pb.ListSessionsRequest, context: Context
     ) -> pb.ListSessionsResponse:
         size = validation.page_size(request.page_size)
-        after = ""
-        if request.page_token:
-            decoded = decode_page_token(request.page_token)
-            if decoded is None:
-                raise errors.invalid_argument(
-                    "page_token", "page_token is not a token this service gave"
-                )
-            after = decoded
+        after = validation.page_token(request.page_token)
         status: Status | None = None
         if request.HasField("status"):
             status = validation.enum_value(  # type: ignore[assignment]
@@ -200,7 +192,7 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
         sessions, last = await self._manager.list(size, after, status)
         return pb.ListSessionsResponse(
             sessions=[session_message(s) for s in sessions],
-            next_page_token=encode_page_token(last) if last is not None else "",
+            next_page_token=validation.encode_page_token(last) if last is not None else "",
         )
 
     @unary

@@ -9,7 +9,6 @@ commit); an operation returns only after its transaction is durably committed
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import sqlite3
@@ -193,18 +192,6 @@ def _message_row(session_id: int, row: sqlite3.Row | tuple[Any, ...]) -> Message
         error_message=row[7],
         accepted_at=_dt(row[8]),  # type: ignore[arg-type]
     )
-
-
-def encode_page_token(instance_id: str) -> str:
-    return base64.urlsafe_b64encode(instance_id.encode()).decode()
-
-
-def decode_page_token(token: str) -> str | None:
-    """The last ``instance_id`` of the previous page, or None for a malformed token."""
-    try:
-        return base64.urlsafe_b64decode(token.encode()).decode()
-    except (ValueError, UnicodeError):
-        return None
 
 
 @dataclass(slots=True)

@@ -6,6 +6,8 @@ error that names the field; nothing is stored before it passes.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from collections.abc import Set as AbstractSet
 
@@ -115,3 +117,21 @@ def enum_value(value: int, allowed: AbstractSet[int], field: str, iid: str = "")
     if value not in allowed:
         raise errors.invalid_argument(field, f"{field} has no valid value ({value})", iid)
     return value
+
+
+def encode_page_token(last_instance_id: str) -> str:
+    """The opaque token of the page after ``last_instance_id``."""
+    return base64.urlsafe_b64encode(last_instance_id.encode()).decode()
+
+
+def page_token(token: str) -> str:
+    """The last ``instance_id`` of the previous page ("" for the first page)."""
+    if not token:
+        return ""
+    try:
+        last = base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
+    except (binascii.Error, ValueError, UnicodeError):
+        last = ""
+    if not INSTANCE_ID.fullmatch(last):
+        raise errors.invalid_argument("page_token", "page_token is not a token this service gave")
+    return last
