@@ -40,9 +40,12 @@ SIMULATOR_SERVICE = simulator_service_pb2.DESCRIPTOR.services_by_name["Simulator
 MAX_MESSAGE_BYTES = 1 << 20
 
 # Thousands of watch streams may open at once (every open Central Hub page
-# holds one): let the server queue that many calls it has not picked up yet,
-# instead of cancelling them.
+# holds one). gRPC core queues calls the server has not picked up yet up to
+# `max_pending_requests` (default 1,000) and drops them at random up to the hard
+# limit (default 3,000), cancelling about a fifth of a burst of 3,000: raise both.
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.server.max_pending_requests", 50_000),
+    ("grpc.server.max_pending_requests_hard_limit", 50_000),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", 4 * MAX_MESSAGE_BYTES),
     ("grpc.max_concurrent_streams", 100_000),
