@@ -178,12 +178,12 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    running = await start(settings)
-    print(f"session-manager listening on port {running.port}", flush=True)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT):  # before anyone can see us ready
         loop.add_signal_handler(signum, stopping.set)
+    running = await start(settings)
+    print(f"session-manager listening on port {running.port}", flush=True)
     await stopping.wait()
     log.info("shutting down")
     await running.stop()
