@@ -1,4 +1,10 @@
-"""Pairing codes rendered as PNG data URLs (``data:image/png;base64,...``)."""
+"""Pairing codes rendered as PNG data URLs (``data:image/png;base64,...``).
+
+``qrcode`` computes the module matrix (with a fixed mask pattern: searching
+all eight masks costs more than it gains for a code shown on a screen) and
+Pillow encodes it, one pixel per module scaled up, which is several times
+faster than drawing each module.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import io
 
 import qrcode
 import qrcode.constants
-from qrcode.image.pure import PyPNGImage
+from PIL import Image
 
 DATA_URL_PREFIX = "data:image/png;base64,"
 BOX_SIZE = 8
@@ -17,13 +23,15 @@ BORDER = 4
 def render_data_url(payload: str) -> str:
     """The QR code of ``payload`` as a PNG data URL a browser can show and a phone can scan."""
     code = qrcode.QRCode(
-        error_correction=qrcode.constants.ERROR_CORRECT_M,
-        box_size=BOX_SIZE,
-        border=BORDER,
-        image_factory=PyPNGImage,
+        error_correction=qrcode.constants.ERROR_CORRECT_M, border=BORDER, mask_pattern=0
     )
     code.add_data(payload)
     code.make(fit=True)
+    matrix = code.get_matrix()
+    size = len(matrix)
+    image = Image.new("1", (size, size))
+    image.putdata([0 if dark else 1 for row in matrix for dark in row])
+    image = image.resize((size * BOX_SIZE, size * BOX_SIZE), Image.Resampling.NEAREST)
     buffer = io.BytesIO()
-    code.make_image().save(buffer)
+    image.save(buffer, format="PNG")
     return DATA_URL_PREFIX + base64.b64encode(buffer.getvalue()).decode("ascii")

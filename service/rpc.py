@@ -57,8 +57,13 @@ def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
     return stamp
 
 
+@functools.lru_cache(maxsize=4096)
 def session_message(s: Session) -> session_pb2.WhatsAppSession:
-    """The contract's ``WhatsAppSession`` for a committed session state."""
+    """The contract's ``WhatsAppSession`` for a committed session state.
+
+    Built once per state (states are immutable and hashable) and shared by
+    every reply and watcher that sends it: never modify the result.
+    """
     message = session_pb2.WhatsAppSession(
         id=s.id,
         instance_id=s.instance_id,
@@ -77,6 +82,12 @@ def session_message(s: Session) -> session_pb2.WhatsAppSession:
         if value is not None:
             getattr(message, name).FromDatetime(value)
     return message
+
+
+@functools.lru_cache(maxsize=1024)
+def _watch_response(s: Session) -> pb.WatchSessionResponse:
+    """One message per committed state, shared by all of its watchers."""
+    return pb.WatchSessionResponse(session=session_message(s))
 
 
 async def _abort(context: Context, error: errors.ContractError) -> None:
@@ -162,8 +173,7 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
             return
         try:
             while True:
-                session = await watcher.next()
-                yield pb.WatchSessionResponse(session=session_message(session))
+                yield _watch_response(await watcher.next())
         except WatchClosed as closed:
             if closed.deleted:
                 await _abort(context, errors.session_not_found(iid))

@@ -90,7 +90,9 @@ def decode(lines: list[str]) -> str:
 
 
 def qrcode_matrix(payload: str) -> list[list[bool]]:
-    code = qrcode.QRCode(error_correction=qrcode.constants.ERROR_CORRECT_M, border=0)
+    code = qrcode.QRCode(  # as service.qr renders it
+        error_correction=qrcode.constants.ERROR_CORRECT_M, border=0, mask_pattern=0
+    )
     code.add_data(payload)
     code.make(fit=True)
     return [[bool(v) for v in row] for row in code.get_matrix()]

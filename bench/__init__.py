@@ -1,0 +1,1 @@
+"""Benchmarks of the Session Manager against a bare grpc.aio baseline."""
