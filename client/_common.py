@@ -10,7 +10,14 @@ from typing import Any
 
 import grpc
 
-from sessionmanager.v1 import session_pb2, session_service_pb2
+from sessionmanager.v1 import session_pb2, session_service_pb2, simulator_service_pb2
+
+#: The simulated engine's injectable faults by name (``pairing``, ``send``).
+FAULTS = {
+    name.removeprefix("FAULT_").lower(): number
+    for name, number in simulator_service_pb2.Fault.items()
+    if number != simulator_service_pb2.FAULT_UNSPECIFIED
+}
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 10.0

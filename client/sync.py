@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from client._common import (
     DEFAULT_ADDRESS,
     DEFAULT_TIMEOUT,
+    FAULTS,
     TLS,
     Backoff,
     ChannelSettings,
@@ -37,12 +38,6 @@ from sessionmanager.v1 import (
 pb = session_service_pb2
 sim = simulator_service_pb2
 Session = session_pb2.WhatsAppSession
-
-_FAULTS = {
-    name.removeprefix("FAULT_").lower(): number
-    for name, number in sim.Fault.items()
-    if number != sim.FAULT_UNSPECIFIED
-}
 
 
 class _Base:
@@ -107,7 +102,7 @@ class Simulator(_Base):
         """Make the next ``"pairing"`` or ``"send"`` of the session fail."""
         request = sim.InjectFaultRequest(
             instance_id=instance_id,
-            fault=_FAULTS.get(fault, sim.FAULT_UNSPECIFIED),
+            fault=FAULTS.get(fault, sim.FAULT_UNSPECIFIED),
         )
         self._unary(self._stub.InjectFault, request, timeout)
 
