@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,9 +244,3 @@ def _tokens(environ: Mapping[str, str], env: str, file: object) -> tuple[bytes, 
 def is_loopback(address: str) -> bool:
     host = address.rsplit(":", 1)[0].strip("[]")
     return host in ("localhost", "::1") or host.startswith("127.")
-
-
-def parse(argv: Sequence[str]) -> Settings:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return settings_from(parser.parse_args(argv))

@@ -158,7 +158,7 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         if port == 0:
             raise OSError(f"could not listen on {settings.address}")
         await server.start()
-        if metrics is not None and settings.metrics_address:
+        if metrics is not None:
             metrics.watch(manager)
             metrics_port = metrics.serve(settings.metrics_address)
             log.info("metrics on port %d, path /metrics", metrics_port)

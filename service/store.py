@@ -429,13 +429,6 @@ class Store:
 
         return await self.run(operation)
 
-    async def integrity_check(self) -> str:
-        async def operation(db: aiosqlite.Connection) -> str:
-            rows = list(await db.execute_fetchall("PRAGMA integrity_check"))
-            return "; ".join(str(row[0]) for row in rows)
-
-        return await self.run(operation)
-
 
 async def _migrate(db: aiosqlite.Connection) -> None:
     rows = list(await db.execute_fetchall("PRAGMA user_version"))
