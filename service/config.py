@@ -10,7 +10,7 @@ from pathlib import Path
 
 from service.auth import parse_tokens
 
-ENGINES = ("simulated",)
+ENGINES = ("simulated", "simulated-worker", "whatsmeow")
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +18,9 @@ class Settings:
     address: str = "127.0.0.1:50051"
     database: Path = Path("data/sessions.db")
     engine: str = "simulated"
+    #: Where each session's WhatsApp credentials live; default: ``devices`` beside the database.
+    devices_dir: Path | None = None
+    dial_timeout: float = 30.0
     log_level: str = "info"
     qr_timeout: float = 30.0
     qr_first_seconds: float = 60.0
@@ -39,6 +42,10 @@ class Settings:
     #: Read from SESSION_MANAGER_PUBLIC_TOKEN / _INTERNAL_TOKEN or the token files.
     public_tokens: tuple[bytes, ...] = ()
     internal_tokens: tuple[bytes, ...] = ()
+
+    @property
+    def devices_path(self) -> Path:
+        return self.devices_dir or self.database.parent / "devices"
 
 
 # (flag, environment variable, field, type, help)
@@ -63,6 +70,20 @@ _OPTIONS: tuple[tuple[str, str, str, type, str], ...] = (
         "engine",
         str,
         f"the WhatsApp engine: {', '.join(ENGINES)}",
+    ),
+    (
+        "--devices-dir",
+        "SESSION_MANAGER_DEVICES_DIR",
+        "devices_dir",
+        Path,
+        "directory of each session's WhatsApp credentials (default: devices/ beside the database)",
+    ),
+    (
+        "--dial-timeout",
+        "SESSION_MANAGER_DIAL_TIMEOUT",
+        "dial_timeout",
+        float,
+        "seconds an engine worker gets to reach WhatsApp before it is killed",
     ),
     ("--log-level", "SESSION_MANAGER_LOG_LEVEL", "log_level", str, "debug, info, warning or error"),
     (

@@ -13,7 +13,6 @@ from datetime import datetime
 from typing import Protocol
 
 from service.contract import DisconnectReason
-from service.states import Session
 
 
 class EngineError(Exception):
@@ -26,21 +25,31 @@ class EngineError(Exception):
 
 
 class EngineEvents(Protocol):
-    """What an engine reports about a session; each call commits one transition."""
+    """What an engine reports about a session; each call commits one transition.
 
-    async def qr_code(self, instance_id: str, code: str, expires_at: datetime) -> Session: ...
+    The Session Manager implements it (and returns the committed session); a
+    worker process implements it by writing the report to its pipe.
+    """
 
-    async def qr_scanned(self, instance_id: str) -> Session: ...
+    async def qr_code(self, instance_id: str, code: str, expires_at: datetime) -> object: ...
 
-    async def reconnecting(self, instance_id: str) -> Session: ...
+    async def qr_scanned(self, instance_id: str) -> object: ...
 
-    async def connected(self, instance_id: str, phone_number: str) -> Session: ...
+    async def reconnecting(self, instance_id: str) -> object: ...
+
+    async def connected(self, instance_id: str, phone_number: str) -> object: ...
 
     async def disconnected(
-        self, instance_id: str, reason: DisconnectReason, message: str = ""
-    ) -> Session: ...
+        self,
+        instance_id: str,
+        reason: DisconnectReason,
+        message: str = "",
+        code: str | None = None,
+    ) -> object: ...
 
-    async def failed(self, instance_id: str, code: str, message: str) -> Session: ...
+    async def failed(self, instance_id: str, code: str, message: str) -> object: ...
+
+    async def pairing_failed(self, instance_id: str, code: str, message: str) -> object: ...
 
 
 class Engine(Protocol):
@@ -59,6 +68,13 @@ class Engine(Protocol):
         no pairing can be started.
         """
 
+    async def pair_phone(self, instance_id: str, phone_number: str) -> str:
+        """WhatsApp's 8-character linking code for ``phone_number``.
+
+        Called while pairing is under way (after ``start_pairing``). Raises
+        EngineError when WhatsApp gives no code.
+        """
+
     async def stop_pairing(self, instance_id: str) -> None:
         """Stop showing pairing codes for the session, if any are shown."""
 
@@ -73,3 +89,19 @@ class Engine(Protocol):
 
     async def close(self) -> None:
         """Stop every connection; called once at shutdown."""
+
+
+class Phone(Protocol):
+    """The simulated phone and WhatsApp, driven by ``SimulatorService``."""
+
+    async def scan(self, instance_id: str, phone_number: str, hold_handshake: bool) -> None: ...
+
+    async def complete_handshake(self, instance_id: str) -> None: ...
+
+    async def drop_network(self, instance_id: str, hold_reconnect: bool) -> None: ...
+
+    async def unlink(self, instance_id: str) -> None: ...
+
+    async def fail(self, instance_id: str, code: str, message: str) -> None: ...
+
+    async def inject_fault(self, instance_id: str, fault: str) -> None: ...

@@ -56,6 +56,11 @@ class Metrics:
             ["status"],
             registry=self.registry,
         )
+        self.worker_restarts = Counter(
+            "sessionmanager_worker_restarts",
+            "Engine workers started again after a crash, a hang or a failed dial.",
+            registry=self.registry,
+        )
 
     def watch(self, sessions: SessionCounts) -> None:
         """Report the sessions by status and the open watchers of ``sessions``."""

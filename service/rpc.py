@@ -17,8 +17,8 @@ from google.protobuf import timestamp_pb2
 
 from service import errors, validation
 from service.contract import Status
+from service.engine import Phone
 from service.sessions import SendResult, SessionManager
-from service.simulated import SimulatedEngine
 from service.states import Session
 from service.watch import WatchClosed
 from sessionmanager.v1 import (
@@ -142,6 +142,15 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
             qr_expires_at=_timestamp(session.qr_expires_at),
             session=session_message(session),
         )
+
+    @unary
+    async def PairPhone(
+        self, request: pb.PairPhoneRequest, context: Context
+    ) -> pb.PairPhoneResponse:
+        iid = validation.instance_id(request.instance_id)
+        phone = validation.phone_number(request.phone_number, iid=iid)
+        code, session = await self._manager.pair_phone(iid, phone)
+        return pb.PairPhoneResponse(linking_code=code, session=session_message(session))
 
     @unary
     async def Send(self, request: pb.SendRequest, context: Context) -> pb.SendResponse:
@@ -297,9 +306,9 @@ _FAULT_MESSAGES = {
 class SimulatorService(simulator_service_pb2_grpc.SimulatorServiceServicer):
     """Commands to the simulated phone; served only with the simulated engine."""
 
-    def __init__(self, manager: SessionManager, engine: SimulatedEngine) -> None:
+    def __init__(self, manager: SessionManager, phone: Phone) -> None:
         self._manager = manager
-        self._engine = engine
+        self._engine = phone
 
     def _existing(self, instance_id: str) -> str:
         return self._manager.get(validation.instance_id(instance_id)).instance_id
@@ -358,5 +367,5 @@ class SimulatorService(simulator_service_pb2_grpc.SimulatorServiceServicer):
     ) -> sim_pb.InjectFaultResponse:
         iid = self._existing(request.instance_id)
         fault = validation.enum_value(request.fault, set(_FAULTS), "fault", iid)
-        self._engine.inject_fault(iid, _FAULTS[fault])  # type: ignore[index]
+        await self._engine.inject_fault(iid, _FAULTS[fault])  # type: ignore[index]
         return sim_pb.InjectFaultResponse()

@@ -16,12 +16,14 @@ from grpc_reflection.v1alpha import reflection
 from service.auth import TokenInterceptor, Tokens
 from service.clock import Clock, SystemClock
 from service.config import Settings, is_loopback
+from service.engine import Engine, Phone
 from service.limits import Limits
 from service.metrics import Metrics, MetricsInterceptor
 from service.rpc import EngineService, SessionService, SimulatorService
 from service.sessions import SessionManager
 from service.simulated import PairingTimes, SimulatedEngine
 from service.store import Store
+from service.workers import WorkerEngine, WorkerOptions
 from sessionmanager.v1 import (
     engine_service_pb2,
     engine_service_pb2_grpc,
@@ -64,7 +66,7 @@ class RunningServer:
     port: int
     manager: SessionManager
     store: Store
-    engine: SimulatedEngine
+    engine: Engine
     health: health_aio.HealthServicer
     grace: float
     metrics: Metrics | None = None
@@ -95,13 +97,40 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
-def build_engine(settings: Settings, clock: Clock) -> SimulatedEngine:
-    times = PairingTimes(
-        first=settings.qr_first_seconds,
-        rotation=settings.qr_rotation_seconds,
-        codes=settings.qr_codes,
+def build_engine(
+    settings: Settings, clock: Clock, metrics: Metrics | None = None
+) -> SimulatedEngine | WorkerEngine:
+    """The engine ``--engine`` names: in process (simulated) or in worker processes."""
+    if settings.engine == "simulated":
+        times = PairingTimes(
+            first=settings.qr_first_seconds,
+            rotation=settings.qr_rotation_seconds,
+            codes=settings.qr_codes,
+        )
+        return SimulatedEngine(clock, times)
+    simulated = settings.engine == "simulated-worker"
+    worker_args = (
+        (
+            f"--qr-first={settings.qr_first_seconds}",
+            f"--qr-rotation={settings.qr_rotation_seconds}",
+            f"--qr-codes={settings.qr_codes}",
+        )
+        if simulated
+        else ()
     )
-    return SimulatedEngine(clock, times)
+    options = WorkerOptions(
+        engine="simulated" if simulated else "whatsmeow",
+        devices_dir=settings.devices_path.resolve(),
+        dial_timeout=settings.dial_timeout,
+        log_level=settings.log_level,
+        worker_args=worker_args,
+    )
+    return WorkerEngine(options, clock, metrics)
+
+
+def simulated_phone(engine: SimulatedEngine | WorkerEngine, settings: Settings) -> Phone | None:
+    """What ``SimulatorService`` drives, when the engine is simulated."""
+    return engine if settings.engine in ("simulated", "simulated-worker") else None
 
 
 async def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
@@ -117,14 +146,14 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         )
     clock = clock or SystemClock()
     store = await Store.open(settings.database)
-    engine = build_engine(settings, clock)
+    metrics = Metrics() if settings.metrics_address else None
+    engine = build_engine(settings, clock, metrics)
     limits = Limits(
         send_rate=settings.send_rate,
         send_burst=settings.send_burst,
         watchers_per_session=settings.max_watchers_per_session,
         watchers_total=settings.max_watchers,
     )
-    metrics = Metrics() if settings.metrics_address else None
     manager = SessionManager(
         store, engine, clock, qr_timeout=settings.qr_timeout, limits=limits, metrics=metrics
     )
@@ -141,10 +170,12 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         )
         engine_service_pb2_grpc.add_EngineServiceServicer_to_server(EngineService(manager), server)
         services = [SESSION_SERVICE, ENGINE_SERVICE]
-        simulator_service_pb2_grpc.add_SimulatorServiceServicer_to_server(
-            SimulatorService(manager, engine), server
-        )
-        services.append(SIMULATOR_SERVICE)
+        phone = simulated_phone(engine, settings)
+        if phone is not None:
+            simulator_service_pb2_grpc.add_SimulatorServiceServicer_to_server(
+                SimulatorService(manager, phone), server
+            )
+            services.append(SIMULATOR_SERVICE)
         health_servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(

@@ -277,6 +277,8 @@ class SessionManager:
         try:
             await self._engine.start_pairing(instance_id)
         except EngineError as error:
+            with contextlib.suppress(errors.ContractError):  # deleted or connected meanwhile
+                await self.pairing_failed(instance_id, error.code, error.message)
             if self._pairings.get(instance_id) is pairing:
                 del self._pairings[instance_id]
             if not pairing.done():
@@ -288,6 +290,21 @@ class SessionManager:
                         engine_code=error.code,
                     )
                 )
+
+    async def pair_phone(self, instance_id: str, phone_number: str) -> tuple[str, Session]:
+        """WhatsApp's linking code for ``phone_number``, starting a pairing if none is under way."""
+        await self.request_qr(instance_id)
+        try:
+            code = await self._engine.pair_phone(instance_id, phone_number)
+        except EngineError as error:
+            raise errors.ContractError(
+                session_pb2.ERROR_REASON_WHATSAPP_ERROR,
+                f"WhatsApp gave no linking code for {instance_id!r}: {error.message}",
+                instance_id=instance_id,
+                engine_code=error.code,
+            ) from error
+        log.info("linking code issued", extra={"instance_id": instance_id})
+        return code, self.get(instance_id)
 
     async def disconnect(self, instance_id: str) -> Session:
         session = self.get(instance_id)
@@ -422,12 +439,19 @@ class SessionManager:
         return await self._apply(instance_id, states.Connected(phone_number))
 
     async def disconnected(
-        self, instance_id: str, reason: DisconnectReason, message: str = ""
+        self,
+        instance_id: str,
+        reason: DisconnectReason,
+        message: str = "",
+        code: str | None = None,
     ) -> Session:
-        return await self._apply(instance_id, states.Disconnected(reason, message))
+        return await self._apply(instance_id, states.Disconnected(reason, message, code))
 
     async def failed(self, instance_id: str, code: str, message: str) -> Session:
         return await self._apply(instance_id, states.Failed(code, message))
+
+    async def pairing_failed(self, instance_id: str, code: str, message: str) -> Session:
+        return await self._apply(instance_id, states.PairingFailed(code, message))
 
     # Commits.
 
@@ -456,7 +480,7 @@ class SessionManager:
                     self._metrics.qr_codes.inc()
         else:
             self._cancel_expiry(instance_id)
-        if not isinstance(event, states.QRExpired):
+        if not isinstance(event, states.QRExpired | states.PairingFailed):
             pairing = self._pairings.pop(instance_id, None)
             if pairing is not None and not pairing.done():
                 pairing.set_result(session)

@@ -44,8 +44,19 @@ class PairingTimes:
 @dataclass(slots=True)
 class _Device:
     phone_number: str | None = None
+    #: The phone that asked for a linking code; it is the one that links.
+    linking_phone: str | None = None
     rotation: asyncio.Task[None] | None = None
     faults: set[str] = field(default_factory=set)
+
+
+LINKING_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTVWXYZ"  # whatsmeow's: no 0, O, I, U
+
+
+def linking_code(instance_id: str, phone_number: str, serial: int) -> str:
+    """An 8-character linking code shaped like WhatsApp's."""
+    digest = hashlib.sha256(f"{instance_id}:{phone_number}:{serial}".encode()).digest()
+    return "".join(LINKING_ALPHABET[b % len(LINKING_ALPHABET)] for b in digest[:8])
 
 
 def pairing_payload(instance_id: str, serial: int) -> str:
@@ -111,6 +122,13 @@ class SimulatedEngine:
             device.rotation.cancel()
         device.rotation = None
 
+    async def pair_phone(self, instance_id: str, phone_number: str) -> str:
+        device = self._device(instance_id)
+        if device.rotation is None and self._times.codes > 1:
+            raise EngineError("NOT_PAIRING", "no pairing is under way for this session")
+        device.linking_phone = phone_number
+        return linking_code(instance_id, phone_number, next(self._serial))
+
     async def stop_pairing(self, instance_id: str) -> None:
         self._stop_rotation(self._device(instance_id))
 
@@ -145,7 +163,7 @@ class SimulatedEngine:
         device = self._device(instance_id)
         await self.events.qr_scanned(instance_id)
         self._stop_rotation(device)
-        device.phone_number = phone_number or DEFAULT_PHONE
+        device.phone_number = phone_number or device.linking_phone or DEFAULT_PHONE
         if not hold_handshake:
             await self.events.connected(instance_id, device.phone_number)
 
@@ -169,5 +187,5 @@ class SimulatedEngine:
         await self.events.failed(instance_id, code, message)
         self._stop_rotation(self._device(instance_id))
 
-    def inject_fault(self, instance_id: str, fault: str) -> None:
+    async def inject_fault(self, instance_id: str, fault: str) -> None:
         self._device(instance_id).faults.add(fault)

@@ -101,10 +101,15 @@ class Connected:
 
 @dataclass(frozen=True, slots=True)
 class Disconnected:
-    """The connection ended for ``reason``; LOGOUT unlinks the device."""
+    """The connection ended for ``reason``; LOGOUT unlinks the device.
+
+    ``code`` tells apart causes that share a reason (``STREAM_REPLACED``,
+    ``WORKER_CRASHED``); by default it is the reason's name.
+    """
 
     reason: DisconnectReason
     message: str
+    code: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +120,28 @@ class Failed:
     message: str
 
 
-Event = QRShown | QRExpired | QRScanned | Reconnecting | Connected | Disconnected | Failed
+@dataclass(frozen=True, slots=True)
+class PairingFailed:
+    """Pairing could not start or go on (WhatsApp unreachable, the worker died).
+
+    The status stays; the cause is recorded in ``last_error_*``; a shown code
+    can no longer be scanned, so it becomes expired.
+    """
+
+    code: str
+    message: str
+
+
+Event = (
+    QRShown
+    | QRExpired
+    | QRScanned
+    | Reconnecting
+    | Connected
+    | Disconnected
+    | Failed
+    | PairingFailed
+)
 
 _ANY_STATUS = frozenset({INIT, QR_REQUIRED, CONNECTING, CONNECTED, DISCONNECTED, ERROR})
 _QR_FROM = frozenset({INIT, QR_REQUIRED, DISCONNECTED, ERROR})
@@ -208,8 +234,8 @@ def _changes(session: Session, event: Event, now: datetime) -> dict[str, object]
                 "last_error_message": None,
                 **_without_qr(session, QR_NONE),
             }
-        case Disconnected(reason, message):
-            code = disconnect_code(reason)
+        case Disconnected(reason, message, given_code):
+            code = given_code or disconnect_code(reason)
             if session.status == INIT:
                 raise errors.in_status(
                     session_pb2.ERROR_REASON_SESSION_NOT_CONNECTED,
@@ -239,6 +265,15 @@ def _changes(session: Session, event: Event, now: datetime) -> dict[str, object]
                 "last_error_message": message,
                 **_without_qr(session, QR_NONE),
             }
+        case PairingFailed(code, message):
+            if session.status in (CONNECTING, CONNECTED):
+                raise _not_allowed(session, event)
+            changes: dict[str, object] = {"last_error_code": code, "last_error_message": message}
+            if session.qr_status == QR_GENERATED:
+                changes["qr_status"] = QR_EXPIRED
+            elif (session.last_error_code, session.last_error_message) == (code, message):
+                return None
+            return changes
     raise AssertionError(f"unknown event {event!r}")
 
 

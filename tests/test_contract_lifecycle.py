@@ -362,8 +362,12 @@ async def test_qr_generation_failure(harness: Harness) -> None:
     await harness.simulator.InjectFault(
         sim.InjectFaultRequest(instance_id="nocode", fault=sim.FAULT_PAIRING)
     )
-    await _fails(_qr(harness, "nocode"), grpc.StatusCode.INTERNAL, "QR_GENERATION_FAILED")
-    assert (await _get(harness, "nocode")).revision == 1  # nothing changed
+    info = await _fails(_qr(harness, "nocode"), grpc.StatusCode.INTERNAL, "QR_GENERATION_FAILED")
+    assert info["engine_code"] == "PAIRING_FAILED"
+    failed = await _get(harness, "nocode")  # the session shows why, and stays init
+    assert (failed.status, failed.qr_status) == (s.SESSION_STATUS_INIT, s.QR_STATUS_NONE)
+    assert failed.last_error_code == "PAIRING_FAILED"
+    assert "told to fail pairing" in failed.last_error_message
     assert (await _qr(harness, "nocode")).session.qr_status == s.QR_STATUS_GENERATED
 
 

@@ -26,15 +26,15 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from sessionmanager.v1 import session_pb2 as sessionmanager_dot_v1_dot_session__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'sessionmanager/v1/session_service.proto\x12\x11sessionmanager.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fsessionmanager/v1/session.proto\"(\n\x11GetSessionRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"I\n\x12GetSessionResponse\x12\x33\n\x07session\x18\x01 \x01(\x0b\x32\".sessionmanager.v1.WhatsAppSession\"\'\n\x10RequestQRRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\x8e\x01\n\x11RequestQRResponse\x12\x11\n\tqr_string\x18\x01 \x01(\t\x12\x31\n\rqr_expires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x07session\x18\x03 \x01(\x0b\x32\".sessionmanager.v1.WhatsAppSession\"n\n\x0bSendRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\n\n\x02to\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x1c\n\x0fidempotency_key\x18\x04 \x01(\tH\x00\x88\x01\x01\x42\x12\n\x10_idempotency_key\"\xd1\x01\n\x0cSendResponse\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12 \n\x13whatsapp_message_id\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x30\n\x06status\x18\x03 \x01(\x0e\x32 .sessionmanager.v1.MessageStatus\x12/\n\x0b\x61\x63\x63\x65pted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08replayed\x18\x05 \x01(\x08\x42\x16\n\x14_whatsapp_message_id\"(\n\x11\x44isconnectRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"I\n\x12\x44isconnectResponse\x12\x33\n\x07session\x18\x01 \x01(\x0b\x32\".sessionmanager.v1.WhatsAppSession\"*\n\x13WatchSessionRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"K\n\x14WatchSessionResponse\x12\x33\n\x07session\x18\x01 \x01(\x0b\x32\".sessionmanager.v1.WhatsAppSession\"+\n\x14\x43reateSessionRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"L\n\x15\x43reateSessionResponse\x12\x33\n\x07session\x18\x01 \x01(\x0b\x32\".sessionmanager.v1.WhatsAppSession\"~\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x35\n\x06status\x18\x03 \x01(\x0e\x32 .sessionmanager.v1.SessionStatusH\x00\x88\x01\x01\x42\t\n\x07_status\"e\n\x14ListSessionsResponse\x12\x34\n\x08sessions\x18\x01 \x03(\x0b\x32\".sessionmanager.v1.WhatsAppSession\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"+\n\x14\x44\x65leteSessionRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse*\x7f\n\rMessageStatus\x12\x1e\n\x1aMESSAGE_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16MESSAGE_STATUS_PENDING\x10\x01\x12\x17\n\x13MESSAGE_STATUS_SENT\x10\x02\x12\x19\n\x15MESSAGE_STATUS_FAILED\x10\x03\x32\xf3\x05\n\x0eSessionService\x12Y\n\nGetSession\x12$.sessionmanager.v1.GetSessionRequest\x1a%.sessionmanager.v1.GetSessionResponse\x12V\n\tRequestQR\x12#.sessionmanager.v1.RequestQRRequest\x1a$.sessionmanager.v1.RequestQRResponse\x12G\n\x04Send\x12\x1e.sessionmanager.v1.SendRequest\x1a\x1f.sessionmanager.v1.SendResponse\x12Y\n\nDisconnect\x12$.sessionmanager.v1.DisconnectRequest\x1a%.sessionmanager.v1.DisconnectResponse\x12\x61\n\x0cWatchSession\x12&.sessionmanager.v1.WatchSessionRequest\x1a\'.sessionmanager.v1.WatchSessionResponse0\x01\x12\x62\n\rCreateSession\x12\'.sessionmanager.v1.CreateSessionRequest\x1a(.sessionmanager.v1.CreateSessionResponse\x12_\n\x0cListSessions\x12&.sessionmanager.v1.ListSessionsRequest\x1a\'.sessionmanager.v1.ListSessionsResponse\x12\x62\n\rDeleteSession\x12\'.sessionmanager.v1.DeleteSessionRequest\x1a(.sessionmanager.v1.DeleteSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'sessionmanager/v1/session_service.proto\x12\x11sessionmanager.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fsessionmanager/v1/session.proto\"(\n\x11GetSessionRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"I\n\x12GetSessionResponse\x12\x33\n\x07session\x18\x01 \x01(\x0b\x32\".sessionmanager.v1.WhatsAppSession\"\'\n\x10RequestQRRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\x8e\x01\n\x11RequestQRResponse\x12\x11\n\tqr_string\x18\x01 \x01(\t\x12\x31\n\rqr_expires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x07session\x18\x03 \x01(\x0b\x32\".sessionmanager.v1.WhatsAppSession\"=\n\x10PairPhoneRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x14\n\x0cphone_number\x18\x02 \x01(\t\"^\n\x11PairPhoneResponse\x12\x14\n\x0clinking_code\x18\x01 \x01(\t\x12\x33\n\x07session\x18\x02 \x01(\x0b\x32\".sessionmanager.v1.WhatsAppSession\"n\n\x0bSendRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\n\n\x02to\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x1c\n\x0fidempotency_key\x18\x04 \x01(\tH\x00\x88\x01\x01\x42\x12\n\x10_idempotency_key\"\xd1\x01\n\x0cSendResponse\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12 \n\x13whatsapp_message_id\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x30\n\x06status\x18\x03 \x01(\x0e\x32 .sessionmanager.v1.MessageStatus\x12/\n\x0b\x61\x63\x63\x65pted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08replayed\x18\x05 \x01(\x08\x42\x16\n\x14_whatsapp_message_id\"(\n\x11\x44isconnectRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"I\n\x12\x44isconnectResponse\x12\x33\n\x07session\x18\x01 \x01(\x0b\x32\".sessionmanager.v1.WhatsAppSession\"*\n\x13WatchSessionRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"K\n\x14WatchSessionResponse\x12\x33\n\x07session\x18\x01 \x01(\x0b\x32\".sessionmanager.v1.WhatsAppSession\"+\n\x14\x43reateSessionRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"L\n\x15\x43reateSessionResponse\x12\x33\n\x07session\x18\x01 \x01(\x0b\x32\".sessionmanager.v1.WhatsAppSession\"~\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x35\n\x06status\x18\x03 \x01(\x0e\x32 .sessionmanager.v1.SessionStatusH\x00\x88\x01\x01\x42\t\n\x07_status\"e\n\x14ListSessionsResponse\x12\x34\n\x08sessions\x18\x01 \x03(\x0b\x32\".sessionmanager.v1.WhatsAppSession\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"+\n\x14\x44\x65leteSessionRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse*\x7f\n\rMessageStatus\x12\x1e\n\x1aMESSAGE_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16MESSAGE_STATUS_PENDING\x10\x01\x12\x17\n\x13MESSAGE_STATUS_SENT\x10\x02\x12\x19\n\x15MESSAGE_STATUS_FAILED\x10\x03\x32\xcb\x06\n\x0eSessionService\x12Y\n\nGetSession\x12$.sessionmanager.v1.GetSessionRequest\x1a%.sessionmanager.v1.GetSessionResponse\x12V\n\tRequestQR\x12#.sessionmanager.v1.RequestQRRequest\x1a$.sessionmanager.v1.RequestQRResponse\x12V\n\tPairPhone\x12#.sessionmanager.v1.PairPhoneRequest\x1a$.sessionmanager.v1.PairPhoneResponse\x12G\n\x04Send\x12\x1e.sessionmanager.v1.SendRequest\x1a\x1f.sessionmanager.v1.SendResponse\x12Y\n\nDisconnect\x12$.sessionmanager.v1.DisconnectRequest\x1a%.sessionmanager.v1.DisconnectResponse\x12\x61\n\x0cWatchSession\x12&.sessionmanager.v1.WatchSessionRequest\x1a\'.sessionmanager.v1.WatchSessionResponse0\x01\x12\x62\n\rCreateSession\x12\'.sessionmanager.v1.CreateSessionRequest\x1a(.sessionmanager.v1.CreateSessionResponse\x12_\n\x0cListSessions\x12&.sessionmanager.v1.ListSessionsRequest\x1a\'.sessionmanager.v1.ListSessionsResponse\x12\x62\n\rDeleteSession\x12\'.sessionmanager.v1.DeleteSessionRequest\x1a(.sessionmanager.v1.DeleteSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sessionmanager.v1.session_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MESSAGESTATUS']._serialized_start=1417
-  _globals['_MESSAGESTATUS']._serialized_end=1544
+  _globals['_MESSAGESTATUS']._serialized_start=1576
+  _globals['_MESSAGESTATUS']._serialized_end=1703
   _globals['_GETSESSIONREQUEST']._serialized_start=128
   _globals['_GETSESSIONREQUEST']._serialized_end=168
   _globals['_GETSESSIONRESPONSE']._serialized_start=170
@@ -43,30 +43,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REQUESTQRREQUEST']._serialized_end=284
   _globals['_REQUESTQRRESPONSE']._serialized_start=287
   _globals['_REQUESTQRRESPONSE']._serialized_end=429
-  _globals['_SENDREQUEST']._serialized_start=431
-  _globals['_SENDREQUEST']._serialized_end=541
-  _globals['_SENDRESPONSE']._serialized_start=544
-  _globals['_SENDRESPONSE']._serialized_end=753
-  _globals['_DISCONNECTREQUEST']._serialized_start=755
-  _globals['_DISCONNECTREQUEST']._serialized_end=795
-  _globals['_DISCONNECTRESPONSE']._serialized_start=797
-  _globals['_DISCONNECTRESPONSE']._serialized_end=870
-  _globals['_WATCHSESSIONREQUEST']._serialized_start=872
-  _globals['_WATCHSESSIONREQUEST']._serialized_end=914
-  _globals['_WATCHSESSIONRESPONSE']._serialized_start=916
-  _globals['_WATCHSESSIONRESPONSE']._serialized_end=991
-  _globals['_CREATESESSIONREQUEST']._serialized_start=993
-  _globals['_CREATESESSIONREQUEST']._serialized_end=1036
-  _globals['_CREATESESSIONRESPONSE']._serialized_start=1038
-  _globals['_CREATESESSIONRESPONSE']._serialized_end=1114
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=1116
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=1242
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1244
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1345
-  _globals['_DELETESESSIONREQUEST']._serialized_start=1347
-  _globals['_DELETESESSIONREQUEST']._serialized_end=1390
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=1392
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=1415
-  _globals['_SESSIONSERVICE']._serialized_start=1547
-  _globals['_SESSIONSERVICE']._serialized_end=2302
+  _globals['_PAIRPHONEREQUEST']._serialized_start=431
+  _globals['_PAIRPHONEREQUEST']._serialized_end=492
+  _globals['_PAIRPHONERESPONSE']._serialized_start=494
+  _globals['_PAIRPHONERESPONSE']._serialized_end=588
+  _globals['_SENDREQUEST']._serialized_start=590
+  _globals['_SENDREQUEST']._serialized_end=700
+  _globals['_SENDRESPONSE']._serialized_start=703
+  _globals['_SENDRESPONSE']._serialized_end=912
+  _globals['_DISCONNECTREQUEST']._serialized_start=914
+  _globals['_DISCONNECTREQUEST']._serialized_end=954
+  _globals['_DISCONNECTRESPONSE']._serialized_start=956
+  _globals['_DISCONNECTRESPONSE']._serialized_end=1029
+  _globals['_WATCHSESSIONREQUEST']._serialized_start=1031
+  _globals['_WATCHSESSIONREQUEST']._serialized_end=1073
+  _globals['_WATCHSESSIONRESPONSE']._serialized_start=1075
+  _globals['_WATCHSESSIONRESPONSE']._serialized_end=1150
+  _globals['_CREATESESSIONREQUEST']._serialized_start=1152
+  _globals['_CREATESESSIONREQUEST']._serialized_end=1195
+  _globals['_CREATESESSIONRESPONSE']._serialized_start=1197
+  _globals['_CREATESESSIONRESPONSE']._serialized_end=1273
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=1275
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=1401
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1403
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1504
+  _globals['_DELETESESSIONREQUEST']._serialized_start=1506
+  _globals['_DELETESESSIONREQUEST']._serialized_end=1549
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=1551
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=1574
+  _globals['_SESSIONSERVICE']._serialized_start=1706
+  _globals['_SESSIONSERVICE']._serialized_end=2549
 # @@protoc_insertion_point(module_scope)

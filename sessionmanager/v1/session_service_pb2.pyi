@@ -152,6 +152,60 @@ class RequestQRResponse(_message.Message):
 Global___RequestQRResponse: _TypeAlias = RequestQRResponse  # noqa: Y015
 
 @_typing.final
+class PairPhoneRequest(_message.Message):
+    """PairPhoneRequest names the session and the phone that will link it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    PHONE_NUMBER_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    """The session's identifier."""
+    phone_number: _builtins.str
+    """The phone number of the WhatsApp account to link, in international format, e.g. `+5491122334455`."""
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        phone_number: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "phone_number", b"phone_number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PairPhoneRequest: _TypeAlias = PairPhoneRequest  # noqa: Y015
+
+@_typing.final
+class PairPhoneResponse(_message.Message):
+    """PairPhoneResponse carries the linking code to type on the phone."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINKING_CODE_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    linking_code: _builtins.str
+    """The 8-character linking code, e.g. `ABCD1234`, shown to the user as `ABCD-1234`."""
+    @_builtins.property
+    def session(self) -> _session_pb2.WhatsAppSession:
+        """The session as stored after the call: `qr_required` while pairing is under way."""
+
+    def __init__(
+        self,
+        *,
+        linking_code: _builtins.str = ...,
+        session: _session_pb2.WhatsAppSession | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["linking_code", b"linking_code", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PairPhoneResponse: _TypeAlias = PairPhoneResponse  # noqa: Y015
+
+@_typing.final
 class SendRequest(_message.Message):
     """SendRequest is a text message to send from a connected session."""
 

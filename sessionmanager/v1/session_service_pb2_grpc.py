@@ -46,6 +46,11 @@ class SessionServiceStub:
                 request_serializer=sessionmanager_dot_v1_dot_session__service__pb2.RequestQRRequest.SerializeToString,
                 response_deserializer=sessionmanager_dot_v1_dot_session__service__pb2.RequestQRResponse.FromString,
                 _registered_method=True)
+        self.PairPhone = channel.unary_unary(
+                '/sessionmanager.v1.SessionService/PairPhone',
+                request_serializer=sessionmanager_dot_v1_dot_session__service__pb2.PairPhoneRequest.SerializeToString,
+                response_deserializer=sessionmanager_dot_v1_dot_session__service__pb2.PairPhoneResponse.FromString,
+                _registered_method=True)
         self.Send = channel.unary_unary(
                 '/sessionmanager.v1.SessionService/Send',
                 request_serializer=sessionmanager_dot_v1_dot_session__service__pb2.SendRequest.SerializeToString,
@@ -93,6 +98,16 @@ class SessionServiceServicer:
     def RequestQR(self, request, context):
         """RequestQR returns the session's valid QR code, or has the engine produce a
         new one. It is idempotent: while a code is valid every caller gets the same one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PairPhone(self, request, context):
+        """PairPhone pairs the session by phone number instead of by scanning: it
+        returns WhatsApp's 8-character linking code, which the user types on the
+        phone (Linked devices, Link with phone number). A pairing is started if
+        none is under way; its QR code stays valid meanwhile.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -154,6 +169,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.RequestQR,
                     request_deserializer=sessionmanager_dot_v1_dot_session__service__pb2.RequestQRRequest.FromString,
                     response_serializer=sessionmanager_dot_v1_dot_session__service__pb2.RequestQRResponse.SerializeToString,
+            ),
+            'PairPhone': grpc.unary_unary_rpc_method_handler(
+                    servicer.PairPhone,
+                    request_deserializer=sessionmanager_dot_v1_dot_session__service__pb2.PairPhoneRequest.FromString,
+                    response_serializer=sessionmanager_dot_v1_dot_session__service__pb2.PairPhoneResponse.SerializeToString,
             ),
             'Send': grpc.unary_unary_rpc_method_handler(
                     servicer.Send,
@@ -242,6 +262,33 @@ class SessionService:
             '/sessionmanager.v1.SessionService/RequestQR',
             sessionmanager_dot_v1_dot_session__service__pb2.RequestQRRequest.SerializeToString,
             sessionmanager_dot_v1_dot_session__service__pb2.RequestQRResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PairPhone(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sessionmanager.v1.SessionService/PairPhone',
+            sessionmanager_dot_v1_dot_session__service__pb2.PairPhoneRequest.SerializeToString,
+            sessionmanager_dot_v1_dot_session__service__pb2.PairPhoneResponse.FromString,
             options,
             channel_credentials,
             insecure,

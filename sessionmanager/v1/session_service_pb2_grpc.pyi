@@ -41,6 +41,12 @@ class SessionServiceStub:
     """RequestQR returns the session's valid QR code, or has the engine produce a
     new one. It is idempotent: while a code is valid every caller gets the same one.
     """
+    PairPhone: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.PairPhoneRequest, _session_service_pb2.PairPhoneResponse]
+    """PairPhone pairs the session by phone number instead of by scanning: it
+    returns WhatsApp's 8-character linking code, which the user types on the
+    phone (Linked devices, Link with phone number). A pairing is started if
+    none is under way; its QR code stays valid meanwhile.
+    """
     Send: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.SendRequest, _session_service_pb2.SendResponse]
     """Send sends a text message from a connected session. Every accepted message
     is recorded before the call returns; a repeated idempotency key sends nothing again.
@@ -70,6 +76,12 @@ class SessionServiceAsyncStub(SessionServiceStub):
     RequestQR: _aio.UnaryUnaryMultiCallable[_session_service_pb2.RequestQRRequest, _session_service_pb2.RequestQRResponse]  # type: ignore[assignment]
     """RequestQR returns the session's valid QR code, or has the engine produce a
     new one. It is idempotent: while a code is valid every caller gets the same one.
+    """
+    PairPhone: _aio.UnaryUnaryMultiCallable[_session_service_pb2.PairPhoneRequest, _session_service_pb2.PairPhoneResponse]  # type: ignore[assignment]
+    """PairPhone pairs the session by phone number instead of by scanning: it
+    returns WhatsApp's 8-character linking code, which the user types on the
+    phone (Linked devices, Link with phone number). A pairing is started if
+    none is under way; its QR code stays valid meanwhile.
     """
     Send: _aio.UnaryUnaryMultiCallable[_session_service_pb2.SendRequest, _session_service_pb2.SendResponse]  # type: ignore[assignment]
     """Send sends a text message from a connected session. Every accepted message
@@ -109,6 +121,18 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_session_service_pb2.RequestQRResponse, _abc.Awaitable[_session_service_pb2.RequestQRResponse]]:
         """RequestQR returns the session's valid QR code, or has the engine produce a
         new one. It is idempotent: while a code is valid every caller gets the same one.
+        """
+
+    @_abc_1.abstractmethod
+    def PairPhone(
+        self,
+        request: _session_service_pb2.PairPhoneRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_service_pb2.PairPhoneResponse, _abc.Awaitable[_session_service_pb2.PairPhoneResponse]]:
+        """PairPhone pairs the session by phone number instead of by scanning: it
+        returns WhatsApp's 8-character linking code, which the user types on the
+        phone (Linked devices, Link with phone number). A pairing is started if
+        none is under way; its QR code stays valid meanwhile.
         """
 
     @_abc_1.abstractmethod

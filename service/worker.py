@@ -1,0 +1,232 @@
+"""An engine worker: one session's WhatsApp connection in a process of its own.
+
+The Session Manager starts it (``python -m service.worker``) and talks to it
+over the worker protocol (``worker_protocol``): commands on standard input,
+reports and replies on standard output. Anything else the engine prints goes
+to standard error, which the server logs. The worker dies with its parent,
+ends when its standard input closes, and never outlives the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.duration_pb2 import Duration
+
+from service.clock import SystemClock
+from service.contract import DisconnectReason
+from service.engine import Engine, EngineError
+from service.simulated import PairingTimes, SimulatedEngine
+from service.worker_protocol import EXIT_DONE, ProtocolError, encode, read_frame
+from sessionmanager.v1 import worker_pb2
+
+log = logging.getLogger("service.worker")
+
+Command = worker_pb2.WorkerCommand
+Event = worker_pb2.WorkerEvent
+Action = worker_pb2.WorkerCommand.SimulatePhone
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel kill this process when the server dies, even by SIGKILL."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before the line above
+        os._exit(EXIT_DONE)
+
+
+class PipeEvents:
+    """``EngineEvents`` of the worker's engine: each report becomes a frame."""
+
+    def __init__(self, write: Any, clock: SystemClock) -> None:
+        self._write = write
+        self._clock = clock
+
+    async def qr_code(self, instance_id: str, code: str, expires_at: datetime) -> None:
+        valid_for = Duration()
+        valid_for.FromTimedelta(expires_at - self._clock.now())
+        self._write(Event(qr_code=Event.QRCode(code=code, valid_for=valid_for)))
+
+    async def qr_scanned(self, instance_id: str) -> None:
+        self._write(Event(qr_scanned=Event.QRScanned()))
+
+    async def reconnecting(self, instance_id: str) -> None:
+        self._write(Event(reconnecting=Event.Reconnecting()))
+
+    async def connected(self, instance_id: str, phone_number: str) -> None:
+        self._write(Event(connected=Event.Connected(phone_number=phone_number)))
+
+    async def disconnected(
+        self,
+        instance_id: str,
+        reason: DisconnectReason,
+        message: str = "",
+        code: str | None = None,
+    ) -> None:
+        self._write(
+            Event(disconnected=Event.Disconnected(reason=reason, code=code or "", message=message))
+        )
+
+    async def failed(self, instance_id: str, code: str, message: str) -> None:
+        self._write(Event(failed=Event.Failed(code=code, message=message)))
+
+    async def pairing_failed(self, instance_id: str, code: str, message: str) -> None:
+        self._write(Event(pairing_failed=Event.PairingFailed(code=code, message=message)))
+
+
+class Worker:
+    def __init__(self, args: argparse.Namespace, out_fd: int) -> None:
+        self._instance_id: str = args.instance_id
+        self._out_fd = out_fd
+        self._ended: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        clock = SystemClock()
+        self.engine = self._engine(args, clock)
+        self.engine.bind(PipeEvents(self.write, clock))
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _engine(self, args: argparse.Namespace, clock: SystemClock) -> Engine:
+        if args.engine == "whatsmeow":
+            from service.whatsmeow import WhatsmeowEngine
+
+            return WhatsmeowEngine(Path(args.device_dir), clock, self.end)
+        times = PairingTimes(first=args.qr_first, rotation=args.qr_rotation, codes=args.qr_codes)
+        return SimulatedEngine(clock, times)
+
+    def write(self, event: Event) -> None:
+        view = memoryview(encode(event))
+        while view:
+            view = view[os.write(self._out_fd, view) :]
+
+    def end(self, status: int) -> None:
+        if not self._ended.done():
+            self._ended.set_result(status)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(0, "rb", buffering=0)
+        )
+        commands = asyncio.create_task(self._read_commands(reader))
+        status = await self._ended
+        commands.cancel()
+        return status
+
+    async def _read_commands(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while (frame := await read_frame(reader)) is not None:
+                command = Command.FromString(frame)
+                task = asyncio.create_task(self._handle(command))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        except ProtocolError as error:
+            log.error("bad command stream: %s", error)
+        self.end(EXIT_DONE)  # the server closed our input: it is gone or done with us
+
+    async def _handle(self, command: Command) -> None:
+        reply = Event.Reply(id=command.id)
+        try:
+            await self._run(command, reply)
+        except EngineError as error:
+            reply.error_code, reply.error_message = error.code, error.message
+        except Exception as error:
+            log.exception("command %s failed", command.WhichOneof("command"))
+            reply.error_code, reply.error_message = "WORKER_ERROR", repr(error)
+        self.write(Event(reply=reply))
+        if command.WhichOneof("command") == "stop":
+            self.end(EXIT_DONE)
+
+    async def _run(self, command: Command, reply: Event.Reply) -> None:
+        iid, engine = self._instance_id, self.engine
+        match command.WhichOneof("command"):
+            case "start_pairing":
+                await engine.start_pairing(iid)
+            case "restore":
+                await engine.restore(iid, command.restore.phone_number or None)
+            case "pair_phone":
+                reply.linking_code = await engine.pair_phone(iid, command.pair_phone.phone_number)
+            case "send_text":
+                send = command.send_text
+                reply.message_id = await engine.send(iid, send.to, send.text)
+            case "logout":
+                await engine.logout(iid)
+            case "stop":
+                await engine.close()
+            case "ping":
+                pass
+            case "simulate_phone":
+                await self._simulate(command.simulate_phone)
+            case other:
+                raise EngineError("UNKNOWN_COMMAND", f"unknown command {other!r}")
+
+    async def _simulate(self, action: Action) -> None:
+        phone, iid = self.engine, self._instance_id
+        if not isinstance(phone, SimulatedEngine):
+            raise EngineError("NOT_SIMULATED", "this worker runs a real engine")
+        match action.action:
+            case Action.ACTION_SCAN:
+                await phone.scan(iid, action.phone_number, action.hold)
+            case Action.ACTION_COMPLETE_HANDSHAKE:
+                await phone.complete_handshake(iid)
+            case Action.ACTION_DROP_NETWORK:
+                await phone.drop_network(iid, action.hold)
+            case Action.ACTION_UNLINK:
+                await phone.unlink(iid)
+            case Action.ACTION_FAIL:
+                await phone.fail(iid, action.code, action.message)
+            case Action.ACTION_FAULT_PAIRING:
+                await phone.inject_fault(iid, "pairing")
+            case Action.ACTION_FAULT_SEND:
+                await phone.inject_fault(iid, "send")
+            case _:
+                raise EngineError("UNKNOWN_ACTION", f"unknown phone action {action.action}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m service.worker")
+    parser.add_argument("--engine", choices=("whatsmeow", "simulated"), required=True)
+    parser.add_argument("--instance-id", required=True)
+    parser.add_argument("--device-dir", required=True)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--qr-first", type=float, default=60.0)
+    parser.add_argument("--qr-rotation", type=float, default=20.0)
+    parser.add_argument("--qr-codes", type=int, default=6)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    _die_with_parent(args.parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when we stop
+    out_fd = os.dup(1)
+    os.dup2(2, 1)  # standard output belongs to the protocol; stray prints go to stderr
+    sys.stdout = sys.stderr
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=args.log_level.upper(),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+    async def run() -> int:
+        return await Worker(args, out_fd).run()
+
+    status = asyncio.run(run())
+    sys.stderr.flush()
+    os._exit(status)  # neonize's connection thread is not a daemon: do not wait for it
+
+
+if __name__ == "__main__":
+    main()
