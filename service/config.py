@@ -21,6 +21,8 @@ class Settings:
     #: Where each session's WhatsApp credentials live; default: ``devices`` beside the database.
     devices_dir: Path | None = None
     dial_timeout: float = 30.0
+    worker_heartbeat: float = 5.0
+    worker_crash_limit: int = 5
     log_level: str = "info"
     qr_timeout: float = 30.0
     qr_first_seconds: float = 60.0
@@ -84,6 +86,20 @@ _OPTIONS: tuple[tuple[str, str, str, type, str], ...] = (
         "dial_timeout",
         float,
         "seconds an engine worker gets to reach WhatsApp before it is killed",
+    ),
+    (
+        "--worker-heartbeat",
+        "SESSION_MANAGER_WORKER_HEARTBEAT",
+        "worker_heartbeat",
+        float,
+        "seconds between heartbeats to each engine worker; one silent for two is killed",
+    ),
+    (
+        "--worker-crash-limit",
+        "SESSION_MANAGER_WORKER_CRASH_LIMIT",
+        "worker_crash_limit",
+        int,
+        "worker crashes within 5 minutes after which the session goes to error",
     ),
     ("--log-level", "SESSION_MANAGER_LOG_LEVEL", "log_level", str, "debug, info, warning or error"),
     (

@@ -122,6 +122,9 @@ def build_engine(
         engine="simulated" if simulated else "whatsmeow",
         devices_dir=settings.devices_path.resolve(),
         dial_timeout=settings.dial_timeout,
+        heartbeat_interval=settings.worker_heartbeat,
+        heartbeat_timeout=2 * settings.worker_heartbeat,
+        crash_limit=settings.worker_crash_limit,
         log_level=settings.log_level,
         worker_args=worker_args,
     )

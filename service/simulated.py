@@ -72,11 +72,14 @@ def pairing_payload(instance_id: str, serial: int) -> str:
 class SimulatedEngine:
     resumes_pairing = True
 
-    def __init__(self, clock: Clock, times: PairingTimes | None = None) -> None:
+    def __init__(
+        self, clock: Clock, times: PairingTimes | None = None, first_serial: int = 1
+    ) -> None:
         self._clock = clock
         self._times = times or PairingTimes()
         self._devices: dict[str, _Device] = {}
-        self._serial = itertools.count(1)
+        #: Codes are numbered from here; a worker starts where no earlier one did.
+        self._serial = itertools.count(first_serial)
         self._events: EngineEvents | None = None
 
     @property

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,8 @@ class Worker:
 
             return WhatsmeowEngine(Path(args.device_dir), clock, self.end)
         times = PairingTimes(first=args.qr_first, rotation=args.qr_rotation, codes=args.qr_codes)
-        return SimulatedEngine(clock, times)
+        # Each worker's codes differ from those of the worker before it.
+        return SimulatedEngine(clock, times, first_serial=time.time_ns() // 1000)
 
     def write(self, event: Event) -> None:
         view = memoryview(encode(event))

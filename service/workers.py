@@ -193,7 +193,10 @@ class WorkerEngine:
 
     async def _pair(self, slot: _Slot) -> None:
         worker = await self._spawn(slot)
-        reply = await self._dial(worker, Command(start_pairing=Command.StartPairing()))
+        try:
+            reply = await self._dial(worker, Command(start_pairing=Command.StartPairing()))
+        except WorkerGone:
+            raise EngineError(*self._exit_cause(worker)) from None
         if reply.error_code:
             await self._stop_worker(slot, worker)
             raise EngineError(reply.error_code, reply.error_message)
@@ -210,6 +213,8 @@ class WorkerEngine:
         restore = Command.Restore(phone_number=slot.phone_number or "")
         try:
             reply = await self._dial(worker, Command(restore=restore))
+        except WorkerGone:
+            return
         except EngineError as error:
             reply = Event.Reply(error_code=error.code, error_message=error.message)
         if not reply.error_code:
@@ -241,9 +246,9 @@ class WorkerEngine:
             worker.kill("DIAL_TIMEOUT", message)
             raise EngineError("DIAL_TIMEOUT", message) from None
         except WorkerGone:
+            # The exit is handled (reported, counted, restarted) by ``_exited``.
             await asyncio.shield(worker.exited)
-            code, message = self._exit_cause(worker)
-            raise EngineError(code, message) from None
+            raise
 
     async def pair_phone(self, instance_id: str, phone_number: str) -> str:
         slot = self._slot(instance_id)

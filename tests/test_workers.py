@@ -1,0 +1,321 @@
+"""The simulated engine out of process: the whole worker supervision path.
+
+Each test starts a real server on port 0 with ``--engine simulated-worker``:
+every session that pairs or connects gets its own worker process, driven by
+the same worker protocol as the real engine. Workers are killed with SIGKILL,
+frozen with SIGSTOP, and the server itself is killed, to show that sessions
+move as the contract says, workers come back, nothing stored is lost and no
+process is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import pytest
+
+from service.clock import ManualClock
+from service.config import Settings
+from service.workers import WorkerEngine
+from sessionmanager.v1 import session_pb2 as s
+from sessionmanager.v1 import session_service_pb2 as pb
+from sessionmanager.v1 import session_service_pb2_grpc
+from sessionmanager.v1 import simulator_service_pb2 as sim
+from tests.conftest import Harness, start_harness
+from tests.status_details import error_info
+
+PHONE = "+5491122334455"
+
+
+@pytest.fixture
+def worker_settings(settings: Settings) -> Settings:
+    return replace(settings, engine="simulated-worker", worker_heartbeat=0.5, dial_timeout=10.0)
+
+
+@pytest.fixture
+async def workers(worker_settings: Settings) -> AsyncIterator[Harness]:
+    harness = await start_harness(worker_settings, ManualClock())
+    try:
+        yield harness
+    finally:
+        await harness.stop()
+
+
+def _engine(h: Harness) -> WorkerEngine:
+    engine = h.running.engine
+    assert isinstance(engine, WorkerEngine)
+    return engine
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped) is not alive either.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def _eventually(check: Callable[[], bool], within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("the condition did not hold in time")
+        await asyncio.sleep(0.05)
+
+
+async def _session(h: Harness, iid: str) -> s.WhatsAppSession:
+    return (await h.sessions.GetSession(pb.GetSessionRequest(instance_id=iid))).session
+
+
+async def _until(
+    h: Harness, iid: str, check: Callable[[s.WhatsAppSession], bool], within: float = 15.0
+) -> list[s.WhatsAppSession]:
+    """The states a watcher sees, up to the first one that passes ``check``."""
+    seen: list[s.WhatsAppSession] = []
+
+    async def watch() -> None:
+        async for response in h.sessions.WatchSession(pb.WatchSessionRequest(instance_id=iid)):
+            seen.append(response.session)
+            if check(response.session):
+                return
+
+    await asyncio.wait_for(watch(), within)
+    return seen
+
+
+async def _connected(h: Harness, iid: str) -> s.WhatsAppSession:
+    await h.sessions.CreateSession(pb.CreateSessionRequest(instance_id=iid))
+    await h.sessions.RequestQR(pb.RequestQRRequest(instance_id=iid))
+    scanned = await h.simulator.ScanQR(sim.ScanQRRequest(instance_id=iid, phone_number=PHONE))
+    assert scanned.session.status == s.SESSION_STATUS_CONNECTED
+    return scanned.session
+
+
+def _status(session: s.WhatsAppSession) -> tuple[int, int]:
+    return session.status, session.qr_status
+
+
+async def test_a_session_lives_in_its_own_worker(workers: Harness) -> None:
+    engine = _engine(workers)
+    await workers.sessions.CreateSession(pb.CreateSessionRequest(instance_id="own"))
+    assert engine.worker_pids() == {}  # no worker before pairing
+    qr = await workers.sessions.RequestQR(pb.RequestQRRequest(instance_id="own"))
+    assert qr.qr_string.startswith("data:image/png;base64,")
+    pid = engine.worker_pids()["own"]
+    assert pid != os.getpid() and _alive(pid)
+    assert engine.device_dir("own").is_dir()
+
+    scanned = await workers.simulator.ScanQR(
+        sim.ScanQRRequest(instance_id="own", phone_number=PHONE)
+    )
+    assert scanned.session.status == s.SESSION_STATUS_CONNECTED
+    assert scanned.session.phone_number == PHONE
+    sent = await workers.sessions.Send(pb.SendRequest(instance_id="own", to=PHONE, text="hola"))
+    assert sent.whatsapp_message_id.startswith("3EB0")
+
+    await workers.simulator.InjectFault(
+        sim.InjectFaultRequest(instance_id="own", fault=sim.FAULT_SEND)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await workers.sessions.Send(pb.SendRequest(instance_id="own", to=PHONE, text="hola"))
+    assert error_info(refused.value).reason == "WHATSAPP_ERROR"
+
+    disconnected = await workers.sessions.Disconnect(pb.DisconnectRequest(instance_id="own"))
+    assert disconnected.session.last_error_code == "LOGOUT"
+    assert "own" not in engine.worker_pids()
+    await _eventually(lambda: not _alive(pid))
+    assert not engine.device_dir("own").exists()  # credentials are wiped on logout
+
+
+async def test_killing_a_connected_worker(workers: Harness) -> None:
+    engine = _engine(workers)
+    await _connected(workers, "crash")
+    key = "order-1"
+    first = await workers.sessions.Send(
+        pb.SendRequest(instance_id="crash", to=PHONE, text="hola", idempotency_key=key)
+    )
+    pid = engine.worker_pids()["crash"]
+
+    os.kill(pid, signal.SIGKILL)
+    seen = await _until(
+        workers, "crash", lambda x: x.status == s.SESSION_STATUS_CONNECTED and x.revision > 4
+    )
+    crashed = next(x for x in seen if x.status == s.SESSION_STATUS_DISCONNECTED)
+    assert crashed.last_error_code == "WORKER_CRASHED"
+    assert "SIGKILL" in crashed.last_error_message
+    assert [x.status for x in seen][-2:] == [
+        s.SESSION_STATUS_CONNECTING,
+        s.SESSION_STATUS_CONNECTED,
+    ]
+    assert seen[-1].phone_number == PHONE  # reconnected without a QR code
+
+    new_pid = engine.worker_pids()["crash"]
+    assert new_pid != pid and _alive(new_pid)
+    replay = await workers.sessions.Send(
+        pb.SendRequest(instance_id="crash", to=PHONE, text="hola", idempotency_key=key)
+    )
+    assert replay.message_id == first.message_id and replay.replayed  # nothing was lost
+    again = await workers.sessions.Send(pb.SendRequest(instance_id="crash", to=PHONE, text="2"))
+    assert again.status == pb.MESSAGE_STATUS_SENT  # and the new worker sends
+
+
+async def test_killing_a_pairing_worker_shows_a_new_code(workers: Harness) -> None:
+    engine = _engine(workers)
+    await workers.sessions.CreateSession(pb.CreateSessionRequest(instance_id="pairing"))
+    first = await workers.sessions.RequestQR(pb.RequestQRRequest(instance_id="pairing"))
+    pid = engine.worker_pids()["pairing"]
+
+    os.kill(pid, signal.SIGKILL)
+    seen = await _until(
+        workers,
+        "pairing",
+        lambda x: x.qr_status == s.QR_STATUS_GENERATED and x.qr_string != first.qr_string,
+    )
+    dead = next(x for x in seen if x.qr_status == s.QR_STATUS_EXPIRED)
+    assert dead.status == s.SESSION_STATUS_QR_REQUIRED  # the old code cannot be scanned
+    assert dead.last_error_code == "WORKER_CRASHED"
+    assert engine.worker_pids()["pairing"] != pid
+
+    again = await workers.sessions.RequestQR(pb.RequestQRRequest(instance_id="pairing"))
+    assert again.qr_string == seen[-1].qr_string  # the new code is the valid one
+    scanned = await workers.simulator.ScanQR(sim.ScanQRRequest(instance_id="pairing"))
+    assert scanned.session.status == s.SESSION_STATUS_CONNECTED
+
+
+async def test_a_frozen_worker_is_killed_and_replaced(workers: Harness) -> None:
+    engine = _engine(workers)
+    await _connected(workers, "frozen")
+    pid = engine.worker_pids()["frozen"]
+
+    os.kill(pid, signal.SIGSTOP)  # alive, but answers nothing: no heartbeat
+    seen = await _until(
+        workers, "frozen", lambda x: x.status == s.SESSION_STATUS_CONNECTED and x.revision > 4
+    )
+    hung = next(x for x in seen if x.status == s.SESSION_STATUS_DISCONNECTED)
+    assert hung.last_error_code == "WORKER_UNRESPONSIVE"
+    await _eventually(lambda: not _alive(pid))
+    assert engine.worker_pids()["frozen"] != pid
+
+
+async def test_repeated_crashes_end_in_error(settings: Settings) -> None:
+    harness = await start_harness(
+        replace(settings, engine="simulated-worker", worker_crash_limit=3), ManualClock()
+    )
+    try:
+        engine = _engine(harness)
+        await _connected(harness, "loop")
+        for _ in range(3):
+            await _eventually(lambda: "loop" in engine.worker_pids())
+            os.kill(engine.worker_pids()["loop"], signal.SIGKILL)
+            await _eventually(lambda: "loop" not in engine.worker_pids())
+        seen = await _until(harness, "loop", lambda x: x.status == s.SESSION_STATUS_ERROR)
+        assert seen[-1].last_error_code == "WORKER_CRASH_LOOP"
+        assert "3 times" in seen[-1].last_error_message
+        await asyncio.sleep(1.0)
+        assert "loop" not in engine.worker_pids()  # not restarted any more
+        # A new pairing is a fresh start.
+        qr = await harness.sessions.RequestQR(pb.RequestQRRequest(instance_id="loop"))
+        assert qr.session.status == s.SESSION_STATUS_QR_REQUIRED
+    finally:
+        await harness.stop()
+
+
+async def test_restart_restores_connected_sessions_in_new_workers(
+    worker_settings: Settings,
+) -> None:
+    first = await start_harness(worker_settings, ManualClock())
+    try:
+        await _connected(first, "keep")
+        await first.sessions.CreateSession(pb.CreateSessionRequest(instance_id="pair"))
+        await first.sessions.RequestQR(pb.RequestQRRequest(instance_id="pair"))
+        old_pids = set(_engine(first).worker_pids().values())
+    finally:
+        await first.stop()
+    assert not any(_alive(pid) for pid in old_pids)  # shutdown stopped every worker
+
+    second = await start_harness(worker_settings, ManualClock())
+    try:
+        seen = await _until(second, "keep", lambda x: x.status == s.SESSION_STATUS_CONNECTED)
+        assert seen[-1].phone_number == PHONE
+        assert all(x.qr_status != s.QR_STATUS_GENERATED for x in seen)  # no QR needed
+        assert "keep" in _engine(second).worker_pids()
+        # A code shown by a worker that is gone cannot be scanned: it is expired.
+        pairing = await _session(second, "pair")
+        assert _status(pairing) == (s.SESSION_STATUS_QR_REQUIRED, s.QR_STATUS_EXPIRED)
+        assert "pair" not in _engine(second).worker_pids()
+    finally:
+        await second.stop()
+
+
+async def test_delete_stops_the_worker_and_wipes_credentials(workers: Harness) -> None:
+    engine = _engine(workers)
+    await _connected(workers, "gone")
+    pid = engine.worker_pids()["gone"]
+    await workers.sessions.DeleteSession(pb.DeleteSessionRequest(instance_id="gone"))
+    await _eventually(lambda: not _alive(pid))
+    assert not engine.device_dir("gone").exists()
+
+
+async def test_pair_phone_through_a_worker(workers: Harness) -> None:
+    await workers.sessions.CreateSession(pb.CreateSessionRequest(instance_id="code"))
+    paired = await workers.sessions.PairPhone(
+        pb.PairPhoneRequest(instance_id="code", phone_number=PHONE)
+    )
+    assert len(paired.linking_code) == 8 and paired.linking_code.isalnum()
+    assert _status(paired.session) == (s.SESSION_STATUS_QR_REQUIRED, s.QR_STATUS_GENERATED)
+    linked = await workers.simulator.ScanQR(sim.ScanQRRequest(instance_id="code"))
+    assert linked.session.phone_number == PHONE  # the phone that asked for the code
+
+
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        found.update(int(child) for child in text)
+    return found
+
+
+async def test_no_worker_outlives_a_killed_server(tmp_path: Path) -> None:
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "serve",
+            "--address=127.0.0.1:0",
+            f"--database={tmp_path / 'sessions.db'}",
+            "--engine=simulated-worker",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(server.stdout.readline), 30)
+        port = int(line.rsplit(" ", 1)[1])
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = session_service_pb2_grpc.SessionServiceStub(channel)
+            for iid in ("a", "b"):
+                await stub.CreateSession(pb.CreateSessionRequest(instance_id=iid))
+                await stub.RequestQR(pb.RequestQRRequest(instance_id=iid))
+        workers = _children(server.pid)
+        assert len(workers) == 2
+        server.kill()
+        server.wait()
+        await _eventually(lambda: not any(_alive(pid) for pid in workers))
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
