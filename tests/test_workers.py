@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -113,7 +112,8 @@ async def test_a_session_lives_in_its_own_worker(workers: Harness) -> None:
     qr = await workers.sessions.RequestQR(pb.RequestQRRequest(instance_id="own"))
     assert qr.qr_string.startswith("data:image/png;base64,")
     pid = engine.worker_pids()["own"]
-    assert pid != os.getpid() and _alive(pid)
+    assert pid != os.getpid()
+    assert _alive(pid)
     assert engine.device_dir("own").is_dir()
 
     scanned = await workers.simulator.ScanQR(
@@ -161,11 +161,13 @@ async def test_killing_a_connected_worker(workers: Harness) -> None:
     assert seen[-1].phone_number == PHONE  # reconnected without a QR code
 
     new_pid = engine.worker_pids()["crash"]
-    assert new_pid != pid and _alive(new_pid)
+    assert new_pid != pid
+    assert _alive(new_pid)
     replay = await workers.sessions.Send(
         pb.SendRequest(instance_id="crash", to=PHONE, text="hola", idempotency_key=key)
     )
-    assert replay.message_id == first.message_id and replay.replayed  # nothing was lost
+    assert replay.message_id == first.message_id
+    assert replay.replayed
     again = await workers.sessions.Send(pb.SendRequest(instance_id="crash", to=PHONE, text="2"))
     assert again.status == pb.MESSAGE_STATUS_SENT  # and the new worker sends
 
@@ -272,7 +274,8 @@ async def test_pair_phone_through_a_worker(workers: Harness) -> None:
     paired = await workers.sessions.PairPhone(
         pb.PairPhoneRequest(instance_id="code", phone_number=PHONE)
     )
-    assert len(paired.linking_code) == 8 and paired.linking_code.isalnum()
+    assert len(paired.linking_code) == 8
+    assert paired.linking_code.isalnum()
     assert _status(paired.session) == (s.SESSION_STATUS_QR_REQUIRED, s.QR_STATUS_GENERATED)
     linked = await workers.simulator.ScanQR(sim.ScanQRRequest(instance_id="code"))
     assert linked.session.phone_number == PHONE  # the phone that asked for the code
@@ -287,24 +290,21 @@ def _children(pid: int) -> set[int]:
 
 
 async def test_no_worker_outlives_a_killed_server(tmp_path: Path) -> None:
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service",
-            "serve",
-            "--address=127.0.0.1:0",
-            f"--database={tmp_path / 'sessions.db'}",
-            "--engine=simulated-worker",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
+    server = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        "serve",
+        "--address=127.0.0.1:0",
+        f"--database={tmp_path / 'sessions.db'}",
+        "--engine=simulated-worker",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     try:
         assert server.stdout is not None
-        line = await asyncio.wait_for(asyncio.to_thread(server.stdout.readline), 30)
-        port = int(line.rsplit(" ", 1)[1])
+        line = await asyncio.wait_for(server.stdout.readline(), 30)
+        port = int(line.decode().rsplit(" ", 1)[1])
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = session_service_pb2_grpc.SessionServiceStub(channel)
             for iid in ("a", "b"):
@@ -312,10 +312,10 @@ async def test_no_worker_outlives_a_killed_server(tmp_path: Path) -> None:
                 await stub.RequestQR(pb.RequestQRRequest(instance_id=iid))
         workers = _children(server.pid)
         assert len(workers) == 2
-        server.kill()
-        server.wait()
+        server.kill()  # SIGKILL: the server gets no chance to stop its workers
+        await server.wait()
         await _eventually(lambda: not any(_alive(pid) for pid in workers))
     finally:
-        if server.poll() is None:
+        if server.returncode is None:
             server.kill()
-            server.wait()
+            await server.wait()
