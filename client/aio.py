@@ -185,6 +185,13 @@ class AsyncSessionManagerClient(_Base):
         response = await self._unary(self._stub.RequestQR, request, timeout)
         return response.session  # type: ignore[no-any-return]
 
+    async def pair_phone(
+        self, instance_id: str, phone_number: str, *, timeout: float | None = None
+    ) -> pb.PairPhoneResponse:
+        """WhatsApp's 8-character linking code to type on ``phone_number``'s phone."""
+        request = pb.PairPhoneRequest(instance_id=instance_id, phone_number=phone_number)
+        return await self._unary(self._stub.PairPhone, request, timeout)  # type: ignore[no-any-return]
+
     async def send(
         self,
         instance_id: str,

@@ -159,6 +159,21 @@ async def cmd_send(client: AsyncSessionManagerClient, args: argparse.Namespace) 
     return EXIT_OK
 
 
+async def cmd_pair_phone(client: AsyncSessionManagerClient, args: argparse.Namespace) -> int:
+    response = await client.pair_phone(args.instance_id, args.phone_number)
+    code = response.linking_code
+    if args.json:
+        _print_json({"linking_code": code, "session": session_dict(response.session)})
+    else:
+        shown = f"{code[:4]}-{code[4:]}" if len(code) == 8 else code
+        print(f"{args.instance_id}: linking code {shown}")
+        print(
+            "  on the phone: WhatsApp > Linked devices > Link a device > "
+            "Link with phone number instead, then type the code"
+        )
+    return EXIT_OK
+
+
 async def cmd_disconnect(client: AsyncSessionManagerClient, args: argparse.Namespace) -> int:
     _print_session(await client.disconnect(args.instance_id), args.json)
     return EXIT_OK
@@ -398,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--invert", action="store_true", help="draw dark modules (for light backgrounds)"
     )
     qr.set_defaults(run=cmd_qr)
+    pair = command("pair-phone", "get a linking code to pair by phone number instead of QR")
+    pair.add_argument("phone_number", help="the phone's number in international format")
+    pair.set_defaults(run=cmd_pair_phone)
     send = command("send", "send a text message from a connected session")
     send.add_argument("to", help="phone number in international format or a WhatsApp JID")
     send.add_argument("text")

@@ -168,6 +168,13 @@ class SessionManagerClient(_Base):
         request = pb.RequestQRRequest(instance_id=instance_id)
         return self._unary(self._stub.RequestQR, request, timeout).session  # type: ignore[no-any-return]
 
+    def pair_phone(
+        self, instance_id: str, phone_number: str, *, timeout: float | None = None
+    ) -> pb.PairPhoneResponse:
+        """WhatsApp's 8-character linking code to type on ``phone_number``'s phone."""
+        request = pb.PairPhoneRequest(instance_id=instance_id, phone_number=phone_number)
+        return self._unary(self._stub.PairPhone, request, timeout)  # type: ignore[no-any-return]
+
     def send(
         self,
         instance_id: str,

@@ -279,3 +279,20 @@ def test_tokens(tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait(15)
+
+
+def test_pair_by_phone_code(address: str) -> None:
+    iid = "sender_code"
+    smctl(address, "create", iid)
+    human = smctl(address, "pair-phone", iid, "+54 9 11 2233-4455").stdout
+    assert re.fullmatch(
+        rf"{iid}: linking code [1-9A-Z]{{4}}-[1-9A-Z]{{4}}\n  on the phone: .*\n", human
+    )
+    answer = json_out(smctl(address, "pair-phone", iid, "+5491122334455", "--json"))
+    assert len(answer["linking_code"]) == 8
+    assert answer["session"]["status"] == "qr_required"
+    linked = json_out(smctl(address, "sim", "scan", iid, "--json"))
+    assert (linked["status"], linked["phone_number"]) == ("connected", "+5491122334455")
+    refused = smctl(address, "pair-phone", iid, "+5491122334455", code=4)
+    assert "SESSION_ALREADY_CONNECTED" in refused.stderr
+    smctl(address, "pair-phone", iid, "not a phone", code=2)

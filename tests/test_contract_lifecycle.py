@@ -468,3 +468,48 @@ async def test_delete_session(harness: Harness) -> None:
     again = await _create(harness, "bye")  # the id can be used again, from scratch
     assert again.revision == 1
     assert again.status == s.SESSION_STATUS_INIT
+
+
+async def test_pair_phone_returns_a_linking_code_and_keeps_the_qr(harness: Harness) -> None:
+    await _create(harness, "code")
+    request = pb.PairPhoneRequest(instance_id="code", phone_number="+54 9 11 2233-4455")
+    first = await harness.sessions.PairPhone(request)
+    assert len(first.linking_code) == 8
+    assert set(first.linking_code) <= set("123456789ABCDEFGHJKLMNPQRSTVWXYZ")
+    assert (first.session.status, first.session.qr_status) == (
+        s.SESSION_STATUS_QR_REQUIRED,
+        s.QR_STATUS_GENERATED,
+    )
+    shown = await _qr(harness, "code")  # the QR code of the same pairing still works
+    assert shown.qr_string == first.session.qr_string
+    linked = await harness.simulator.ScanQR(sim.ScanQRRequest(instance_id="code"))
+    assert linked.session.phone_number == "+5491122334455"  # the phone that asked
+    await _fails(
+        harness.sessions.PairPhone(request),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "SESSION_ALREADY_CONNECTED",
+    )
+
+
+@pytest.mark.parametrize(
+    ("request_", "reason"),
+    [
+        (pb.PairPhoneRequest(instance_id="code", phone_number="12"), "INVALID_ARGUMENT"),
+        (
+            pb.PairPhoneRequest(instance_id="bad id", phone_number="+5491122334455"),
+            "INVALID_INSTANCE_ID",
+        ),
+        (
+            pb.PairPhoneRequest(instance_id="missing", phone_number="+5491122334455"),
+            "SESSION_NOT_FOUND",
+        ),
+    ],
+)
+async def test_pair_phone_rejects_bad_input_and_changes_nothing(
+    harness: Harness, request_: pb.PairPhoneRequest, reason: str
+) -> None:
+    await _create(harness, "code")
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await harness.sessions.PairPhone(request_)
+    assert error_info(failure.value).reason == reason
+    assert (await _get(harness, "code")).revision == 1

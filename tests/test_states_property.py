@@ -31,6 +31,13 @@ events = st.one_of(
         st.sampled_from([LOGOUT, NETWORK, TIMEOUT, UNKNOWN]),
     ),
     st.builds(lambda code: ("failed", code), st.sampled_from(["TEMPORARY_BAN", "CLIENT_OUTDATED"])),
+    st.builds(
+        lambda code: ("pairing_failed", code), st.sampled_from(["DIAL_FAILED", "WORKER_CRASHED"])
+    ),
+    st.builds(
+        lambda code: ("disconnected_code", code),
+        st.sampled_from(["STREAM_REPLACED", "WORKER_CRASHED"]),
+    ),
 )
 
 
@@ -47,6 +54,10 @@ def _event(kind: str, arg: object, session: states.Session, now: datetime) -> st
         return states.Connected(str(arg))
     if kind == "disconnected":
         return states.Disconnected(arg, "")  # type: ignore[arg-type]
+    if kind == "disconnected_code":
+        return states.Disconnected(UNKNOWN, "a cause", str(arg))
+    if kind == "pairing_failed":
+        return states.PairingFailed(str(arg), "pairing failed")
     return states.Failed(str(arg), "a fault")
 
 
