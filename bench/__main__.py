@@ -374,7 +374,10 @@ def write(figures: list[Figure], quick: bool, took: float) -> None:
         *(figure.row() for figure in figures),
         "",
     ]
-    RESULTS.write_text("\n".join(lines))
+    previous = RESULTS.read_text() if RESULTS.exists() else ""
+    workers = previous.find("## Engine workers")  # written by `python -m bench.workers`
+    kept = "\n" + previous[workers:] if workers >= 0 else ""
+    RESULTS.write_text("\n".join(lines) + kept)
 
 
 def main() -> int:
