@@ -82,7 +82,7 @@ def _launch(command: list[str]) -> Server:
 
 def real(database: Path, *flags: str) -> Server:
     return _launch(
-        [str(BIN / "session-manager"), "serve", "--address=127.0.0.1:0", f"--database={database}",
+        [str(BIN / "session-manager"), "serve", "--address=127.0.0.1:0", f"--database={database}", "--engine=simulated",
          "--log-level=warning", "--send-rate=0", "--qr-first-seconds=86400",
          "--max-watchers-per-session=100000", "--max-watchers=100000", *flags]
     )  # fmt: skip

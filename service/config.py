@@ -17,7 +17,7 @@ ENGINES = ("simulated", "simulated-worker", "whatsmeow")
 class Settings:
     address: str = "127.0.0.1:50051"
     database: Path = Path("data/sessions.db")
-    engine: str = "simulated"
+    engine: str = "whatsmeow"
     #: Where each session's WhatsApp credentials live; default: ``devices`` beside the database.
     devices_dir: Path | None = None
     dial_timeout: float = 30.0

@@ -8,7 +8,8 @@ and no test sleeps. ``start_harness`` starts another one on the same database
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -60,7 +61,24 @@ async def start_harness(settings: Settings, clock: ManualClock) -> Harness:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return replace(Settings(), address="127.0.0.1:0", database=tmp_path / "sessions.db")
+    return replace(
+        Settings(), address="127.0.0.1:0", database=tmp_path / "sessions.db", engine="simulated"
+    )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def simulated_by_default() -> Iterator[None]:
+    """Servers started as subprocesses run the simulated engine unless a test says otherwise.
+
+    This machine cannot reach WhatsApp; tests of the real engine pass ``--engine whatsmeow``.
+    """
+    previous = os.environ.get("SESSION_MANAGER_ENGINE")
+    os.environ["SESSION_MANAGER_ENGINE"] = "simulated"
+    yield
+    if previous is None:
+        del os.environ["SESSION_MANAGER_ENGINE"]
+    else:
+        os.environ["SESSION_MANAGER_ENGINE"] = previous
 
 
 @pytest.fixture

@@ -150,7 +150,12 @@ class Live:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         config = replace(
-            Settings(), address="127.0.0.1:0", database=database, send_rate=0, qr_first_seconds=3600
+            Settings(),
+            address="127.0.0.1:0",
+            database=database,
+            engine="simulated",
+            send_rate=0,
+            qr_first_seconds=3600,
         )
         self.running = self._run(start(config))
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.running.port}")
