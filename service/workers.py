@@ -318,8 +318,7 @@ class WorkerEngine:
     async def inject_fault(self, instance_id: str, fault: str) -> None:
         action = Action.ACTION_FAULT_PAIRING if fault == "pairing" else Action.ACTION_FAULT_SEND
         if fault == "pairing":
-            # The next pairing starts a new worker: the fault is armed by the spawn.
-            self._slot(instance_id).mode = "pair"
+            # The next pairing starts a new worker: the fault is armed when it spawns.
             self._pairing_faults.add(instance_id)
             return
         await self._phone(instance_id, Action(action=action))
@@ -489,19 +488,15 @@ class WorkerEngine:
 
     async def _exited(self, slot: _Slot, worker: _Worker, returncode: int) -> None:
         iid = slot.instance_id
+        if slot.paired:
+            slot.mode = "connect"  # whatever comes next reconnects the paired device
         if returncode == EXIT_DONE:
             log.info("worker finished", extra={"instance_id": iid})
-            if slot.mode == "pair" and not slot.paired:
-                return
-            if slot.paired:
-                slot.mode = "connect"
             return
         if returncode == EXIT_RETRY:
-            slot.mode = "connect" if slot.paired else slot.mode
-            delay = self._backoff(slot.retries)
-            slot.retries += 1
             if slot.paired:
-                self._schedule_restart(slot, delay)
+                self._schedule_restart(slot, self._backoff(slot.retries))
+                slot.retries += 1
             return
         code, message = self._exit_cause(worker)
         log.warning("%s: %s", code, message, extra={"instance_id": iid})
@@ -522,7 +517,6 @@ class WorkerEngine:
             return
         delay = self._backoff(len(slot.crashes) - 1)
         if slot.paired:
-            slot.mode = "connect"
             await self._report(
                 self.events.disconnected(iid, UNKNOWN, f"{message}; restarting it", code)
             )

@@ -212,7 +212,13 @@ async def test_a_frozen_worker_is_killed_and_replaced(workers: Harness) -> None:
 
 async def test_repeated_crashes_end_in_error(settings: Settings) -> None:
     harness = await start_harness(
-        replace(settings, engine="simulated-worker", worker_crash_limit=3), ManualClock()
+        replace(
+            settings,
+            engine="simulated-worker",
+            worker_crash_limit=3,
+            metrics_address="127.0.0.1:0",
+        ),
+        ManualClock(),
     )
     try:
         engine = _engine(harness)
@@ -226,6 +232,10 @@ async def test_repeated_crashes_end_in_error(settings: Settings) -> None:
         assert "3 times" in seen[-1].last_error_message
         await asyncio.sleep(1.0)
         assert "loop" not in engine.worker_pids()  # not restarted any more
+        metrics = harness.running.metrics
+        assert metrics is not None
+        restarts = metrics.registry.get_sample_value("sessionmanager_worker_restarts_total")
+        assert restarts == 2  # the third crash is not restarted
         # A new pairing is a fresh start.
         qr = await harness.sessions.RequestQR(pb.RequestQRRequest(instance_id="loop"))
         assert qr.session.status == s.SESSION_STATUS_QR_REQUIRED
