@@ -100,9 +100,7 @@ def _detail(session: Session) -> str:
     parts = []
     if session.HasField("phone_number"):
         parts.append(f"phone {session.phone_number}")
-    if status_of(session) in (SessionStatus.DISCONNECTED, SessionStatus.ERROR) and (
-        session.HasField("last_error_code") or session.HasField("last_error_message")
-    ):
+    if session.HasField("last_error_code") or session.HasField("last_error_message"):
         parts.append(f"{session.last_error_code}: {session.last_error_message}")
     return "".join(f"  {part}" for part in parts)
 
