@@ -51,8 +51,11 @@ class Outcome:
     reconnects: bool = False
     #: The worker's exit status after reporting, or ``None`` to keep running.
     ends: int | None = None
-    #: The device was unlinked: its credentials are worthless and are wiped.
-    wipe_credentials: bool = False
+
+    @property
+    def wipe_credentials(self) -> bool:
+        """The device was unlinked: its credentials are worthless (the supervisor wipes them)."""
+        return self.report == "disconnected" and self.reason == LOGOUT
 
 
 _LOGOUT_MESSAGES = {
@@ -71,7 +74,6 @@ def _logged_out(reason: str) -> Outcome:
         "LOGOUT",
         _LOGOUT_MESSAGES.get(reason, _LOGOUT_MESSAGES["UNKNOWN_LOGOUT"]),
         ends=EXIT_DONE,
-        wipe_credentials=True,
     )
 
 
@@ -213,11 +215,6 @@ def phone_from_jid_user(user: str) -> str:
     return "+" + user.split(":", 1)[0].split(".", 1)[0]
 
 
-def wipe_credentials(device_dir: Path) -> None:
-    for path in device_dir.glob(DEVICE_FILE + "*"):
-        path.unlink(missing_ok=True)
-
-
 class WhatsmeowEngine:
     """One session's whatsmeow client; ``Engine`` for a worker's only session."""
 
@@ -249,7 +246,6 @@ class WhatsmeowEngine:
     # Engine.
 
     async def start_pairing(self, instance_id: str) -> None:
-        wipe_credentials(self._device_dir)  # a new pairing is a new device
         await self._connect(instance_id, paired=False)
 
     async def restore(self, instance_id: str, phone_number: str | None) -> None:
@@ -290,10 +286,8 @@ class WhatsmeowEngine:
         try:
             if client is not None:
                 await self._call(client.logout)
-        except Exception as error:
+        except Exception as error:  # the supervisor wipes the credentials anyway
             raise EngineError("LOGOUT_FAILED", str(error)) from error
-        finally:
-            wipe_credentials(self._device_dir)
 
     async def close(self) -> None:
         client, self._stopping = self._client, True
@@ -387,8 +381,6 @@ class WhatsmeowEngine:
             if outcome.reconnects:
                 await self.events.reconnecting(iid)
             self._settle(EngineError(outcome.code, outcome.message))
-        if outcome.wipe_credentials:
-            wipe_credentials(self._device_dir)
         if outcome.ends is not None:
             self._stopping = True
             self._end(outcome.ends)

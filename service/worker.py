@@ -18,9 +18,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
 
@@ -51,7 +51,7 @@ def _die_with_parent(parent_pid: int) -> None:
 class PipeEvents:
     """``EngineEvents`` of the worker's engine: each report becomes a frame."""
 
-    def __init__(self, write: Any, clock: SystemClock) -> None:
+    def __init__(self, write: Callable[[Event], None], clock: SystemClock) -> None:
         self._write = write
         self._clock = clock
 

@@ -192,6 +192,7 @@ class WorkerEngine:
         await self._pair(slot)
 
     async def _pair(self, slot: _Slot) -> None:
+        self._wipe_credentials(slot.instance_id)  # a new pairing is a new device
         worker = await self._spawn(slot)
         try:
             reply = await self._dial(worker, Command(start_pairing=Command.StartPairing()))
@@ -279,7 +280,10 @@ class WorkerEngine:
                         await worker.call(Command(logout=Command.Logout()), 10.0)
                 await self._stop_worker(slot)
         finally:
-            shutil.rmtree(self.device_dir(instance_id), ignore_errors=True)
+            self._wipe_credentials(instance_id)
+
+    def _wipe_credentials(self, instance_id: str) -> None:
+        shutil.rmtree(self.device_dir(instance_id), ignore_errors=True)
 
     async def close(self) -> None:
         self._closed = True
@@ -316,12 +320,11 @@ class WorkerEngine:
         )
 
     async def inject_fault(self, instance_id: str, fault: str) -> None:
-        action = Action.ACTION_FAULT_PAIRING if fault == "pairing" else Action.ACTION_FAULT_SEND
         if fault == "pairing":
             # The next pairing starts a new worker: the fault is armed when it spawns.
             self._pairing_faults.add(instance_id)
             return
-        await self._phone(instance_id, Action(action=action))
+        await self._phone(instance_id, Action(action=Action.ACTION_FAULT_SEND))
 
     async def _phone(self, instance_id: str, action: Action) -> None:
         slot = self._slot(instance_id)
@@ -474,8 +477,9 @@ class WorkerEngine:
                 await events.connected(iid, event.connected.phone_number)
             elif kind == "disconnected":
                 d = event.disconnected
-                if d.reason == LOGOUT:
+                if d.reason == LOGOUT:  # unlinked: the stored device is worthless
                     slot.paired = False
+                    self._wipe_credentials(iid)
                 await events.disconnected(iid, d.reason, d.message, d.code or None)
             elif kind == "failed":
                 await events.failed(iid, event.failed.code, event.failed.message)

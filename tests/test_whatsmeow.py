@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -35,6 +34,7 @@ from sessionmanager.v1 import engine_service_pb2 as eng
 from sessionmanager.v1 import session_pb2 as s
 from sessionmanager.v1 import session_service_pb2 as pb
 from tests.conftest import Harness, start_harness
+from tests.processes import live_children
 from tests.status_details import error_info
 
 RECORDED = json.loads((Path(__file__).parent / "data" / "whatsmeow_events.json").read_text())
@@ -141,18 +141,8 @@ async def offline(offline_settings: Settings) -> AsyncIterator[Harness]:
         await harness.stop()
 
 
-def _live_children() -> set[int]:
-    found: set[int] = set()
-    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            with open(f"/proc/{child}/stat") as stat:
-                if stat.read().rsplit(")", 1)[1].split()[0] != "Z":
-                    found.add(int(child))
-    return found
-
-
 async def test_pairing_offline_fails_cleanly_and_says_why(offline: Harness) -> None:
-    before = _live_children()
+    before = live_children()
     await offline.sessions.CreateSession(pb.CreateSessionRequest(instance_id="offline"))
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         await offline.sessions.RequestQR(pb.RequestQRRequest(instance_id="offline"))
@@ -172,7 +162,7 @@ async def test_pairing_offline_fails_cleanly_and_says_why(offline: Harness) -> N
     engine = offline.running.engine
     assert isinstance(engine, WorkerEngine)
     assert engine.worker_pids() == {}
-    assert _live_children() <= before  # the worker is gone, not orphaned
+    assert live_children() <= before  # the worker is gone, not orphaned
 
     with pytest.raises(grpc.aio.AioRpcError) as code:
         await offline.sessions.PairPhone(
@@ -219,7 +209,7 @@ async def test_restoring_offline_retries_and_shows_the_dial_error(
     device_dir.mkdir(parents=True)
     (device_dir / "device.db").touch()  # the stored device of the paired session
 
-    before = _live_children()
+    before = live_children()
     harness = await start_harness(offline_settings, ManualClock())
     try:
         session = await _until_disconnected(harness, "restore")
@@ -230,7 +220,7 @@ async def test_restoring_offline_retries_and_shows_the_dial_error(
     finally:
         await harness.stop()
     await asyncio.sleep(0.2)
-    assert _live_children() <= before  # shutdown left no worker behind
+    assert live_children() <= before  # shutdown left no worker behind
 
 
 async def test_restoring_without_credentials_asks_for_a_new_qr(

@@ -30,6 +30,7 @@ from sessionmanager.v1 import session_service_pb2 as pb
 from sessionmanager.v1 import session_service_pb2_grpc
 from sessionmanager.v1 import simulator_service_pb2 as sim
 from tests.conftest import Harness, start_harness
+from tests.processes import alive, live_children
 from tests.status_details import error_info
 
 PHONE = "+5491122334455"
@@ -53,16 +54,6 @@ def _engine(h: Harness) -> WorkerEngine:
     engine = h.running.engine
     assert isinstance(engine, WorkerEngine)
     return engine
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (exited, not yet reaped) is not alive either.
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 async def _eventually(check: Callable[[], bool], within: float = 10.0) -> None:
@@ -113,7 +104,7 @@ async def test_a_session_lives_in_its_own_worker(workers: Harness) -> None:
     assert qr.qr_string.startswith("data:image/png;base64,")
     pid = engine.worker_pids()["own"]
     assert pid != os.getpid()
-    assert _alive(pid)
+    assert alive(pid)
     assert engine.device_dir("own").is_dir()
 
     scanned = await workers.simulator.ScanQR(
@@ -134,7 +125,7 @@ async def test_a_session_lives_in_its_own_worker(workers: Harness) -> None:
     disconnected = await workers.sessions.Disconnect(pb.DisconnectRequest(instance_id="own"))
     assert disconnected.session.last_error_code == "LOGOUT"
     assert "own" not in engine.worker_pids()
-    await _eventually(lambda: not _alive(pid))
+    await _eventually(lambda: not alive(pid))
     assert not engine.device_dir("own").exists()  # credentials are wiped on logout
 
 
@@ -162,7 +153,7 @@ async def test_killing_a_connected_worker(workers: Harness) -> None:
 
     new_pid = engine.worker_pids()["crash"]
     assert new_pid != pid
-    assert _alive(new_pid)
+    assert alive(new_pid)
     replay = await workers.sessions.Send(
         pb.SendRequest(instance_id="crash", to=PHONE, text="hola", idempotency_key=key)
     )
@@ -206,7 +197,7 @@ async def test_a_frozen_worker_is_killed_and_replaced(workers: Harness) -> None:
     )
     hung = next(x for x in seen if x.status == s.SESSION_STATUS_DISCONNECTED)
     assert hung.last_error_code == "WORKER_UNRESPONSIVE"
-    await _eventually(lambda: not _alive(pid))
+    await _eventually(lambda: not alive(pid))
     assert engine.worker_pids()["frozen"] != pid
 
 
@@ -254,7 +245,7 @@ async def test_restart_restores_connected_sessions_in_new_workers(
         old_pids = set(_engine(first).worker_pids().values())
     finally:
         await first.stop()
-    assert not any(_alive(pid) for pid in old_pids)  # shutdown stopped every worker
+    assert not any(alive(pid) for pid in old_pids)  # shutdown stopped every worker
 
     second = await start_harness(worker_settings, ManualClock())
     try:
@@ -275,7 +266,7 @@ async def test_delete_stops_the_worker_and_wipes_credentials(workers: Harness) -
     await _connected(workers, "gone")
     pid = engine.worker_pids()["gone"]
     await workers.sessions.DeleteSession(pb.DeleteSessionRequest(instance_id="gone"))
-    await _eventually(lambda: not _alive(pid))
+    await _eventually(lambda: not alive(pid))
     assert not engine.device_dir("gone").exists()
 
 
@@ -289,14 +280,6 @@ async def test_pair_phone_through_a_worker(workers: Harness) -> None:
     assert _status(paired.session) == (s.SESSION_STATUS_QR_REQUIRED, s.QR_STATUS_GENERATED)
     linked = await workers.simulator.ScanQR(sim.ScanQRRequest(instance_id="code"))
     assert linked.session.phone_number == PHONE  # the phone that asked for the code
-
-
-def _children(pid: int) -> set[int]:
-    found: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
-        found.update(int(child) for child in text)
-    return found
 
 
 async def test_no_worker_outlives_a_killed_server(tmp_path: Path) -> None:
@@ -320,11 +303,11 @@ async def test_no_worker_outlives_a_killed_server(tmp_path: Path) -> None:
             for iid in ("a", "b"):
                 await stub.CreateSession(pb.CreateSessionRequest(instance_id=iid))
                 await stub.RequestQR(pb.RequestQRRequest(instance_id=iid))
-        workers = _children(server.pid)
+        workers = live_children(server.pid)
         assert len(workers) == 2
         server.kill()  # SIGKILL: the server gets no chance to stop its workers
         await server.wait()
-        await _eventually(lambda: not any(_alive(pid) for pid in workers))
+        await _eventually(lambda: not any(alive(pid) for pid in workers))
     finally:
         if server.returncode is None:
             server.kill()
