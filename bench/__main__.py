@@ -31,9 +31,9 @@ from pathlib import Path
 import grpc
 
 from bench.bare import NOOP, PUBLISH, WATCH
-from service import store
-from service.qr import render_data_url
-from service.simulated import pairing_payload
+from service.domain.qr import render_data_url
+from service.engine.simulated import pairing_payload
+from service.store import store
 from sessionmanager.v1 import engine_service_pb2 as engine
 from sessionmanager.v1 import session_service_pb2 as pb
 from sessionmanager.v1 import simulator_service_pb2 as sim

@@ -1,7 +1,7 @@
 """``python -m bench.workers [--runs N]``: memory of engine workers, against a bare Python.
 
 Each session that pairs or is connected costs one worker process. This starts
-real workers the way the server does (``python -m service.worker``, driven
+real workers the way the server does (``python -m service.engine.worker``, driven
 over the worker protocol) and reads their resident memory (VmRSS) at rest:
 
 - a whatsmeow worker that has started and answered a heartbeat (neonize is
@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from service.worker_protocol import encode, read_frame
+from service.engine.protocol import encode, read_frame
 from sessionmanager.v1 import worker_pb2
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -73,7 +73,7 @@ async def worker(engine: str, device_dir: Path, dial: bool) -> float:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "service.worker",
+        "service.engine.worker",
         f"--engine={engine}",
         "--instance-id=bench",
         f"--device-dir={device_dir}",

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.auth import parse_tokens
+from service.api.auth import parse_tokens
 
 ENGINES = ("simulated", "simulated-worker", "whatsmeow")
 

@@ -13,17 +13,17 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service.auth import TokenInterceptor, Tokens
+from service.api.auth import TokenInterceptor, Tokens
+from service.api.metrics import Metrics, MetricsInterceptor
+from service.api.rpc import EngineService, SessionService, SimulatorService
 from service.clock import Clock, SystemClock
 from service.config import Settings, is_loopback
-from service.engine import Engine, Phone
-from service.limits import Limits
-from service.metrics import Metrics, MetricsInterceptor
-from service.rpc import EngineService, SessionService, SimulatorService
-from service.sessions import SessionManager
-from service.simulated import PairingTimes, SimulatedEngine
-from service.store import Store
-from service.workers import WorkerEngine, WorkerOptions
+from service.domain.limits import Limits
+from service.domain.sessions import SessionManager
+from service.engine.port import Engine, Phone
+from service.engine.simulated import PairingTimes, SimulatedEngine
+from service.engine.supervisor import WorkerEngine, WorkerOptions
+from service.store.sqlite import Store
 from sessionmanager.v1 import (
     engine_service_pb2,
     engine_service_pb2_grpc,

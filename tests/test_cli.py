@@ -19,7 +19,7 @@ import qrcode.constants
 import zxingcpp
 
 from client import terminal_qr
-from service.simulated import pairing_payload
+from service.engine.simulated import pairing_payload
 
 BIN = Path(sys.executable).parent
 SMCTL = str(BIN / "smctl")
@@ -90,7 +90,7 @@ def decode(lines: list[str]) -> str:
 
 
 def qrcode_matrix(payload: str) -> list[list[bool]]:
-    code = qrcode.QRCode(  # as service.qr renders it
+    code = qrcode.QRCode(  # as service.domain.qr renders it
         error_correction=qrcode.constants.ERROR_CORRECT_M, border=0, mask_pattern=0
     )
     code.add_data(payload)

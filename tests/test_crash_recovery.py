@@ -23,7 +23,8 @@ from pathlib import Path
 
 import grpc
 
-from service import states, store
+from service.domain import states
+from service.store import sqlite as store
 from sessionmanager.v1 import session_service_pb2 as pb
 from sessionmanager.v1 import session_service_pb2_grpc, simulator_service_pb2_grpc
 from sessionmanager.v1 import simulator_service_pb2 as sim

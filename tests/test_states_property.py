@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service import errors, states
-from service.contract import LOGOUT, NETWORK, TIMEOUT, UNKNOWN
+from service.domain import errors, states
+from service.domain.contract import LOGOUT, NETWORK, TIMEOUT, UNKNOWN
 
 START = datetime(2026, 1, 4, 12, tzinfo=UTC)
 PNG = "data:image/png;base64,iVBORw0KGgo="

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service import store
+from service.store import sqlite as store
 
 INSERT = (
     "INSERT INTO ll_whatsapp_qr_sessions (instance_id, status, qr_status, qr_string, "

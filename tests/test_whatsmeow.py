@@ -26,10 +26,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from service.clock import ManualClock
 from service.config import Settings
-from service.contract import LOGOUT, NETWORK, TIMEOUT, UNKNOWN
-from service.whatsmeow import map_event, phone_from_jid_user
-from service.worker_protocol import EXIT_DONE, EXIT_RETRY
-from service.workers import WorkerEngine
+from service.domain.contract import LOGOUT, NETWORK, TIMEOUT, UNKNOWN
+from service.engine.protocol import EXIT_DONE, EXIT_RETRY
+from service.engine.supervisor import WorkerEngine
+from service.engine.whatsmeow import map_event, phone_from_jid_user
 from sessionmanager.v1 import engine_service_pb2 as eng
 from sessionmanager.v1 import session_pb2 as s
 from sessionmanager.v1 import session_service_pb2 as pb

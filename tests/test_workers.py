@@ -24,7 +24,7 @@ import pytest
 
 from service.clock import ManualClock
 from service.config import Settings
-from service.workers import WorkerEngine
+from service.engine.supervisor import WorkerEngine
 from sessionmanager.v1 import session_pb2 as s
 from sessionmanager.v1 import session_service_pb2 as pb
 from sessionmanager.v1 import session_service_pb2_grpc

@@ -2,7 +2,7 @@
 
 ``WorkerEngine`` is the server's ``Engine`` when sessions run out of process
 (``--engine whatsmeow``, or ``--engine simulated-worker``). Each session that
-pairs or is connected gets one worker (``service.worker``); the supervisor
+pairs or is connected gets one worker (``service.engine.worker``); the supervisor
 relays the worker's reports to the Session Manager in order, answers for it
 when it crashes, hangs or cannot dial, and restarts it:
 
@@ -39,12 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from service import errors
+from service.api.metrics import Metrics
 from service.clock import Clock
-from service.contract import LOGOUT, NETWORK, TIMEOUT, UNKNOWN
-from service.engine import EngineError, EngineEvents
-from service.metrics import Metrics
-from service.worker_protocol import EXIT_DONE, EXIT_RETRY, ProtocolError, encode, read_frame
+from service.domain import errors
+from service.domain.contract import LOGOUT, NETWORK, TIMEOUT, UNKNOWN
+from service.engine.port import EngineError, EngineEvents
+from service.engine.protocol import EXIT_DONE, EXIT_RETRY, ProtocolError, encode, read_frame
 from sessionmanager.v1 import session_pb2, worker_pb2
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class WorkerOptions:
     crash_limit: int = 5
     crash_window: float = 300.0
     log_level: str = "info"
-    #: More arguments for ``service.worker`` (the simulated engine's QR timing).
+    #: More arguments for ``service.engine.worker`` (the simulated engine's QR timing).
     worker_args: tuple[str, ...] = ()
 
 
@@ -377,7 +377,7 @@ class WorkerEngine:
         device_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         args = [
             "-m",
-            "service.worker",
+            "service.engine.worker",
             "--engine",
             options.engine,
             "--instance-id",

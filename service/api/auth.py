@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from service import errors
+from service.domain import errors
 from sessionmanager.v1 import session_pb2
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Protocol
 
-from service.contract import DisconnectReason
+from service.domain.contract import DisconnectReason
 
 
 class EngineError(Exception):

@@ -12,8 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from datetime import datetime
 
-from service import errors
-from service.contract import (
+from service.domain import errors
+from service.domain.contract import (
     CONNECTED,
     CONNECTING,
     DISCONNECTED,

@@ -11,7 +11,7 @@ import binascii
 import re
 from collections.abc import Set as AbstractSet
 
-from service import errors
+from service.domain import errors
 from sessionmanager.v1 import session_pb2
 
 INSTANCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")

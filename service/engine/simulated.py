@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from service.clock import Clock
-from service.contract import LOGOUT, NETWORK
-from service.engine import EngineError, EngineEvents
+from service.domain.contract import LOGOUT, NETWORK
+from service.engine.port import EngineError, EngineEvents
 
 log = logging.getLogger(__name__)
 

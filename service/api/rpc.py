@@ -15,12 +15,12 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import timestamp_pb2
 
-from service import errors, validation
-from service.contract import Status
-from service.engine import Phone
-from service.sessions import SendResult, SessionManager
-from service.states import Session
-from service.watch import WatchClosed
+from service.domain import errors, validation
+from service.domain.contract import Status
+from service.domain.sessions import SendResult, SessionManager
+from service.domain.states import Session
+from service.domain.watch import WatchClosed
+from service.engine.port import Phone
 from sessionmanager.v1 import (
     engine_service_pb2 as engine_pb,
 )

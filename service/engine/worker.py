@@ -1,6 +1,6 @@
 """An engine worker: one session's WhatsApp connection in a process of its own.
 
-The Session Manager starts it (``python -m service.worker``) and talks to it
+The Session Manager starts it (``python -m service.engine.worker``) and talks to it
 over the worker protocol (``worker_protocol``): commands on standard input,
 reports and replies on standard output. Anything else the engine prints goes
 to standard error, which the server logs. The worker dies with its parent,
@@ -25,13 +25,13 @@ from pathlib import Path
 from google.protobuf.duration_pb2 import Duration
 
 from service.clock import SystemClock
-from service.contract import DisconnectReason
-from service.engine import Engine, EngineError
-from service.simulated import PairingTimes, SimulatedEngine
-from service.worker_protocol import EXIT_DONE, ProtocolError, encode, read_frame
+from service.domain.contract import DisconnectReason
+from service.engine.port import Engine, EngineError
+from service.engine.protocol import EXIT_DONE, ProtocolError, encode, read_frame
+from service.engine.simulated import PairingTimes, SimulatedEngine
 from sessionmanager.v1 import worker_pb2
 
-log = logging.getLogger("service.worker")
+log = logging.getLogger("service.engine.worker")
 
 Command = worker_pb2.WorkerCommand
 Event = worker_pb2.WorkerEvent
@@ -99,7 +99,7 @@ class Worker:
 
     def _engine(self, args: argparse.Namespace, clock: SystemClock) -> Engine:
         if args.engine == "whatsmeow":
-            from service.whatsmeow import WhatsmeowEngine
+            from service.engine.whatsmeow import WhatsmeowEngine
 
             return WhatsmeowEngine(Path(args.device_dir), clock, self.end)
         times = PairingTimes(first=args.qr_first, rotation=args.qr_rotation, codes=args.qr_codes)
@@ -197,7 +197,7 @@ class Worker:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m service.worker")
+    parser = argparse.ArgumentParser(prog="python -m service.engine.worker")
     parser.add_argument("--engine", choices=("whatsmeow", "simulated"), required=True)
     parser.add_argument("--instance-id", required=True)
     parser.add_argument("--device-dir", required=True)

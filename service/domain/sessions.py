@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-from service import errors, states
+from service.api.metrics import Metrics, count_statuses
 from service.clock import Clock
-from service.contract import (
+from service.domain import errors, states
+from service.domain.contract import (
     CONNECTED,
     CONNECTING,
     DISCONNECTED,
@@ -37,13 +38,12 @@ from service.contract import (
     qr_status_text,
     status_text,
 )
-from service.engine import Engine, EngineError
-from service.limits import Limits, SendRate
-from service.metrics import Metrics, count_statuses
-from service.qr import render_data_url
-from service.states import Session
-from service.store import Message, Store
-from service.watch import WatchClosed, Watcher, WatchHub
+from service.domain.limits import Limits, SendRate
+from service.domain.qr import render_data_url
+from service.domain.states import Session
+from service.domain.watch import WatchClosed, Watcher, WatchHub
+from service.engine.port import Engine, EngineError
+from service.store.sqlite import Message, Store
 from sessionmanager.v1 import session_pb2
 
 log = logging.getLogger(__name__)

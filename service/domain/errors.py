@@ -1,8 +1,9 @@
-"""Contract errors and their mapping to gRPC status (AIP-193).
+"""Contract errors and their mapping to gRPC and HTTP status (AIP-193).
 
-Every error leaves the service as a gRPC status code with exactly one
-``google.rpc.ErrorInfo`` whose ``reason`` is the contract code. This module is
-the only place that knows the mapping.
+Every error leaves the service as a gRPC status code (or, over HTTP, a status
+of the same meaning) with exactly one ``google.rpc.ErrorInfo`` whose
+``reason`` is the contract code. This module is the only place that knows the
+mapping.
 """
 
 from __future__ import annotations
@@ -11,26 +12,27 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from service.contract import Reason, Status, reason_code, status_text
+from service.domain.contract import Reason, Status, reason_code, status_text
 from sessionmanager.v1 import session_pb2
 
 DOMAIN = "sessionmanager.v1"
 
-_GRPC_CODE: dict[Reason, grpc.StatusCode] = {
-    session_pb2.ERROR_REASON_SESSION_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    session_pb2.ERROR_REASON_INVALID_INSTANCE_ID: grpc.StatusCode.INVALID_ARGUMENT,
-    session_pb2.ERROR_REASON_INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
-    session_pb2.ERROR_REASON_SESSION_ALREADY_CONNECTED: grpc.StatusCode.FAILED_PRECONDITION,
-    session_pb2.ERROR_REASON_SESSION_NOT_CONNECTED: grpc.StatusCode.FAILED_PRECONDITION,
-    session_pb2.ERROR_REASON_QR_NOT_AVAILABLE: grpc.StatusCode.FAILED_PRECONDITION,
-    session_pb2.ERROR_REASON_QR_GENERATION_FAILED: grpc.StatusCode.INTERNAL,
-    session_pb2.ERROR_REASON_SESSION_MANAGER_ERROR: grpc.StatusCode.INTERNAL,
-    session_pb2.ERROR_REASON_WHATSAPP_ERROR: grpc.StatusCode.UNAVAILABLE,
-    session_pb2.ERROR_REASON_SESSION_ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
-    session_pb2.ERROR_REASON_INVALID_TRANSITION: grpc.StatusCode.FAILED_PRECONDITION,
-    session_pb2.ERROR_REASON_UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
-    session_pb2.ERROR_REASON_PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
-    session_pb2.ERROR_REASON_LIMIT_EXCEEDED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+#: Each reason's gRPC status code and its HTTP equivalent (CONTRACT.md, Errors).
+_STATUS: dict[Reason, tuple[grpc.StatusCode, int]] = {
+    session_pb2.ERROR_REASON_SESSION_NOT_FOUND: (grpc.StatusCode.NOT_FOUND, 404),
+    session_pb2.ERROR_REASON_INVALID_INSTANCE_ID: (grpc.StatusCode.INVALID_ARGUMENT, 400),
+    session_pb2.ERROR_REASON_INVALID_ARGUMENT: (grpc.StatusCode.INVALID_ARGUMENT, 400),
+    session_pb2.ERROR_REASON_SESSION_ALREADY_CONNECTED: (grpc.StatusCode.FAILED_PRECONDITION, 409),
+    session_pb2.ERROR_REASON_SESSION_NOT_CONNECTED: (grpc.StatusCode.FAILED_PRECONDITION, 409),
+    session_pb2.ERROR_REASON_QR_NOT_AVAILABLE: (grpc.StatusCode.FAILED_PRECONDITION, 409),
+    session_pb2.ERROR_REASON_QR_GENERATION_FAILED: (grpc.StatusCode.INTERNAL, 500),
+    session_pb2.ERROR_REASON_SESSION_MANAGER_ERROR: (grpc.StatusCode.INTERNAL, 500),
+    session_pb2.ERROR_REASON_WHATSAPP_ERROR: (grpc.StatusCode.UNAVAILABLE, 502),
+    session_pb2.ERROR_REASON_SESSION_ALREADY_EXISTS: (grpc.StatusCode.ALREADY_EXISTS, 409),
+    session_pb2.ERROR_REASON_INVALID_TRANSITION: (grpc.StatusCode.FAILED_PRECONDITION, 409),
+    session_pb2.ERROR_REASON_UNAUTHENTICATED: (grpc.StatusCode.UNAUTHENTICATED, 401),
+    session_pb2.ERROR_REASON_PERMISSION_DENIED: (grpc.StatusCode.PERMISSION_DENIED, 403),
+    session_pb2.ERROR_REASON_LIMIT_EXCEEDED: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
 }
 
 
@@ -52,7 +54,11 @@ class ContractError(Exception):
 
     @property
     def grpc_code(self) -> grpc.StatusCode:
-        return _GRPC_CODE[self.reason]
+        return _STATUS[self.reason][0]
+
+    @property
+    def http_status(self) -> int:
+        return _STATUS[self.reason][1]
 
     def __repr__(self) -> str:
         return f"ContractError({self.code}, {self.message!r}, {self.metadata!r})"

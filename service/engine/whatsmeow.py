@@ -1,6 +1,6 @@
 """The real engine: whatsmeow through neonize, for one session, inside a worker.
 
-This module runs only in an engine worker process (``service.worker``), never
+This module runs only in an engine worker process (``service.engine.worker``), never
 in the server: neonize can kill or hang the process it lives in. neonize is
 imported when the first connection starts, not when this module is imported,
 so the event mapping below can be tested without it.
@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from service.clock import Clock
-from service.contract import LOGOUT, NETWORK, TIMEOUT, UNKNOWN, DisconnectReason
-from service.engine import EngineError, EngineEvents
-from service.worker_protocol import EXIT_DONE, EXIT_RETRY
+from service.domain.contract import LOGOUT, NETWORK, TIMEOUT, UNKNOWN, DisconnectReason
+from service.engine.port import EngineError, EngineEvents
+from service.engine.protocol import EXIT_DONE, EXIT_RETRY
 
 log = logging.getLogger(__name__)
 

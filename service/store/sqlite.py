@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from service.contract import (
+from service.domain.contract import (
     MESSAGE_STATUS_TEXTS,
     QR_STATUS_TEXTS,
     STATUS_TEXTS,
@@ -33,7 +33,7 @@ from service.contract import (
     status_from_text,
     status_text,
 )
-from service.states import Session
+from service.domain.states import Session
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The transports: gRPC servicers, access control, metrics."""

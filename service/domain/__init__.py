@@ -1,0 +1,1 @@
+"""The domain: the contract's enums and errors, the state machine, sessions, watchers."""

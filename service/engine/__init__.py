@@ -1,0 +1,1 @@
+"""WhatsApp engines: the port, the simulated phone, whatsmeow, and worker processes."""
