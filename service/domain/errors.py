@@ -33,6 +33,7 @@ _STATUS: dict[Reason, tuple[grpc.StatusCode, int]] = {
     session_pb2.ERROR_REASON_UNAUTHENTICATED: (grpc.StatusCode.UNAUTHENTICATED, 401),
     session_pb2.ERROR_REASON_PERMISSION_DENIED: (grpc.StatusCode.PERMISSION_DENIED, 403),
     session_pb2.ERROR_REASON_LIMIT_EXCEEDED: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    session_pb2.ERROR_REASON_STORAGE_UNAVAILABLE: (grpc.StatusCode.UNAVAILABLE, 503),
 }
 
 

@@ -34,6 +34,7 @@ from service.domain.contract import (
     status_text,
 )
 from service.domain.states import Session
+from service.store import failures
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,7 @@ class Store:
             await db.execute("PRAGMA synchronous = FULL")
             await db.execute("PRAGMA foreign_keys = ON")
             await db.execute("PRAGMA busy_timeout = 5000")
+            await failures.quick_check(db)
             await _migrate(db)
         except BaseException:
             await db.close()
@@ -266,7 +268,7 @@ class Store:
                 for job in batch:
                     await self._commit([job])
             elif not batch[0].done.done():
-                batch[0].done.set_exception(error)
+                batch[0].done.set_exception(failures.for_caller(error))
             return
         for job, result in zip(batch, results, strict=True):
             if not job.done.done():
