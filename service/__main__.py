@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line and exit code 2, like a bad setting."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(ExitCode.BAD_SETTING, f"{self.prog}: {message} (see --help)\n")
+        self.exit(ExitCode.BAD_SETTING, f"session-manager: {message} (see --help)\n")
 
 
 def _fail(code: ExitCode, message: str) -> int:

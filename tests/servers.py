@@ -53,7 +53,7 @@ class ServerProcess:
         env: Mapping[str, str] | None = None,
         timeout: float = 30.0,
     ) -> ServerProcess:
-        stderr = tempfile.TemporaryFile("w+")
+        stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed by close()
         process = subprocess.Popen(
             command(database, *args),
             stdout=subprocess.PIPE,
@@ -63,14 +63,14 @@ class ServerProcess:
         )
         try:
             port = _wait_for_port(process, timeout)
-        except BaseException:
+        except (TimeoutError, EOFError) as error:
             if process.poll() is None:
                 process.kill()
             process.wait(10)
             stderr.seek(0)
             said = stderr.read()
             stderr.close()
-            raise AssertionError(f"the server did not start: {said[-2000:]}") from None
+            raise AssertionError(f"the server did not start ({error}): {said[-2000:]}") from None
         return cls(process, port, stderr)
 
     @property

@@ -61,7 +61,7 @@ def cause_of(error: BaseException) -> Cause | None:
 def storage_unavailable(cause: Cause, detail: str) -> ContractError:
     return ContractError(
         session_pb2.ERROR_REASON_STORAGE_UNAVAILABLE,
-        f"the change could not be stored: {_MEANING[cause]} ({detail}); nothing was changed",
+        f"the database is unavailable: {_MEANING[cause]} ({detail}); nothing was changed",
         cause=cause.value,
     )
 
