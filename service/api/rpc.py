@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeVar
 
 import grpc
@@ -249,7 +249,8 @@ class EngineService(engine_service_pb2_grpc.EngineServiceServicer):
         code = validation.pairing_code(request.code, iid)
         if not request.HasField("expires_at"):
             raise errors.invalid_argument("expires_at", "expires_at is required", iid)
-        session = await self._manager.qr_code(iid, code, request.expires_at.ToDatetime(tzinfo=UTC))
+        expires_at = validation.timestamp(request.expires_at, "expires_at", iid)
+        session = await self._manager.qr_code(iid, code, expires_at)
         return engine_pb.ReportQRCodeResponse(session=session_message(session))
 
     @unary
