@@ -125,6 +125,15 @@ class LimitExceededError(SessionManagerClientError):
         return self.metadata.get("limit")
 
 
+class StorageUnavailableError(SessionManagerClientError):
+    """STORAGE_UNAVAILABLE (UNAVAILABLE, 503): nothing was changed; ``cause`` says why."""
+
+    @property
+    def cause(self) -> str | None:
+        """``disk_full``, ``locked``, ``corrupt``, ``read_only`` or ``io_error``."""
+        return self.metadata.get("cause")
+
+
 class SessionManagerTimeoutError(SessionManagerClientError):
     """The call's deadline passed (DEADLINE_EXCEEDED)."""
 
@@ -149,6 +158,7 @@ REASONS: dict[str, type[SessionManagerClientError]] = {
     "UNAUTHENTICATED": UnauthenticatedError,
     "PERMISSION_DENIED": PermissionDeniedError,
     "LIMIT_EXCEEDED": LimitExceededError,
+    "STORAGE_UNAVAILABLE": StorageUnavailableError,
 }
 
 #: Failures that carry no ErrorInfo, by gRPC code.
