@@ -14,10 +14,7 @@ import asyncio
 import contextlib
 import os
 import random
-import signal
 import sqlite3
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +25,7 @@ from service.store import sqlite as store
 from sessionmanager.v1 import session_service_pb2 as pb
 from sessionmanager.v1 import session_service_pb2_grpc, simulator_service_pb2_grpc
 from sessionmanager.v1 import simulator_service_pb2 as sim
+from tests.servers import ServerProcess
 
 TRIALS = int(os.environ.get("CRASH_TRIALS", "20"))
 WORKERS = 6
@@ -45,23 +43,8 @@ class Acknowledged:
     changes: int = 0
 
 
-def _start(database: Path) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "session-manager"),
-            "serve",
-            "--address=127.0.0.1:0",
-            f"--database={database}",
-            "--send-rate=0",
-            "--log-level=error",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    assert line.startswith("session-manager listening on port"), line
-    return process, f"127.0.0.1:{line.rsplit(' ', 1)[1].strip()}"
+def _start(database: Path) -> ServerProcess:
+    return ServerProcess.start(database, "--send-rate=0", "--log-level=error")
 
 
 async def _worker(worker: int, address: str, acked: Acknowledged, rng: random.Random) -> None:
@@ -138,17 +121,14 @@ async def _worker(worker: int, address: str, acked: Acknowledged, rng: random.Ra
             acked.changes += 1
 
 
-async def _load_until_killed(
-    address: str, process: subprocess.Popen[str], rng: random.Random
-) -> Acknowledged:
+async def _load_until_killed(server: ServerProcess, rng: random.Random) -> Acknowledged:
     acked = Acknowledged()
     tasks = [
-        asyncio.create_task(_worker(n, address, acked, random.Random(rng.random())))
+        asyncio.create_task(_worker(n, server.address, acked, random.Random(rng.random())))
         for n in range(WORKERS)
     ]
     await asyncio.sleep(rng.uniform(0.2, 1.2))
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    server.kill()
     for task in tasks:
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
             await task
@@ -201,11 +181,10 @@ async def test_sigkill_under_load_loses_nothing_acknowledged(tmp_path: Path) -> 
     checked = failures = 0
     for trial in range(TRIALS):
         database = tmp_path / f"trial-{trial}.db"
-        process, address = _start(database)
-        acked = await _load_until_killed(address, process, rng)
-        restarted, _ = _start(database)  # the restart itself must succeed on the file
-        restarted.send_signal(signal.SIGTERM)
-        assert restarted.wait(timeout=30) == 0
+        with _start(database) as server:
+            acked = await _load_until_killed(server, rng)
+        with _start(database) as restarted:  # the restart itself must succeed on the file
+            assert restarted.stop() == 0
         problems = _check(database, acked)
         checked += acked.changes
         failures += len(problems)

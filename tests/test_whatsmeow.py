@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import timedelta
@@ -219,8 +220,10 @@ async def test_restoring_offline_retries_and_shows_the_dial_error(
         assert (device_dir / "device.db").exists()  # a failed dial keeps the credentials
     finally:
         await harness.stop()
-    await asyncio.sleep(0.2)
-    assert live_children() <= before  # shutdown left no worker behind
+    deadline = time.monotonic() + 10
+    while not live_children() <= before:  # shutdown leaves no worker behind
+        assert time.monotonic() < deadline, live_children() - before
+        await asyncio.sleep(0.05)
 
 
 async def test_restoring_without_credentials_asks_for_a_new_qr(
