@@ -158,6 +158,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A limit was reached, e.g. the session's send rate or the number of watchers;
     `metadata.limit` names it and a `google.rpc.RetryInfo` says when to retry (RESOURCE_EXHAUSTED, 429).
     """
+    ERROR_REASON_MESSAGE_OUTCOME_UNKNOWN: _ErrorReason.ValueType  # 16
+    """The message was handed to the engine but whether WhatsApp accepted it is not
+    known; it is not sent again by itself, and a repeat of its idempotency key
+    answers the same; `metadata.message_id` names it (UNKNOWN, 500).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists the contract's error codes. Every error the service
@@ -197,6 +202,11 @@ ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 13
 ERROR_REASON_LIMIT_EXCEEDED: ErrorReason.ValueType  # 14
 """A limit was reached, e.g. the session's send rate or the number of watchers;
 `metadata.limit` names it and a `google.rpc.RetryInfo` says when to retry (RESOURCE_EXHAUSTED, 429).
+"""
+ERROR_REASON_MESSAGE_OUTCOME_UNKNOWN: ErrorReason.ValueType  # 16
+"""The message was handed to the engine but whether WhatsApp accepted it is not
+known; it is not sent again by itself, and a repeat of its idempotency key
+answers the same; `metadata.message_id` names it (UNKNOWN, 500).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
