@@ -125,6 +125,18 @@ class LimitExceededError(SessionManagerClientError):
         return self.metadata.get("limit")
 
 
+class MessageOutcomeUnknownError(SessionManagerClientError):
+    """MESSAGE_OUTCOME_UNKNOWN (UNKNOWN, 500): WhatsApp may or may not have the message.
+
+    It is never sent again by itself; ``message_id`` names it. Do not send it
+    again without its idempotency key.
+    """
+
+    @property
+    def message_id(self) -> str | None:
+        return self.metadata.get("message_id")
+
+
 class StorageUnavailableError(SessionManagerClientError):
     """STORAGE_UNAVAILABLE (UNAVAILABLE, 503): nothing was changed; ``cause`` says why."""
 
@@ -158,6 +170,7 @@ REASONS: dict[str, type[SessionManagerClientError]] = {
     "UNAUTHENTICATED": UnauthenticatedError,
     "PERMISSION_DENIED": PermissionDeniedError,
     "LIMIT_EXCEEDED": LimitExceededError,
+    "MESSAGE_OUTCOME_UNKNOWN": MessageOutcomeUnknownError,
     "STORAGE_UNAVAILABLE": StorageUnavailableError,
 }
 

@@ -20,9 +20,11 @@ from service.clock import Clock, SystemClock
 from service.config import Settings, is_loopback
 from service.domain.limits import Limits
 from service.domain.sessions import SessionManager
-from service.engine.port import Engine, Phone
+from service.engine.phone import WorkerPhone
+from service.engine.port import Engine, EngineFactory, Phone
 from service.engine.simulated import PairingTimes, SimulatedEngine
 from service.engine.supervisor import WorkerEngine, WorkerOptions
+from service.faults import FaultPoints
 from service.startup import (
     ExitCode,
     StartupError,
@@ -114,9 +116,7 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
-def build_engine(
-    settings: Settings, clock: Clock, metrics: Metrics | None = None
-) -> SimulatedEngine | WorkerEngine:
+def build_engine(settings: Settings, clock: Clock) -> EngineFactory:
     """The engine ``--engine`` names: in process (simulated) or in worker processes."""
     if settings.engine == "simulated":
         times = PairingTimes(
@@ -124,7 +124,7 @@ def build_engine(
             rotation=settings.qr_rotation_seconds,
             codes=settings.qr_codes,
         )
-        return SimulatedEngine(clock, times)
+        return lambda report: SimulatedEngine(report, clock, times)
     simulated = settings.engine == "simulated-worker"
     worker_args = (
         (
@@ -145,12 +145,16 @@ def build_engine(
         log_level=settings.log_level,
         worker_args=worker_args,
     )
-    return WorkerEngine(options, clock, metrics)
+    return lambda report: WorkerEngine(options, report, clock)
 
 
-def simulated_phone(engine: SimulatedEngine | WorkerEngine, settings: Settings) -> Phone | None:
+def simulated_phone(engine: Engine) -> Phone | None:
     """What ``SimulatorService`` drives, when the engine is simulated."""
-    return engine if settings.engine in ("simulated", "simulated-worker") else None
+    if isinstance(engine, SimulatedEngine):
+        return engine
+    if isinstance(engine, WorkerEngine) and engine.options.engine == "simulated":
+        return WorkerPhone(engine)
+    return None
 
 
 async def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
@@ -175,8 +179,8 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
     except Exception as error:
         ownership.release()
         raise database_failure(settings.database, error) or error from error
+    store.faults = FaultPoints.from_environment()
     metrics = Metrics() if settings.metrics_address else None
-    engine = build_engine(settings, clock, metrics)
     limits = Limits(
         send_rate=settings.send_rate,
         send_burst=settings.send_burst,
@@ -184,8 +188,16 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         watchers_total=settings.max_watchers,
     )
     manager = SessionManager(
-        store, engine, clock, qr_timeout=settings.qr_timeout, limits=limits, metrics=metrics
+        store,
+        build_engine(settings, clock),
+        clock,
+        qr_timeout=settings.qr_timeout,
+        limits=limits,
+        metrics=metrics,
     )
+    engine = manager.engine
+    if metrics is not None and isinstance(engine, WorkerEngine):
+        engine.on_restart = metrics.worker_restarts.inc
     server: grpc.aio.Server | None = None
     try:
         await manager.start()
@@ -200,7 +212,7 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         )
         engine_service_pb2_grpc.add_EngineServiceServicer_to_server(EngineService(manager), server)
         services = [SESSION_SERVICE, ENGINE_SERVICE]
-        phone = simulated_phone(engine, settings)
+        phone = simulated_phone(engine)
         if phone is not None:
             simulator_service_pb2_grpc.add_SimulatorServiceServicer_to_server(
                 SimulatorService(manager, phone), server

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -20,5 +21,6 @@ def live_children(pid: int | None = None) -> set[int]:
     """The running children of ``pid`` (default: this process)."""
     found: set[int] = set()
     for task in Path(f"/proc/{pid or os.getpid()}/task").iterdir():
-        found.update(int(child) for child in (task / "children").read_text().split())
+        with contextlib.suppress(FileNotFoundError):  # the thread ended meanwhile
+            found.update(int(child) for child in (task / "children").read_text().split())
     return {child for child in found if alive(child)}

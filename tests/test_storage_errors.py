@@ -40,7 +40,7 @@ async def _refused_create(harness: Harness, instance_id: str) -> dict[str, str]:
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
     info = error_info(refused.value)
     assert info.reason == "STORAGE_UNAVAILABLE"
-    assert "nothing was changed" in (refused.value.details() or "")
+    assert (refused.value.details() or "").startswith("the database is unavailable: ")
     return dict(info.metadata)
 
 
@@ -137,9 +137,10 @@ def test_real_sqlite_errors_are_classified(
         database.write_bytes(b"not a database at all\n" * 300)
     error = _error_of(action, database)
     assert failures.cause_of(error) == cause
-    contract = failures.for_caller(error)
-    assert contract is not error
-    assert getattr(contract, "metadata", None) == {"cause": cause.value}
+    contract = failures.storage_unavailable(error)
+    assert contract is not None
+    assert contract.code == "STORAGE_UNAVAILABLE"
+    assert contract.metadata == {"cause": cause.value}
 
 
 def test_errors_that_are_not_storage_failures_pass_unchanged(database: Path) -> None:
@@ -148,6 +149,8 @@ def test_errors_that_are_not_storage_failures_pass_unchanged(database: Path) -> 
         db.execute("INSERT INTO t VALUES ('same')")
         with pytest.raises(sqlite3.IntegrityError) as duplicate:
             db.execute("INSERT INTO t VALUES ('same')")
-    assert failures.for_caller(duplicate.value) is duplicate.value
-    stale = RuntimeError("not a database error")
-    assert failures.for_caller(stale) is stale
+    assert failures.storage_unavailable(duplicate.value) is None
+    assert failures.storage_unavailable(RuntimeError("database or disk is full")) is None
+    # Raised by Python code, without a result code: known by SQLite's message.
+    raised = sqlite3.OperationalError("database or disk is full")
+    assert failures.cause_of(raised) == failures.Cause.DISK_FULL

@@ -28,8 +28,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from service.clock import ManualClock
 from service.config import Settings
 from service.domain.contract import LOGOUT, NETWORK, TIMEOUT, UNKNOWN
+from service.domain.states import SessionRef
 from service.engine.protocol import EXIT_DONE, EXIT_RETRY
 from service.engine.supervisor import WorkerEngine
+from service.engine.supervisor import device_dir as device_dir_of
 from service.engine.whatsmeow import map_event, phone_from_jid_user
 from sessionmanager.v1 import engine_service_pb2 as eng
 from sessionmanager.v1 import session_pb2 as s
@@ -172,7 +174,7 @@ async def test_pairing_offline_fails_cleanly_and_says_why(offline: Harness) -> N
     assert error_info(code.value).reason == "QR_GENERATION_FAILED"
 
 
-async def _paired_before_restart(settings: Settings, iid: str) -> None:
+async def _paired_before_restart(settings: Settings, iid: str) -> SessionRef:
     """A session that was connected when the server stopped."""
     harness = await start_harness(replace(settings, engine="simulated"), ManualClock())
     try:
@@ -184,9 +186,10 @@ async def _paired_before_restart(settings: Settings, iid: str) -> None:
                 instance_id=iid, code="2@ref,noise,id,adv", expires_at=expires_at
             )
         )
-        await harness.engine.ReportConnected(
+        connected = await harness.engine.ReportConnected(
             eng.ReportConnectedRequest(instance_id=iid, phone_number="+5491122334455")
         )
+        return SessionRef(iid, connected.session.id)
     finally:
         await harness.stop()
 
@@ -205,8 +208,8 @@ async def _until_disconnected(h: Harness, iid: str) -> s.WhatsAppSession:
 async def test_restoring_offline_retries_and_shows_the_dial_error(
     offline_settings: Settings,
 ) -> None:
-    await _paired_before_restart(offline_settings, "restore")
-    device_dir = offline_settings.devices_path / "restore"
+    paired = await _paired_before_restart(offline_settings, "restore")
+    device_dir = device_dir_of(offline_settings.devices_path, paired)
     device_dir.mkdir(parents=True)
     (device_dir / "device.db").touch()  # the stored device of the paired session
 

@@ -105,7 +105,7 @@ async def test_a_session_lives_in_its_own_worker(workers: Harness) -> None:
     pid = engine.worker_pids()["own"]
     assert pid != os.getpid()
     assert alive(pid)
-    assert engine.device_dir("own").is_dir()
+    assert engine.device_dir(workers.running.manager.ref("own")).is_dir()
 
     scanned = await workers.simulator.ScanQR(
         sim.ScanQRRequest(instance_id="own", phone_number=PHONE)
@@ -126,7 +126,9 @@ async def test_a_session_lives_in_its_own_worker(workers: Harness) -> None:
     assert disconnected.session.last_error_code == "LOGOUT"
     assert "own" not in engine.worker_pids()
     await _eventually(lambda: not alive(pid))
-    assert not engine.device_dir("own").exists()  # credentials are wiped on logout
+    assert not engine.device_dir(
+        workers.running.manager.ref("own")
+    ).exists()  # credentials are wiped on logout
 
 
 async def test_killing_a_connected_worker(workers: Harness) -> None:
@@ -265,9 +267,11 @@ async def test_delete_stops_the_worker_and_wipes_credentials(workers: Harness) -
     engine = _engine(workers)
     await _connected(workers, "gone")
     pid = engine.worker_pids()["gone"]
+    device = engine.device_dir(workers.running.manager.ref("gone"))
+    assert device.is_dir()
     await workers.sessions.DeleteSession(pb.DeleteSessionRequest(instance_id="gone"))
     await _eventually(lambda: not alive(pid))
-    assert not engine.device_dir("gone").exists()
+    assert not device.exists()
 
 
 async def test_pair_phone_through_a_worker(workers: Harness) -> None:

@@ -105,9 +105,7 @@ def _refusal(
     """A handler of the same kind as ``handler`` that only ends the call with ``error``."""
 
     async def abort(context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(
-            error.grpc_code, error.message, trailing_metadata=errors.trailing_metadata(error)
-        )
+        await context.abort_with_status(errors.to_grpc_status(error))  # type: ignore[attr-defined]
 
     async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await abort(context)

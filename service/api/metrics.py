@@ -5,7 +5,6 @@ QR codes issued, messages sent. Served over HTTP when ``--metrics-address`` is s
 from __future__ import annotations
 
 import time
-from collections import Counter as Tally
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 from wsgiref.simple_server import WSGIServer
@@ -15,7 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from service.domain.contract import STATUS_TEXTS
+from service.domain.contract import STATUS_TEXTS, message_status_text
+from service.store.messages import Message
 
 if TYPE_CHECKING:
     _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
@@ -52,7 +52,7 @@ class Metrics:
         )
         self.messages = Counter(
             "sessionmanager_messages",
-            "Messages handed to the engine, by result (sent or failed).",
+            "Messages handed to the engine, by outcome (sent, failed or unknown).",
             ["status"],
             registry=self.registry,
         )
@@ -61,6 +61,12 @@ class Metrics:
             "Engine workers started again after a crash, a hang or a failed dial.",
             registry=self.registry,
         )
+
+    def on_qr_code(self) -> None:
+        self.qr_codes.inc()
+
+    def on_message(self, message: Message) -> None:
+        self.messages.labels(message_status_text(message.status)).inc()
 
     def watch(self, sessions: SessionCounts) -> None:
         """Report the sessions by status and the open watchers of ``sessions``."""
@@ -100,10 +106,6 @@ class _SessionCollector(Collector):
             "Open WatchSession streams.",
             value=self._sessions.watcher_count(),
         )
-
-
-def count_statuses(statuses: Iterator[str]) -> dict[str, int]:
-    return dict(Tally(statuses))
 
 
 class MetricsInterceptor(_ServerInterceptor):

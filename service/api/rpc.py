@@ -15,12 +15,13 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import timestamp_pb2
 
-from service.domain import errors, validation
+from service.domain import errors, states, validation
 from service.domain.contract import Status
 from service.domain.sessions import SendResult, SessionManager
-from service.domain.states import Session
+from service.domain.states import EngineEvent, Session, SessionRef
 from service.domain.watch import WatchClosed
 from service.engine.port import Phone
+from service.store import failures
 from sessionmanager.v1 import (
     engine_service_pb2 as engine_pb,
 )
@@ -91,12 +92,14 @@ def _watch_response(s: Session) -> pb.WatchSessionResponse:
 
 
 async def _abort(context: Context, error: errors.ContractError) -> None:
-    await context.abort(
-        error.grpc_code, error.message, trailing_metadata=errors.trailing_metadata(error)
-    )
+    await context.abort_with_status(errors.to_grpc_status(error))  # type: ignore[attr-defined]
 
 
 def _unexpected(error: Exception) -> errors.ContractError:
+    storage = failures.storage_unavailable(error)
+    if storage is not None:  # the operator can act on it: one line, no traceback
+        log.error("%s", storage.message)
+        return storage
     log.exception("unexpected failure", exc_info=error)
     return errors.internal(f"the Session Manager failed: {type(error).__name__}")
 
@@ -236,10 +239,15 @@ def _send_response(result: SendResult) -> pb.SendResponse:
 
 
 class EngineService(engine_service_pb2_grpc.EngineServiceServicer):
-    """The internal reports of the engine side, over gRPC."""
+    """The internal reports of the engine side, over gRPC: each one is an engine event."""
 
     def __init__(self, manager: SessionManager) -> None:
         self._manager = manager
+
+    async def _report(self, instance_id: str, event: EngineEvent) -> session_pb2.WhatsAppSession:
+        """Commit ``event`` on the current incarnation of ``instance_id``."""
+        session = await self._manager.report(self._manager.ref(instance_id), event)
+        return session_message(session)
 
     @unary
     async def ReportQRCode(
@@ -250,22 +258,25 @@ class EngineService(engine_service_pb2_grpc.EngineServiceServicer):
         if not request.HasField("expires_at"):
             raise errors.invalid_argument("expires_at", "expires_at is required", iid)
         expires_at = validation.timestamp(request.expires_at, "expires_at", iid)
-        session = await self._manager.qr_code(iid, code, expires_at)
-        return engine_pb.ReportQRCodeResponse(session=session_message(session))
+        session = await self._report(iid, states.QRShown(code, expires_at))
+        return engine_pb.ReportQRCodeResponse(session=session)
 
     @unary
     async def ReportQRScanned(
         self, request: engine_pb.ReportQRScannedRequest, context: Context
     ) -> engine_pb.ReportQRScannedResponse:
-        session = await self._manager.qr_scanned(validation.instance_id(request.instance_id))
-        return engine_pb.ReportQRScannedResponse(session=session_message(session))
+        iid = validation.instance_id(request.instance_id)
+        return engine_pb.ReportQRScannedResponse(
+            session=await self._report(iid, states.QRScanned())
+        )
 
     @unary
     async def ReportConnecting(
         self, request: engine_pb.ReportConnectingRequest, context: Context
     ) -> engine_pb.ReportConnectingResponse:
-        session = await self._manager.reconnecting(validation.instance_id(request.instance_id))
-        return engine_pb.ReportConnectingResponse(session=session_message(session))
+        iid = validation.instance_id(request.instance_id)
+        session = await self._report(iid, states.Reconnecting())
+        return engine_pb.ReportConnectingResponse(session=session)
 
     @unary
     async def ReportConnected(
@@ -273,8 +284,8 @@ class EngineService(engine_service_pb2_grpc.EngineServiceServicer):
     ) -> engine_pb.ReportConnectedResponse:
         iid = validation.instance_id(request.instance_id)
         phone = validation.phone_number(request.phone_number, iid=iid)
-        session = await self._manager.connected(iid, phone)
-        return engine_pb.ReportConnectedResponse(session=session_message(session))
+        session = await self._report(iid, states.Connected(phone))
+        return engine_pb.ReportConnectedResponse(session=session)
 
     @unary
     async def ReportDisconnected(
@@ -283,8 +294,8 @@ class EngineService(engine_service_pb2_grpc.EngineServiceServicer):
         iid = validation.instance_id(request.instance_id)
         reason = validation.enum_value(request.reason, _DISCONNECT_REASONS, "reason", iid)
         message = validation.error_message(request.message, iid) if request.message else ""
-        session = await self._manager.disconnected(iid, reason, message)  # type: ignore[arg-type]
-        return engine_pb.ReportDisconnectedResponse(session=session_message(session))
+        event = states.Disconnected(reason, message)  # type: ignore[arg-type]
+        return engine_pb.ReportDisconnectedResponse(session=await self._report(iid, event))
 
     @unary
     async def ReportError(
@@ -293,8 +304,8 @@ class EngineService(engine_service_pb2_grpc.EngineServiceServicer):
         iid = validation.instance_id(request.instance_id)
         code = validation.error_code(request.code, iid)
         message = validation.error_message(request.message, iid)
-        session = await self._manager.failed(iid, code, message)
-        return engine_pb.ReportErrorResponse(session=session_message(session))
+        session = await self._report(iid, states.Failed(code, message))
+        return engine_pb.ReportErrorResponse(session=session)
 
 
 _FAULTS = {sim_pb.FAULT_PAIRING: "pairing", sim_pb.FAULT_SEND: "send"}
@@ -311,62 +322,66 @@ class SimulatorService(simulator_service_pb2_grpc.SimulatorServiceServicer):
         self._manager = manager
         self._engine = phone
 
-    def _existing(self, instance_id: str) -> str:
-        return self._manager.get(validation.instance_id(instance_id)).instance_id
+    def _existing(self, instance_id: str) -> SessionRef:
+        return self._manager.ref(validation.instance_id(instance_id))
 
-    def _current(self, iid: str) -> session_pb2.WhatsAppSession:
-        return session_message(self._manager.get(iid))
+    def _current(self, session: SessionRef) -> session_pb2.WhatsAppSession:
+        return session_message(self._manager.get(session.instance_id))
 
     @unary
     async def ScanQR(
         self, request: sim_pb.ScanQRRequest, context: Context
     ) -> sim_pb.ScanQRResponse:
-        iid = self._existing(request.instance_id)
+        session = self._existing(request.instance_id)
         phone = (
-            validation.phone_number(request.phone_number, iid=iid) if request.phone_number else ""
+            validation.phone_number(request.phone_number, iid=session.instance_id)
+            if request.phone_number
+            else ""
         )
-        await self._engine.scan(iid, phone, request.hold_handshake)
-        return sim_pb.ScanQRResponse(session=self._current(iid))
+        await self._engine.scan(session, phone, request.hold_handshake)
+        return sim_pb.ScanQRResponse(session=self._current(session))
 
     @unary
     async def CompleteHandshake(
         self, request: sim_pb.CompleteHandshakeRequest, context: Context
     ) -> sim_pb.CompleteHandshakeResponse:
-        iid = self._existing(request.instance_id)
-        await self._engine.complete_handshake(iid)
-        return sim_pb.CompleteHandshakeResponse(session=self._current(iid))
+        session = self._existing(request.instance_id)
+        await self._engine.complete_handshake(session)
+        return sim_pb.CompleteHandshakeResponse(session=self._current(session))
 
     @unary
     async def DropNetwork(
         self, request: sim_pb.DropNetworkRequest, context: Context
     ) -> sim_pb.DropNetworkResponse:
-        iid = self._existing(request.instance_id)
-        await self._engine.drop_network(iid, request.hold_reconnect)
-        return sim_pb.DropNetworkResponse(session=self._current(iid))
+        session = self._existing(request.instance_id)
+        await self._engine.drop_network(session, request.hold_reconnect)
+        return sim_pb.DropNetworkResponse(session=self._current(session))
 
     @unary
     async def UnlinkDevice(
         self, request: sim_pb.UnlinkDeviceRequest, context: Context
     ) -> sim_pb.UnlinkDeviceResponse:
-        iid = self._existing(request.instance_id)
-        await self._engine.unlink(iid)
-        return sim_pb.UnlinkDeviceResponse(session=self._current(iid))
+        session = self._existing(request.instance_id)
+        await self._engine.unlink(session)
+        return sim_pb.UnlinkDeviceResponse(session=self._current(session))
 
     @unary
     async def FailSession(
         self, request: sim_pb.FailSessionRequest, context: Context
     ) -> sim_pb.FailSessionResponse:
-        iid = self._existing(request.instance_id)
-        code = validation.error_code(request.code or "TEMPORARY_BAN", iid)
+        session = self._existing(request.instance_id)
+        code = validation.error_code(request.code or "TEMPORARY_BAN", session.instance_id)
         message = request.message or _FAULT_MESSAGES.get(code, f"The session failed: {code}")
-        await self._engine.fail(iid, code, validation.error_message(message, iid))
-        return sim_pb.FailSessionResponse(session=self._current(iid))
+        await self._engine.fail(
+            session, code, validation.error_message(message, session.instance_id)
+        )
+        return sim_pb.FailSessionResponse(session=self._current(session))
 
     @unary
     async def InjectFault(
         self, request: sim_pb.InjectFaultRequest, context: Context
     ) -> sim_pb.InjectFaultResponse:
-        iid = self._existing(request.instance_id)
-        fault = validation.enum_value(request.fault, set(_FAULTS), "fault", iid)
-        await self._engine.inject_fault(iid, _FAULTS[fault])  # type: ignore[index]
+        session = self._existing(request.instance_id)
+        fault = validation.enum_value(request.fault, set(_FAULTS), "fault", session.instance_id)
+        await self._engine.inject_fault(session, _FAULTS[fault])  # type: ignore[index]
         return sim_pb.InjectFaultResponse()

@@ -37,6 +37,7 @@ UNKNOWN: DisconnectReason = session_pb2.DISCONNECT_REASON_UNKNOWN
 PENDING: MessageStatus = session_service_pb2.MESSAGE_STATUS_PENDING
 SENT: MessageStatus = session_service_pb2.MESSAGE_STATUS_SENT
 FAILED: MessageStatus = session_service_pb2.MESSAGE_STATUS_FAILED
+UNKNOWN_MESSAGE: MessageStatus = session_service_pb2.MESSAGE_STATUS_UNKNOWN
 
 
 def _text_forms(enum: Any, prefix: str, lower: bool) -> dict[int, str]:

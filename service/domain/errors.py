@@ -11,6 +11,7 @@ from __future__ import annotations
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from service.domain.contract import Reason, Status, reason_code, status_text
 from sessionmanager.v1 import session_pb2
@@ -34,6 +35,7 @@ _STATUS: dict[Reason, tuple[grpc.StatusCode, int]] = {
     session_pb2.ERROR_REASON_PERMISSION_DENIED: (grpc.StatusCode.PERMISSION_DENIED, 403),
     session_pb2.ERROR_REASON_LIMIT_EXCEEDED: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
     session_pb2.ERROR_REASON_STORAGE_UNAVAILABLE: (grpc.StatusCode.UNAVAILABLE, 503),
+    session_pb2.ERROR_REASON_MESSAGE_OUTCOME_UNKNOWN: (grpc.StatusCode.UNKNOWN, 500),
 }
 
 
@@ -113,8 +115,6 @@ def limit_exceeded(
     return error
 
 
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
-
-
-def trailing_metadata(error: ContractError) -> tuple[tuple[str, bytes], ...]:
-    return ((STATUS_DETAILS_KEY, to_rpc_status(error).SerializeToString()),)
+def to_grpc_status(error: ContractError) -> grpc.Status:
+    """The status a servicer aborts with (``context.abort_with_status``)."""
+    return rpc_status.to_status(to_rpc_status(error))

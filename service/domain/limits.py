@@ -18,36 +18,26 @@ class Limits:
     watchers_total: int = 20_000
 
 
-class _Bucket:
-    __slots__ = ("tokens", "updated")
+class SendBucket:
+    """One session's token bucket (WhatsApp bans numbers that send too fast)."""
 
-    def __init__(self, tokens: float, updated: datetime) -> None:
-        self.tokens = tokens
-        self.updated = updated
+    __slots__ = ("_burst", "_rate", "_tokens", "_updated")
 
+    def __init__(self, limits: Limits) -> None:
+        self._rate = limits.send_rate
+        self._burst = float(max(limits.send_burst, 1))
+        self._tokens = self._burst
+        self._updated: datetime | None = None
 
-class SendRate:
-    """A token bucket per session (WhatsApp bans numbers that send too fast)."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self._rate = rate
-        self._burst = float(max(burst, 1))
-        self._buckets: dict[str, _Bucket] = {}
-
-    def take(self, instance_id: str, now: datetime) -> float | None:
+    def take(self, now: datetime) -> float | None:
         """Take one send; ``None`` if allowed, else the seconds until one is."""
         if self._rate <= 0:
             return None
-        bucket = self._buckets.get(instance_id)
-        if bucket is None:
-            bucket = self._buckets[instance_id] = _Bucket(self._burst, now)
-        elapsed = max((now - bucket.updated).total_seconds(), 0.0)
-        bucket.tokens = min(self._burst, bucket.tokens + elapsed * self._rate)
-        bucket.updated = now
-        if bucket.tokens >= 1:
-            bucket.tokens -= 1
+        if self._updated is not None:
+            elapsed = max((now - self._updated).total_seconds(), 0.0)
+            self._tokens = min(self._burst, self._tokens + elapsed * self._rate)
+        self._updated = now
+        if self._tokens >= 1:
+            self._tokens -= 1
             return None
-        return (1 - bucket.tokens) / self._rate
-
-    def forget(self, instance_id: str) -> None:
-        self._buckets.pop(instance_id, None)
+        return (1 - self._tokens) / self._rate

@@ -9,19 +9,22 @@ faster than drawing each module.
 from __future__ import annotations
 
 import base64
+import functools
 import io
-
-import qrcode
-import qrcode.constants
-from PIL import Image
 
 DATA_URL_PREFIX = "data:image/png;base64,"
 BOX_SIZE = 8
 BORDER = 4
 
 
+@functools.lru_cache(maxsize=64)
 def render_data_url(payload: str) -> str:
     """The QR code of ``payload`` as a PNG data URL a browser can show and a phone can scan."""
+    # Imported here: engine workers use the state machine's events but never draw.
+    import qrcode
+    import qrcode.constants
+    from PIL import Image
+
     code = qrcode.QRCode(
         error_correction=qrcode.constants.ERROR_CORRECT_M, border=BORDER, mask_pattern=0
     )

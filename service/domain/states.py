@@ -32,7 +32,23 @@ from service.domain.contract import (
     qr_status_text,
     status_text,
 )
+from service.domain.qr import render_data_url
 from sessionmanager.v1 import session_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRef:
+    """One incarnation of a session: its ``instance_id`` and the ``id`` of its row.
+
+    After DeleteSession and CreateSession with the same ``instance_id`` the new
+    incarnation has a new ``id``; nothing addressed to the old one touches it.
+    """
+
+    instance_id: str
+    id: int
+
+    def __str__(self) -> str:
+        return f"{self.instance_id}#{self.id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +71,10 @@ class Session:
     last_error_code: str | None = None
     last_error_message: str | None = None
 
+    @property
+    def ref(self) -> SessionRef:
+        return SessionRef(self.instance_id, self.id)
+
     def has_valid_qr(self, now: datetime) -> bool:
         return (
             self.status == QR_REQUIRED
@@ -69,9 +89,9 @@ class Session:
 
 @dataclass(frozen=True, slots=True)
 class QRShown:
-    """The engine shows a (new or rotated) pairing code."""
+    """The engine shows a (new or rotated) pairing code: its payload, drawn as a QR image."""
 
-    qr_string: str
+    code: str
     expires_at: datetime
 
 
@@ -132,16 +152,9 @@ class PairingFailed:
     message: str
 
 
-Event = (
-    QRShown
-    | QRExpired
-    | QRScanned
-    | Reconnecting
-    | Connected
-    | Disconnected
-    | Failed
-    | PairingFailed
-)
+#: What an engine reports: every event but the clock's.
+EngineEvent = QRShown | QRScanned | Reconnecting | Connected | Disconnected | Failed | PairingFailed
+Event = EngineEvent | QRExpired
 
 _ANY_STATUS = frozenset({INIT, QR_REQUIRED, CONNECTING, CONNECTED, DISCONNECTED, ERROR})
 _QR_FROM = frozenset({INIT, QR_REQUIRED, DISCONNECTED, ERROR})
@@ -192,13 +205,17 @@ def _without_qr(session: Session, qr_status: QRStatus) -> dict[str, object]:
 def _changes(session: Session, event: Event, now: datetime) -> dict[str, object] | None:
     """The fields the event changes, ``None`` for no change; raises if not allowed."""
     match event:
-        case QRShown(qr_string, expires_at):
+        case QRShown(code, expires_at):
+            if expires_at <= now:
+                raise errors.invalid_argument(
+                    "expires_at", "expires_at must be in the future", session.instance_id
+                )
             if session.status not in _QR_FROM:
                 raise _not_allowed(session, event)
             return {
                 "status": QR_REQUIRED,
                 "qr_status": QR_GENERATED,
-                "qr_string": qr_string,
+                "qr_string": render_data_url(code),
                 "qr_generated_at": now,
                 "qr_expires_at": expires_at,
             }

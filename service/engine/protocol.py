@@ -1,16 +1,29 @@
-"""The worker protocol's framing: a 4-byte big-endian length, then the message.
+"""The worker protocol: its framing and the one codec between engine reports
+and the frames that carry them.
 
-The messages are ``WorkerCommand`` (server to worker, on the worker's standard
-input) and ``WorkerEvent`` (worker to server, on its standard output), defined
-in ``protos/sessionmanager/v1/worker.proto``.
+Frames are a 4-byte big-endian length, then the message: ``WorkerCommand``
+(server to worker, on the worker's standard input) and ``WorkerEvent``
+(worker to server, on its standard output), defined in
+``protos/sessionmanager/v1/worker.proto``. A report is a ``states`` event on
+both sides of the pipe; only this module spells out how each one travels.
 """
 
 from __future__ import annotations
 
 import asyncio
 import struct
+from datetime import datetime
 
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
+
+from service.domain import states
+from service.engine.port import EngineError
+from sessionmanager.v1 import worker_pb2
+
+Command = worker_pb2.WorkerCommand
+Event = worker_pb2.WorkerEvent
+Reply = worker_pb2.WorkerEvent.Reply
 
 MAX_FRAME_BYTES = 1 << 20
 _HEADER = struct.Struct(">I")
@@ -49,3 +62,64 @@ async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
         return await reader.readexactly(size)
     except asyncio.IncompleteReadError as error:
         raise ProtocolError("the stream ended inside a frame") from error
+
+
+def report_frame(event: states.EngineEvent, now: datetime) -> Event:
+    """The frame that carries ``event``; a code's expiry travels as its lifetime."""
+    match event:
+        case states.QRShown(code, expires_at):
+            valid_for = Duration()
+            valid_for.FromTimedelta(expires_at - now)
+            return Event(qr_code=Event.QRCode(code=code, valid_for=valid_for))
+        case states.QRScanned():
+            return Event(qr_scanned=Event.QRScanned())
+        case states.Reconnecting():
+            return Event(reconnecting=Event.Reconnecting())
+        case states.Connected(phone_number):
+            return Event(connected=Event.Connected(phone_number=phone_number))
+        case states.Disconnected(reason, message, code):
+            return Event(
+                disconnected=Event.Disconnected(reason=reason, code=code or "", message=message)
+            )
+        case states.Failed(code, message):
+            return Event(failed=Event.Failed(code=code, message=message))
+        case states.PairingFailed(code, message):
+            return Event(pairing_failed=Event.PairingFailed(code=code, message=message))
+    raise AssertionError(f"unknown report {event!r}")
+
+
+def report_of(frame: Event, now: datetime) -> states.EngineEvent:
+    """The report a frame carries (not a reply); its lifetime counts from ``now``."""
+    match frame.WhichOneof("event"):
+        case "qr_code":
+            return states.QRShown(frame.qr_code.code, now + frame.qr_code.valid_for.ToTimedelta())
+        case "qr_scanned":
+            return states.QRScanned()
+        case "reconnecting":
+            return states.Reconnecting()
+        case "connected":
+            return states.Connected(frame.connected.phone_number)
+        case "disconnected":
+            d = frame.disconnected
+            return states.Disconnected(d.reason, d.message, d.code or None)
+        case "failed":
+            return states.Failed(frame.failed.code, frame.failed.message)
+        case "pairing_failed":
+            return states.PairingFailed(frame.pairing_failed.code, frame.pairing_failed.message)
+    raise ProtocolError(f"not a report: {frame.WhichOneof('event')}")
+
+
+def failure_reply(command_id: int, error: EngineError) -> Reply:
+    return Reply(
+        id=command_id,
+        error_code=error.code,
+        error_message=error.message,
+        outcome_unknown=not error.definite,
+    )
+
+
+def check_reply(reply: Reply) -> Reply:
+    """The reply, or the EngineError it carries."""
+    if reply.error_code:
+        raise EngineError(reply.error_code, reply.error_message, definite=not reply.outcome_unknown)
+    return reply

@@ -2,8 +2,8 @@
 
 It behaves like the real engine towards the Session Manager: pairing shows a
 first code valid for 60 s, then rotates to a new code every 20 s, six codes
-in all (durations configurable), and reports everything through the same
-``EngineEvents``. On command (``SimulatorService``) the phone scans, the
+in all (durations configurable), and reports everything as ``states`` events
+through its one ``Report``. On command (``SimulatorService``) the phone scans, the
 handshake completes, the network drops and comes back, the phone unlinks the
 device, or the session fails for good. Codes are realistic whatsmeow pairing
 payloads, derived from the instance id and a counter so runs are repeatable.
@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from service.clock import Clock
+from service.domain import states
 from service.domain.contract import LOGOUT, NETWORK
-from service.engine.port import EngineError, EngineEvents
+from service.domain.states import SessionRef
+from service.engine.port import EngineError, Report
 
 log = logging.getLogger(__name__)
 
@@ -70,54 +72,52 @@ def pairing_payload(instance_id: str, serial: int) -> str:
 
 
 class SimulatedEngine:
+    """``Engine`` and ``Phone`` in one: the simulated WhatsApp of every session."""
+
     resumes_pairing = True
 
     def __init__(
-        self, clock: Clock, times: PairingTimes | None = None, first_serial: int = 1
+        self,
+        report: Report,
+        clock: Clock,
+        times: PairingTimes | None = None,
+        first_serial: int = 1,
     ) -> None:
+        self._report = report
         self._clock = clock
         self._times = times or PairingTimes()
-        self._devices: dict[str, _Device] = {}
+        self._devices: dict[SessionRef, _Device] = {}
         #: Codes are numbered from here; a worker starts where no earlier one did.
         self._serial = itertools.count(first_serial)
-        self._events: EngineEvents | None = None
 
-    @property
-    def events(self) -> EngineEvents:
-        assert self._events is not None, "bind() first"
-        return self._events
-
-    def bind(self, events: EngineEvents) -> None:
-        self._events = events
-
-    def _device(self, instance_id: str) -> _Device:
-        return self._devices.setdefault(instance_id, _Device())
+    def _device(self, session: SessionRef) -> _Device:
+        return self._devices.setdefault(session, _Device())
 
     # Engine.
 
-    async def start_pairing(self, instance_id: str) -> None:
-        device = self._device(instance_id)
+    async def start_pairing(self, session: SessionRef) -> None:
+        device = self._device(session)
         self._stop_rotation(device)
         if "pairing" in device.faults:
             device.faults.discard("pairing")
             raise EngineError("PAIRING_FAILED", "the simulated engine was told to fail pairing")
         expires_at = self._clock.now() + timedelta(seconds=self._times.first)
-        await self.events.qr_code(instance_id, self._next_code(instance_id), expires_at)
+        await self._report(session, states.QRShown(self._next_code(session), expires_at))
         if self._times.codes > 1:
-            device.rotation = asyncio.create_task(self._rotate(instance_id, expires_at))
+            device.rotation = asyncio.create_task(self._rotate(session, expires_at))
 
-    def _next_code(self, instance_id: str) -> str:
-        return pairing_payload(instance_id, next(self._serial))
+    def _next_code(self, session: SessionRef) -> str:
+        return pairing_payload(session.instance_id, next(self._serial))
 
-    async def _rotate(self, instance_id: str, expires_at: datetime) -> None:
+    async def _rotate(self, session: SessionRef, expires_at: datetime) -> None:
         lead = timedelta(seconds=min(self._times.lead, self._times.rotation / 2))
         for _ in range(self._times.codes - 1):
             await self._clock.sleep_until(expires_at - lead)
             expires_at = self._clock.now() + timedelta(seconds=self._times.rotation)
             try:
-                await self.events.qr_code(instance_id, self._next_code(instance_id), expires_at)
+                await self._report(session, states.QRShown(self._next_code(session), expires_at))
             except Exception as error:  # noqa: BLE001 - the session moved on; stop rotating
-                log.debug("rotation of %s stopped: %s", instance_id, error)
+                log.debug("rotation of %s stopped: %s", session, error)
                 return
 
     def _stop_rotation(self, device: _Device) -> None:
@@ -125,33 +125,37 @@ class SimulatedEngine:
             device.rotation.cancel()
         device.rotation = None
 
-    async def pair_phone(self, instance_id: str, phone_number: str) -> str:
-        device = self._device(instance_id)
+    async def pair_phone(self, session: SessionRef, phone_number: str) -> str:
+        device = self._device(session)
         if device.rotation is None and self._times.codes > 1:
             raise EngineError("NOT_PAIRING", "no pairing is under way for this session")
         device.linking_phone = phone_number
-        return linking_code(instance_id, phone_number, next(self._serial))
+        return linking_code(session.instance_id, phone_number, next(self._serial))
 
-    async def stop_pairing(self, instance_id: str) -> None:
-        self._stop_rotation(self._device(instance_id))
+    async def stop_pairing(self, session: SessionRef) -> None:
+        self._stop_rotation(self._device(session))
 
-    async def restore(self, instance_id: str, phone_number: str | None) -> None:
-        device = self._device(instance_id)
+    async def restore(self, session: SessionRef, phone_number: str | None) -> None:
+        device = self._device(session)
         device.phone_number = phone_number or device.phone_number or DEFAULT_PHONE
-        await self.events.connected(instance_id, device.phone_number)
+        await self._report(session, states.Connected(device.phone_number))
 
-    async def send(self, instance_id: str, to: str, text: str) -> str:
-        device = self._device(instance_id)
+    async def send(self, session: SessionRef, to: str, text: str) -> str:
+        device = self._device(session)
         if "send" in device.faults:
             device.faults.discard("send")
             raise EngineError("SEND_REFUSED", "the simulated WhatsApp refused the message")
-        digest = hashlib.sha256(f"{instance_id}:{next(self._serial)}".encode()).hexdigest()
+        digest = hashlib.sha256(f"{session}:{next(self._serial)}".encode()).hexdigest()
         return "3EB0" + digest[:16].upper()
 
-    async def logout(self, instance_id: str) -> None:
-        device = self._devices.pop(instance_id, None)
+    async def logout(self, session: SessionRef) -> None:
+        device = self._devices.pop(session, None)
         if device is not None:
             self._stop_rotation(device)
+
+    async def forget_all_but(self, kept: set[SessionRef]) -> None:
+        for session in set(self._devices) - kept:
+            await self.logout(session)
 
     async def close(self) -> None:
         for device in self._devices.values():
@@ -162,33 +166,33 @@ class SimulatedEngine:
 
     # The phone and WhatsApp, on command.
 
-    async def scan(self, instance_id: str, phone_number: str, hold_handshake: bool) -> None:
-        device = self._device(instance_id)
-        await self.events.qr_scanned(instance_id)
+    async def scan(self, session: SessionRef, phone_number: str, hold_handshake: bool) -> None:
+        device = self._device(session)
+        await self._report(session, states.QRScanned())
         self._stop_rotation(device)
         device.phone_number = phone_number or device.linking_phone or DEFAULT_PHONE
         if not hold_handshake:
-            await self.events.connected(instance_id, device.phone_number)
+            await self._report(session, states.Connected(device.phone_number))
 
-    async def complete_handshake(self, instance_id: str) -> None:
-        device = self._device(instance_id)
-        await self.events.connected(instance_id, device.phone_number or DEFAULT_PHONE)
+    async def complete_handshake(self, session: SessionRef) -> None:
+        device = self._device(session)
+        await self._report(session, states.Connected(device.phone_number or DEFAULT_PHONE))
 
-    async def drop_network(self, instance_id: str, hold_reconnect: bool) -> None:
-        await self.events.disconnected(instance_id, NETWORK)
-        await self.events.reconnecting(instance_id)
+    async def drop_network(self, session: SessionRef, hold_reconnect: bool) -> None:
+        await self._report(session, states.Disconnected(NETWORK, ""))
+        await self._report(session, states.Reconnecting())
         if not hold_reconnect:
-            await self.complete_handshake(instance_id)
+            await self.complete_handshake(session)
 
-    async def unlink(self, instance_id: str) -> None:
-        await self.events.disconnected(instance_id, LOGOUT)
-        device = self._devices.pop(instance_id, None)
+    async def unlink(self, session: SessionRef) -> None:
+        await self._report(session, states.Disconnected(LOGOUT, ""))
+        device = self._devices.pop(session, None)
         if device is not None:
             self._stop_rotation(device)
 
-    async def fail(self, instance_id: str, code: str, message: str) -> None:
-        await self.events.failed(instance_id, code, message)
-        self._stop_rotation(self._device(instance_id))
+    async def fail(self, session: SessionRef, code: str, message: str) -> None:
+        await self._report(session, states.Failed(code, message))
+        self._stop_rotation(self._device(session))
 
-    async def inject_fault(self, instance_id: str, fault: str) -> None:
-        self._device(instance_id).faults.add(fault)
+    async def inject_fault(self, session: SessionRef, fault: str) -> None:
+        self._device(session).faults.add(fault)

@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from service.clock import Clock
+from service.domain import states
 from service.domain.contract import LOGOUT, NETWORK, TIMEOUT, UNKNOWN, DisconnectReason
-from service.engine.port import EngineError, EngineEvents
+from service.domain.states import SessionRef
+from service.engine.port import EngineError, Report
 from service.engine.protocol import EXIT_DONE, EXIT_RETRY
 
 log = logging.getLogger(__name__)
@@ -36,14 +38,14 @@ LATER_CODE_SECONDS = 20.0
 CALL_TIMEOUT = 30.0
 DEVICE_FILE = "device.db"
 
-Report = Literal["qr_scanned", "connected", "disconnected", "failed", "pairing_failed"]
+Reading = Literal["qr_scanned", "connected", "disconnected", "failed", "pairing_failed"]
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What one whatsmeow event means for the session."""
 
-    report: Report
+    report: Reading
     reason: DisconnectReason = UNKNOWN
     code: str = ""
     message: str = ""
@@ -220,13 +222,15 @@ class WhatsmeowEngine:
 
     resumes_pairing = False
 
-    def __init__(self, device_dir: Path, clock: Clock, end: Callable[[int], None]) -> None:
+    def __init__(
+        self, device_dir: Path, report: Report, clock: Clock, end: Callable[[int], None]
+    ) -> None:
         self._device_dir = device_dir
+        self._report = report
         self._clock = clock
         self._end = end
-        self._events: EngineEvents | None = None
         self._client: Any = None
-        self._instance_id = ""
+        self._session = SessionRef("", 0)
         self._phone: str | None = None
         self._paired = False
         self._codes = 0
@@ -235,28 +239,20 @@ class WhatsmeowEngine:
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._consumer: asyncio.Task[None] | None = None
 
-    def bind(self, events: EngineEvents) -> None:
-        self._events = events
-
-    @property
-    def events(self) -> EngineEvents:
-        assert self._events is not None, "bind() first"
-        return self._events
-
     # Engine.
 
-    async def start_pairing(self, instance_id: str) -> None:
-        await self._connect(instance_id, paired=False)
+    async def start_pairing(self, session: SessionRef) -> None:
+        await self._connect(session, paired=False)
 
-    async def restore(self, instance_id: str, phone_number: str | None) -> None:
+    async def restore(self, session: SessionRef, phone_number: str | None) -> None:
         if not (self._device_dir / DEVICE_FILE).exists():
             raise EngineError(
                 "NO_CREDENTIALS", "this session has no stored device; scan a new QR code"
             )
         self._phone = phone_number
-        await self._connect(instance_id, paired=True)
+        await self._connect(session, paired=True)
 
-    async def pair_phone(self, instance_id: str, phone_number: str) -> str:
+    async def pair_phone(self, session: SessionRef, phone_number: str) -> str:
         if self._client is None or self._paired or self._codes == 0:
             raise EngineError("NOT_PAIRING", "no pairing is under way for this session")
         client = self._client
@@ -265,10 +261,10 @@ class WhatsmeowEngine:
         except Exception as error:
             raise EngineError("PAIR_PHONE_FAILED", str(error)) from error
 
-    async def stop_pairing(self, instance_id: str) -> None:
+    async def stop_pairing(self, session: SessionRef) -> None:
         await self.close()
 
-    async def send(self, instance_id: str, to: str, text: str) -> str:
+    async def send(self, session: SessionRef, to: str, text: str) -> str:
         if self._client is None or not self._paired:
             raise EngineError("NOT_CONNECTED", "the device is not connected")
         from neonize.utils.jid import build_jid
@@ -278,16 +274,20 @@ class WhatsmeowEngine:
         try:
             response = await self._call(self._client.send_message, jid, text)
         except Exception as error:
-            raise EngineError("SEND_FAILED", str(error)) from error
+            # whatsmeow may fail after the message left (no server ack in time).
+            raise EngineError("SEND_FAILED", str(error), definite=False) from error
         return str(response.ID)
 
-    async def logout(self, instance_id: str) -> None:
+    async def logout(self, session: SessionRef) -> None:
         client, self._stopping = self._client, True
         try:
             if client is not None:
                 await self._call(client.logout)
         except Exception as error:  # the supervisor wipes the credentials anyway
             raise EngineError("LOGOUT_FAILED", str(error)) from error
+
+    async def forget_all_but(self, kept: set[SessionRef]) -> None:
+        """The supervisor keeps the credentials; a worker holds only its own."""
 
     async def close(self) -> None:
         client, self._stopping = self._client, True
@@ -302,13 +302,13 @@ class WhatsmeowEngine:
     ) -> Any:
         return await asyncio.wait_for(asyncio.to_thread(function, *args), within)
 
-    async def _connect(self, instance_id: str, *, paired: bool) -> None:
+    async def _connect(self, session: SessionRef, *, paired: bool) -> None:
         if self._client is not None:
             raise EngineError("ALREADY_STARTED", "this worker already holds a connection")
         from neonize import events as neonize_events
         from neonize.client import NewClient
 
-        self._instance_id, self._paired = instance_id, paired
+        self._session, self._paired = session, paired
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         self._device_dir.mkdir(parents=True, exist_ok=True)
@@ -331,7 +331,7 @@ class WhatsmeowEngine:
             else:
                 put("ended", "")
 
-        threading.Thread(target=run, name=f"whatsmeow-{instance_id}", daemon=True).start()
+        threading.Thread(target=run, name=f"whatsmeow-{session.instance_id}", daemon=True).start()
         await self._ready
 
     async def _consume(self) -> None:
@@ -354,7 +354,7 @@ class WhatsmeowEngine:
         seconds = FIRST_CODE_SECONDS if self._codes == 0 else LATER_CODE_SECONDS
         self._codes += 1
         expires_at = self._clock.now() + timedelta(seconds=seconds)
-        await self.events.qr_code(self._instance_id, code, expires_at)
+        await self._report(self._session, states.QRShown(code, expires_at))
         self._settle()
 
     async def _on_event(self, name: str, fields: dict[str, Any]) -> None:
@@ -362,24 +362,25 @@ class WhatsmeowEngine:
         if outcome is None or (self._stopping and outcome.report != "connected"):
             return
         log.info("whatsmeow %s: %s", name, outcome.code or outcome.report)
-        iid = self._instance_id
+        report, session = self._report, self._session
         if outcome.report == "qr_scanned":
             self._paired = True
-            await self.events.qr_scanned(iid)
+            await report(session, states.QRScanned())
         elif outcome.report == "connected":
             self._paired = True
-            await self.events.connected(iid, await self._phone_number())
+            await report(session, states.Connected(await self._phone_number()))
             self._settle()
         elif outcome.report == "pairing_failed":
-            await self.events.pairing_failed(iid, outcome.code, outcome.message)
+            await report(session, states.PairingFailed(outcome.code, outcome.message))
             self._settle(EngineError(outcome.code, outcome.message))
         elif outcome.report == "failed":
-            await self.events.failed(iid, outcome.code, outcome.message)
+            await report(session, states.Failed(outcome.code, outcome.message))
             self._settle(EngineError(outcome.code, outcome.message))
         else:
-            await self.events.disconnected(iid, outcome.reason, outcome.message, outcome.code)
+            event = states.Disconnected(outcome.reason, outcome.message, outcome.code)
+            await report(session, event)
             if outcome.reconnects:
-                await self.events.reconnecting(iid)
+                await report(session, states.Reconnecting())
             self._settle(EngineError(outcome.code, outcome.message))
         if outcome.ends is not None:
             self._stopping = True
@@ -394,7 +395,8 @@ class WhatsmeowEngine:
         self._stopping = True
         message = f"The connection to WhatsApp ended: {error or 'closed'}; reconnecting"
         if self._paired:
-            await self.events.disconnected(self._instance_id, NETWORK, message, "CONNECTION_LOST")
+            event = states.Disconnected(NETWORK, message, "CONNECTION_LOST")
+            await self._report(self._session, event)
         self._end(EXIT_RETRY if self._paired else EXIT_DONE)
 
     def _settle(self, error: EngineError | None = None) -> None:

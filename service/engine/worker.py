@@ -19,23 +19,26 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 
-from google.protobuf.duration_pb2 import Duration
-
 from service.clock import SystemClock
-from service.domain.contract import DisconnectReason
-from service.engine.port import Engine, EngineError
-from service.engine.protocol import EXIT_DONE, ProtocolError, encode, read_frame
+from service.domain.states import EngineEvent, SessionRef
+from service.engine.port import Engine, EngineError, Report
+from service.engine.protocol import (
+    EXIT_DONE,
+    Command,
+    Event,
+    ProtocolError,
+    encode,
+    failure_reply,
+    read_frame,
+    report_frame,
+)
 from service.engine.simulated import PairingTimes, SimulatedEngine
-from sessionmanager.v1 import worker_pb2
 
 log = logging.getLogger("service.engine.worker")
 
-Command = worker_pb2.WorkerCommand
-Event = worker_pb2.WorkerEvent
-Action = worker_pb2.WorkerCommand.SimulatePhone
+Action = Command.SimulatePhone
 _PR_SET_PDEATHSIG = 1
 
 
@@ -48,63 +51,34 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(EXIT_DONE)
 
 
-class PipeEvents:
-    """``EngineEvents`` of the worker's engine: each report becomes a frame."""
+class PipeReports:
+    """The worker engine's ``Report``: each report becomes a frame on standard output."""
 
     def __init__(self, write: Callable[[Event], None], clock: SystemClock) -> None:
         self._write = write
         self._clock = clock
 
-    async def qr_code(self, instance_id: str, code: str, expires_at: datetime) -> None:
-        valid_for = Duration()
-        valid_for.FromTimedelta(expires_at - self._clock.now())
-        self._write(Event(qr_code=Event.QRCode(code=code, valid_for=valid_for)))
-
-    async def qr_scanned(self, instance_id: str) -> None:
-        self._write(Event(qr_scanned=Event.QRScanned()))
-
-    async def reconnecting(self, instance_id: str) -> None:
-        self._write(Event(reconnecting=Event.Reconnecting()))
-
-    async def connected(self, instance_id: str, phone_number: str) -> None:
-        self._write(Event(connected=Event.Connected(phone_number=phone_number)))
-
-    async def disconnected(
-        self,
-        instance_id: str,
-        reason: DisconnectReason,
-        message: str = "",
-        code: str | None = None,
-    ) -> None:
-        self._write(
-            Event(disconnected=Event.Disconnected(reason=reason, code=code or "", message=message))
-        )
-
-    async def failed(self, instance_id: str, code: str, message: str) -> None:
-        self._write(Event(failed=Event.Failed(code=code, message=message)))
-
-    async def pairing_failed(self, instance_id: str, code: str, message: str) -> None:
-        self._write(Event(pairing_failed=Event.PairingFailed(code=code, message=message)))
+    async def __call__(self, session: SessionRef, event: EngineEvent) -> None:
+        self._write(report_frame(event, self._clock.now()))
 
 
 class Worker:
     def __init__(self, args: argparse.Namespace, out_fd: int) -> None:
-        self._instance_id: str = args.instance_id
+        self._session = SessionRef(args.instance_id, args.session_id)
         self._out_fd = out_fd
         self._ended: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         clock = SystemClock()
-        self.engine = self._engine(args, clock)
-        self.engine.bind(PipeEvents(self.write, clock))
+        self.engine = self._engine(args, PipeReports(self.write, clock), clock)
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def _engine(self, args: argparse.Namespace, clock: SystemClock) -> Engine:
+    def _engine(self, args: argparse.Namespace, report: Report, clock: SystemClock) -> Engine:
         if args.engine == "whatsmeow":
             from service.engine.whatsmeow import WhatsmeowEngine
 
-            return WhatsmeowEngine(Path(args.device_dir), clock, self.end)
+            return WhatsmeowEngine(Path(args.device_dir), report, clock, self.end)
         times = PairingTimes(first=args.qr_first, rotation=args.qr_rotation, codes=args.qr_codes)
         # Each worker's codes differ from those of the worker before it.
-        return SimulatedEngine(clock, times, first_serial=time.time_ns() // 1000)
+        return SimulatedEngine(report, clock, times, first_serial=time.time_ns() // 1000)
 
     def write(self, event: Event) -> None:
         view = memoryview(encode(event))
@@ -142,28 +116,33 @@ class Worker:
         try:
             await self._run(command, reply)
         except EngineError as error:
-            reply.error_code, reply.error_message = error.code, error.message
+            reply = failure_reply(command.id, error)
         except Exception as error:
             log.exception("command %s failed", command.WhichOneof("command"))
-            reply.error_code, reply.error_message = "WORKER_ERROR", repr(error)
+            unknown = command.WhichOneof("command") == "send_text"  # it may have gone out
+            reply = failure_reply(
+                command.id, EngineError("WORKER_ERROR", repr(error), definite=not unknown)
+            )
         self.write(Event(reply=reply))
         if command.WhichOneof("command") == "stop":
             self.end(EXIT_DONE)
 
     async def _run(self, command: Command, reply: Event.Reply) -> None:
-        iid, engine = self._instance_id, self.engine
+        session, engine = self._session, self.engine
         match command.WhichOneof("command"):
             case "start_pairing":
-                await engine.start_pairing(iid)
+                await engine.start_pairing(session)
             case "restore":
-                await engine.restore(iid, command.restore.phone_number or None)
+                await engine.restore(session, command.restore.phone_number or None)
             case "pair_phone":
-                reply.linking_code = await engine.pair_phone(iid, command.pair_phone.phone_number)
+                reply.linking_code = await engine.pair_phone(
+                    session, command.pair_phone.phone_number
+                )
             case "send_text":
                 send = command.send_text
-                reply.message_id = await engine.send(iid, send.to, send.text)
+                reply.message_id = await engine.send(session, send.to, send.text)
             case "logout":
-                await engine.logout(iid)
+                await engine.logout(session)
             case "stop":
                 await engine.close()
             case "ping":
@@ -174,24 +153,24 @@ class Worker:
                 raise EngineError("UNKNOWN_COMMAND", f"unknown command {other!r}")
 
     async def _simulate(self, action: Action) -> None:
-        phone, iid = self.engine, self._instance_id
+        phone, session = self.engine, self._session
         if not isinstance(phone, SimulatedEngine):
             raise EngineError("NOT_SIMULATED", "this worker runs a real engine")
         match action.action:
             case Action.ACTION_SCAN:
-                await phone.scan(iid, action.phone_number, action.hold)
+                await phone.scan(session, action.phone_number, action.hold)
             case Action.ACTION_COMPLETE_HANDSHAKE:
-                await phone.complete_handshake(iid)
+                await phone.complete_handshake(session)
             case Action.ACTION_DROP_NETWORK:
-                await phone.drop_network(iid, action.hold)
+                await phone.drop_network(session, action.hold)
             case Action.ACTION_UNLINK:
-                await phone.unlink(iid)
+                await phone.unlink(session)
             case Action.ACTION_FAIL:
-                await phone.fail(iid, action.code, action.message)
+                await phone.fail(session, action.code, action.message)
             case Action.ACTION_FAULT_PAIRING:
-                await phone.inject_fault(iid, "pairing")
+                await phone.inject_fault(session, "pairing")
             case Action.ACTION_FAULT_SEND:
-                await phone.inject_fault(iid, "send")
+                await phone.inject_fault(session, "send")
             case _:
                 raise EngineError("UNKNOWN_ACTION", f"unknown phone action {action.action}")
 
@@ -200,6 +179,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m service.engine.worker")
     parser.add_argument("--engine", choices=("whatsmeow", "simulated"), required=True)
     parser.add_argument("--instance-id", required=True)
+    parser.add_argument("--session-id", type=int, required=True)
     parser.add_argument("--device-dir", required=True)
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--log-level", default="info")

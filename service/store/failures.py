@@ -1,9 +1,12 @@
 """SQLite failures an operator can act on, named by their cause.
 
-A caller whose change could not be stored gets STORAGE_UNAVAILABLE with
+The store hands SQLite's exceptions up unchanged, so that the domain's own
+refusals (contract errors) stay apart from the infrastructure failing. Where
+a call ends, the API turns a storage failure into STORAGE_UNAVAILABLE with
 ``metadata.cause`` (``disk_full``, ``locked``, ``corrupt``, ``read_only``,
-``io_error``) instead of an anonymous internal error; nothing was changed.
-Failures that are the caller's (a constraint) or the code's pass unchanged.
+``io_error``) instead of an anonymous internal error; at start-up,
+``service.startup`` turns it into one line and an exit code. Failures that
+are not the storage's (a constraint, a bug) are not classified.
 """
 
 from __future__ import annotations
@@ -48,28 +51,39 @@ _BY_CODE = {
 }
 
 
+#: SQLite's messages, for errors raised without a result code.
+_BY_MESSAGE = (
+    ("database or disk is full", Cause.DISK_FULL),
+    ("database is locked", Cause.LOCKED),
+    ("database table is locked", Cause.LOCKED),
+    ("file is not a database", Cause.CORRUPT),
+    ("malformed", Cause.CORRUPT),
+    ("readonly database", Cause.READ_ONLY),
+    ("disk i/o error", Cause.IO_ERROR),
+)
+
+
 def cause_of(error: BaseException) -> Cause | None:
     """The cause of a storage failure, or None when the error is not one."""
     if not isinstance(error, sqlite3.Error):
         return None
     code = getattr(error, "sqlite_errorcode", None)
-    if code is None:
+    if code is not None:
+        return _BY_CODE.get(code & 0xFF)
+    text = str(error).lower()
+    return next((cause for words, cause in _BY_MESSAGE if words in text), None)
+
+
+def storage_unavailable(error: BaseException) -> ContractError | None:
+    """The contract error of a storage failure, or None when ``error`` is not one."""
+    cause = cause_of(error)
+    if cause is None:
         return None
-    return _BY_CODE.get(code & 0xFF)
-
-
-def storage_unavailable(cause: Cause, detail: str) -> ContractError:
     return ContractError(
         session_pb2.ERROR_REASON_STORAGE_UNAVAILABLE,
-        f"the database is unavailable: {_MEANING[cause]} ({detail}); nothing was changed",
+        f"the database is unavailable: {_MEANING[cause]} ({error})",
         cause=cause.value,
     )
-
-
-def for_caller(error: Exception) -> Exception:
-    """What a caller gets for ``error``: a storage failure's contract error, else ``error``."""
-    cause = cause_of(error)
-    return error if cause is None else storage_unavailable(cause, str(error))
 
 
 class IntegrityCheckFailed(sqlite3.DatabaseError):

@@ -24,7 +24,6 @@ from service.domain.contract import (
     MESSAGE_STATUS_TEXTS,
     QR_STATUS_TEXTS,
     STATUS_TEXTS,
-    MessageStatus,
     Status,
     message_status_from_text,
     message_status_text,
@@ -34,7 +33,9 @@ from service.domain.contract import (
     status_text,
 )
 from service.domain.states import Session
+from service.faults import FaultPoints
 from service.store import failures
+from service.store.messages import Message
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,33 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX messages_by_session ON messages (session_id, accepted_at);
     """,
+    # 2: each message keeps the digest of its request (a reused idempotency key
+    # must name the same message), and may be `unknown`.
+    f"""
+    CREATE TABLE messages_2 (
+        id TEXT PRIMARY KEY,
+        session_id INTEGER NOT NULL
+            REFERENCES ll_whatsapp_qr_sessions (id) ON DELETE CASCADE,
+        idempotency_key TEXT,
+        request_digest TEXT NOT NULL DEFAULT '',
+        recipient TEXT NOT NULL,
+        text TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ({_in(MESSAGE_STATUS_TEXTS)})),
+        whatsapp_message_id TEXT,
+        error_code TEXT,
+        error_message TEXT,
+        accepted_at TEXT NOT NULL,
+        finished_at TEXT,
+        UNIQUE (session_id, idempotency_key)
+    );
+    INSERT INTO messages_2 (id, session_id, idempotency_key, recipient, text, status,
+        whatsapp_message_id, error_code, error_message, accepted_at, finished_at)
+        SELECT id, session_id, idempotency_key, recipient, text, status, whatsapp_message_id,
+            error_code, error_message, accepted_at, finished_at FROM messages;
+    DROP TABLE messages;
+    ALTER TABLE messages_2 RENAME TO messages;
+    CREATE INDEX messages_by_session ON messages (session_id, accepted_at);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -103,7 +131,7 @@ _SESSION_COLUMNS = (
 )
 _MESSAGE_COLUMNS = (
     "id, idempotency_key, recipient, text, status, whatsapp_message_id, error_code, "
-    "error_message, accepted_at"
+    "error_message, accepted_at, request_digest"
 )
 
 
@@ -113,22 +141,6 @@ class SchemaTooNew(RuntimeError):
 
 class StaleRevision(RuntimeError):
     """An update expected a revision that is no longer the stored one."""
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One recorded Send."""
-
-    id: str
-    session_id: int
-    idempotency_key: str | None
-    recipient: str
-    text: str
-    status: MessageStatus
-    accepted_at: datetime
-    whatsapp_message_id: str | None = None
-    error_code: str | None = None
-    error_message: str | None = None
 
 
 def _ts(value: datetime | None) -> str | None:
@@ -192,6 +204,7 @@ def _message_row(session_id: int, row: sqlite3.Row | tuple[Any, ...]) -> Message
         error_code=row[6],
         error_message=row[7],
         accepted_at=_dt(row[8]),  # type: ignore[arg-type]
+        request_digest=row[9],
     )
 
 
@@ -207,6 +220,8 @@ class Store:
     def __init__(self, connection: aiosqlite.Connection, path: Path) -> None:
         self._db = connection
         self.path = path
+        #: Fault points (tests): a commit may be made to fail, as with a full disk.
+        self.faults = FaultPoints()
         self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
         self._writer = asyncio.create_task(self._serve(), name="store-writer")
 
@@ -268,7 +283,7 @@ class Store:
                 for job in batch:
                     await self._commit([job])
             elif not batch[0].done.done():
-                batch[0].done.set_exception(failures.for_caller(error))
+                batch[0].done.set_exception(error)
             return
         for job, result in zip(batch, results, strict=True):
             if not job.done.done():
@@ -278,6 +293,7 @@ class Store:
         await self._db.execute("BEGIN IMMEDIATE")
         try:
             results = [await job.operation(self._db) for job in batch]
+            self.faults.hit("commit")
             await self._db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
@@ -365,13 +381,14 @@ class Store:
 
         async def operation(db: aiosqlite.Connection) -> None:
             await db.execute(
-                "INSERT INTO messages (id, session_id, idempotency_key, recipient, text, status, "
-                "whatsapp_message_id, error_code, error_message, accepted_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO messages (id, session_id, idempotency_key, request_digest, "
+                "recipient, text, status, whatsapp_message_id, error_code, error_message, "
+                "accepted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     message.id,
                     message.session_id,
                     message.idempotency_key,
+                    message.request_digest,
                     message.recipient,
                     message.text,
                     message_status_text(message.status),
@@ -416,12 +433,12 @@ class Store:
 
         return await self.run(operation)
 
-    async def fail_pending_messages(self, code: str, message: str, at: datetime) -> int:
-        """Mark messages whose result was never recorded as failed; returns how many."""
+    async def mark_pending_unknown(self, code: str, message: str, at: datetime) -> int:
+        """Mark messages whose result was never recorded as unknown; returns how many."""
 
         async def operation(db: aiosqlite.Connection) -> int:
             cursor = await db.execute(
-                "UPDATE messages SET status = 'failed', error_code = ?, error_message = ?, "
+                "UPDATE messages SET status = 'unknown', error_code = ?, error_message = ?, "
                 "finished_at = ? WHERE status = 'pending'",
                 (code, message, _ts(at)),
             )

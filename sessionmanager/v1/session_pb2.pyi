@@ -163,6 +163,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     `metadata.cause` says why, for the operator: `disk_full`, `locked`,
     `corrupt`, `read_only` or `io_error` (UNAVAILABLE, 503).
     """
+    ERROR_REASON_MESSAGE_OUTCOME_UNKNOWN: _ErrorReason.ValueType  # 16
+    """The message was handed to the engine but whether WhatsApp accepted it is not
+    known; it is not sent again by itself, and a repeat of its idempotency key
+    answers the same; `metadata.message_id` names it (UNKNOWN, 500).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists the contract's error codes. Every error the service
@@ -207,6 +212,11 @@ ERROR_REASON_STORAGE_UNAVAILABLE: ErrorReason.ValueType  # 15
 """The database could not read or record the change, so nothing was changed;
 `metadata.cause` says why, for the operator: `disk_full`, `locked`,
 `corrupt`, `read_only` or `io_error` (UNAVAILABLE, 503).
+"""
+ERROR_REASON_MESSAGE_OUTCOME_UNKNOWN: ErrorReason.ValueType  # 16
+"""The message was handed to the engine but whether WhatsApp accepted it is not
+known; it is not sent again by itself, and a repeat of its idempotency key
+answers the same; `metadata.message_id` names it (UNKNOWN, 500).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

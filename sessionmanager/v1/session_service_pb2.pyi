@@ -35,6 +35,11 @@ class _MessageStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Message
     """WhatsApp accepted the message."""
     MESSAGE_STATUS_FAILED: _MessageStatus.ValueType  # 3
     """The message was not sent; `error_code` and `error_message` say why."""
+    MESSAGE_STATUS_UNKNOWN: _MessageStatus.ValueType  # 4
+    """The engine took the message but its result is not known (the engine did
+    not answer, or the service stopped first): WhatsApp may or may not have
+    accepted it. It is never sent again by itself.
+    """
 
 class MessageStatus(_MessageStatus, metaclass=_MessageStatusEnumTypeWrapper):
     """MessageStatus is where an accepted message stands."""
@@ -47,6 +52,11 @@ MESSAGE_STATUS_SENT: MessageStatus.ValueType  # 2
 """WhatsApp accepted the message."""
 MESSAGE_STATUS_FAILED: MessageStatus.ValueType  # 3
 """The message was not sent; `error_code` and `error_message` say why."""
+MESSAGE_STATUS_UNKNOWN: MessageStatus.ValueType  # 4
+"""The engine took the message but its result is not known (the engine did
+not answer, or the service stopped first): WhatsApp may or may not have
+accepted it. It is never sent again by itself.
+"""
 Global___MessageStatus: _TypeAlias = MessageStatus  # noqa: Y015
 
 @_typing.final

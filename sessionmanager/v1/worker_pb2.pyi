@@ -321,6 +321,7 @@ class WorkerEvent(_message.Message):
         ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
         MESSAGE_ID_FIELD_NUMBER: _builtins.int
         LINKING_CODE_FIELD_NUMBER: _builtins.int
+        OUTCOME_UNKNOWN_FIELD_NUMBER: _builtins.int
         id: _builtins.int
         """The command's id."""
         error_code: _builtins.str
@@ -331,6 +332,10 @@ class WorkerEvent(_message.Message):
         """WhatsApp's id of the sent message, for SendText."""
         linking_code: _builtins.str
         """The linking code, for PairPhone."""
+        outcome_unknown: _builtins.bool
+        """Set with an error when the command may have taken effect all the same:
+        a message whose send failed this way may have reached WhatsApp.
+        """
         def __init__(
             self,
             *,
@@ -339,10 +344,11 @@ class WorkerEvent(_message.Message):
             error_message: _builtins.str = ...,
             message_id: _builtins.str = ...,
             linking_code: _builtins.str = ...,
+            outcome_unknown: _builtins.bool = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["error_code", b"error_code", "error_message", b"error_message", "id", b"id", "linking_code", b"linking_code", "message_id", b"message_id"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["error_code", b"error_code", "error_message", b"error_message", "id", b"id", "linking_code", b"linking_code", "message_id", b"message_id", "outcome_unknown", b"outcome_unknown"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,62 @@
+"""Everything the server holds for one session incarnation, in one object."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.domain import errors
+from service.domain.limits import Limits, SendBucket
+from service.domain.states import Session, SessionRef
+
+
+@dataclass(eq=False)
+class SessionCell:
+    """One incarnation of a session: its committed state and what runs for it.
+
+    Every change of the state happens under ``lock``; a cell that was deleted
+    stays deleted (``gone``), so whoever waited on its lock learns that its
+    session no longer exists and never touches a newer incarnation.
+    """
+
+    instance_id: str
+    limits: Limits
+    #: The committed state; ``None`` while its creation is being committed.
+    session: Session | None = None
+    gone: bool = False
+    #: The device was unlinked by request: engine reports are refused until a new pairing.
+    unlinked: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: The pairing being started (shared by concurrent RequestQR calls).
+    pairing: asyncio.Task[None] | None = None
+    #: The timer that marks the shown code expired.
+    expiry: asyncio.Task[None] | None = None
+    #: Sends under way, by idempotency key: (request digest, shared result).
+    sends: dict[str, tuple[str, asyncio.Future[Any]]] = field(default_factory=dict)
+    bucket: SendBucket = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.bucket = SendBucket(self.limits)
+
+    @property
+    def live(self) -> bool:
+        return self.session is not None and not self.gone
+
+    @property
+    def current(self) -> Session:
+        """The committed state; SESSION_NOT_FOUND once deleted or before it exists."""
+        if self.session is None or self.gone:
+            raise errors.session_not_found(self.instance_id)
+        return self.session
+
+    @property
+    def ref(self) -> SessionRef:
+        return self.current.ref
+
+    def stop_tasks(self) -> None:
+        """Cancel the timers and pairings of a deleted incarnation."""
+        for task in (self.pairing, self.expiry):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+        self.pairing = self.expiry = None
