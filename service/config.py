@@ -46,21 +46,29 @@ class SettingError(ValueError):
         self.problem = problem
 
 
+class TokenFileUnreadable(OSError):
+    """A token file named by the settings cannot be read."""
+
+
 def seconds(value: float) -> str | None:
+    """A duration: above 0, and short enough for any date it is added to."""
     if not 0 < value <= MAX_SECONDS:
         return f"must be a number of seconds above 0 and at most {MAX_SECONDS:.0f}, got {value}"
     return None
 
 
 def rate(value: float) -> str | None:
+    """A rate where 0 means "no limit"."""
     return None if value >= 0 else f"must be 0 (no limit) or more, got {value}"
 
 
 def count(value: int) -> str | None:
+    """A count or a limit: at least one."""
     return None if value >= 1 else f"must be 1 or more, got {value}"
 
 
-def address(value: str) -> str | None:
+def host_port(value: str) -> str | None:
+    """``host:port`` with a host (gRPC would take ``:50051`` or a bare host as port 443)."""
     match = _ADDRESS.fullmatch(value)
     if match is None:
         return f"must be host:port (e.g. 127.0.0.1:50051 or [::1]:50051), got {value!r}"
@@ -69,8 +77,8 @@ def address(value: str) -> str | None:
     return None
 
 
-def optional_address(value: str) -> str | None:
-    return None if value == "" else address(value)
+def optional_host_port(value: str) -> str | None:
+    return None if value == "" else host_port(value)
 
 
 def one_of(*choices: str) -> Check:
@@ -87,7 +95,11 @@ def setting(default: Any, help: str, check: Check | None = None, *, option: bool
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    address: str = setting("127.0.0.1:50051", "host:port to listen on (port 0 picks one)", address)
+    """Everything the server is told at start-up; checked when built, whoever builds it."""
+
+    address: str = setting(
+        "127.0.0.1:50051", "host:port to listen on (port 0 picks one)", host_port
+    )
     database: Path = setting(Path("data/sessions.db"), "the SQLite file; created if missing")
     engine: str = setting(
         "whatsmeow", f"the WhatsApp engine: {', '.join(ENGINES)}", one_of(*ENGINES)
@@ -121,7 +133,7 @@ class Settings:
         10.0, "seconds in-flight calls get to finish on SIGTERM", seconds
     )
     metrics_address: str = setting(
-        "", "host:port to serve Prometheus /metrics on (off when empty)", optional_address
+        "", "host:port to serve Prometheus /metrics on (off when empty)", optional_host_port
     )
     log_format: str = setting(
         "text", "text (for people) or json (one object per line)", one_of(*LOG_FORMATS)
@@ -271,10 +283,6 @@ def _tokens(environ: Mapping[str, str], role: str, file: object) -> tuple[bytes,
                 f"cannot read the token file {file}: {error.strerror}"
             ) from error
     return parse_tokens(text)
-
-
-class TokenFileUnreadable(OSError):
-    """A token file named by the settings cannot be read."""
 
 
 def is_loopback(address: str) -> bool:
