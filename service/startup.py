@@ -13,6 +13,7 @@ import socket
 import sqlite3
 import ssl
 from pathlib import Path
+from typing import Any
 
 from service.config import Settings
 from service.store import failures
@@ -85,8 +86,10 @@ def split_address(address: str) -> tuple[str, int]:
 def check_address(address: str, what: str, exit_code: ExitCode | None = None) -> None:
     """Refuse an address this host cannot listen on, or one another process listens on.
 
-    A trial bind says why before gRPC tries (gRPC only says "Failed to bind",
-    and on a line of its own). ``exit_code`` replaces both address codes.
+    A trial bind on each address the host resolves to says why before gRPC
+    tries (gRPC only says "Failed to bind", and on a line of its own). Like
+    gRPC, one usable address is enough; one in use is not, since another
+    server is there. ``exit_code`` replaces both address codes.
     """
     host, port = split_address(address)
     try:
@@ -96,18 +99,30 @@ def check_address(address: str, what: str, exit_code: ExitCode | None = None) ->
             exit_code or ExitCode.ADDRESS_UNUSABLE,
             f"cannot listen on {address} ({what}): {error.strerror}",
         ) from None
-    family, kind, proto, _, sockaddr = resolved[0]
+    problems = [
+        _trial_bind(family, kind, proto, sockaddr) for family, kind, proto, _, sockaddr in resolved
+    ]
+    if any(problem is not None and problem.errno == errno.EADDRINUSE for problem in problems):
+        raise StartupError(
+            exit_code or ExitCode.ADDRESS_IN_USE,
+            f"cannot listen on {address} ({what}): another process listens on that port",
+        )
+    failed = [problem for problem in problems if problem is not None]
+    if len(failed) == len(problems):  # not one of its addresses can be bound here
+        raise StartupError(
+            exit_code or ExitCode.ADDRESS_UNUSABLE,
+            f"cannot listen on {address} ({what}): {failed[0].strerror}",
+        )
+
+
+def _trial_bind(family: int, kind: int, proto: int, sockaddr: Any) -> OSError | None:
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
         try:
             probe.bind(sockaddr)
         except OSError as error:
-            in_use = error.errno == errno.EADDRINUSE
-            raise StartupError(
-                exit_code or (ExitCode.ADDRESS_IN_USE if in_use else ExitCode.ADDRESS_UNUSABLE),
-                f"cannot listen on {address} ({what}): "
-                + ("another process listens on that port" if in_use else str(error.strerror)),
-            ) from None
+            return error
+    return None
 
 
 def database_failure(database: Path, error: BaseException) -> StartupError | None:
