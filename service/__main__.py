@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sqlite3
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
 from service import config, logs
 from service.server import serve
-from service.startup import ExitCode, StartupError
+from service.startup import ExitCode, StartupError, database_failure
 
 log = logging.getLogger("service")
 
@@ -50,6 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StartupError as error:
         return _fail(error.exit_code, str(error))
     except Exception as error:  # one line for the operator, the trace at debug
+        if isinstance(error, sqlite3.Error):  # the database failed after it was opened
+            failure = database_failure(settings.database, error)
+            if failure is not None:
+                return _fail(failure.exit_code, str(failure))
         log.debug("start-up failed", exc_info=error)
         return _fail(ExitCode.UNEXPECTED, f"unexpected failure: {type(error).__name__}: {error}")
     return 0

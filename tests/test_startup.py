@@ -123,6 +123,31 @@ def test_a_database_that_cannot_be_created_refuses_to_start(tmp_path: Path) -> N
     _one_line(refusal, ExitCode.DATABASE_NOT_WRITABLE, str(in_the_way))
 
 
+@contextlib.contextmanager
+def _immutable(path: Path) -> Iterator[None]:
+    """``chattr +i``: not even root may write ``path`` (tests run as root, where modes do not)."""
+    made = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True, check=False)
+    if made.returncode != 0:
+        pytest.skip(f"this filesystem has no immutable files: {made.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@pytest.mark.parametrize("frozen", ["file", "directory"])
+def test_a_database_that_cannot_be_written_refuses_to_start(tmp_path: Path, frozen: str) -> None:
+    database = tmp_path / "data" / "sessions.db"
+    with ServerProcess.start(database) as server:
+        _create_and_get(server.address, "kept")
+        assert server.stop() == 0
+    with _immutable(database if frozen == "file" else database.parent):
+        refusal = failed_start(database)
+    _one_line(refusal, ExitCode.DATABASE_NOT_WRITABLE, str(database))
+    with ServerProcess.start(database) as server:  # writable again: nothing was lost
+        _create_and_get(server.address, "after")
+
+
 def test_an_address_of_another_host_refuses_to_start(tmp_path: Path) -> None:
     refusal = failed_start(
         tmp_path / "s.db", f"--address={NOT_LOCAL}:50051", "--allow-unauthenticated-remote"

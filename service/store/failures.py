@@ -11,6 +11,7 @@ are not the storage's (a constraint, a bug) are not classified.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import sqlite3
 
@@ -92,12 +93,23 @@ class IntegrityCheckFailed(sqlite3.DatabaseError):
     sqlite_errorcode = sqlite3.SQLITE_CORRUPT
 
 
-async def quick_check(db: aiosqlite.Connection) -> None:
-    """Refuse a damaged file at open, before anything is served from it.
+async def check_usable(db: aiosqlite.Connection) -> None:
+    """Refuse, at open, a file that is damaged or cannot be written, before anything is served.
 
     ``quick_check`` reads every page but skips the index cross-checks of
-    ``integrity_check``: O(N), a fraction of a second for a large store.
+    ``integrity_check``: O(N), a fraction of a second for a large store. The
+    write probe stores the schema version it read, which changes nothing but
+    needs the file, its journal and its directory to be writable.
     """
     rows = [str(row[0]) for row in await db.execute_fetchall("PRAGMA quick_check")]
     if rows != ["ok"]:
         raise IntegrityCheckFailed("quick_check: " + "; ".join(rows[:3]))
+    version = int(next(iter(await db.execute_fetchall("PRAGMA user_version")))[0])
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        await db.execute(f"PRAGMA user_version = {version}")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            await db.execute("ROLLBACK")
+        raise
+    await db.execute("COMMIT")

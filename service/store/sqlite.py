@@ -236,7 +236,7 @@ class Store:
             await db.execute("PRAGMA synchronous = FULL")
             await db.execute("PRAGMA foreign_keys = ON")
             await db.execute("PRAGMA busy_timeout = 5000")
-            await failures.quick_check(db)
+            await failures.check_usable(db)
             await _migrate(db)
         except BaseException:
             await db.close()
