@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -25,19 +26,29 @@ class ServerProcess:
     def start(
         cls, database: Path, *args: str, env: Mapping[str, str] | None = None
     ) -> ServerProcess:
+        stderr = tempfile.TemporaryFile()
         process = subprocess.Popen(
             [*SERVE, "--address=127.0.0.1:0", f"--database={database}", "--log-level=error", *args],
             stdout=subprocess.PIPE,
+            stderr=stderr,
             text=True,
             env={**os.environ, **(env or {})},
         )
         assert process.stdout is not None
         line = process.stdout.readline()
-        assert line.startswith("session-manager listening on port"), line
+        if not line.startswith("session-manager listening on port"):
+            process.wait(15)
+            stderr.seek(0)
+            raise AssertionError(f"the server did not start: {stderr.read().decode()}")
         return cls(process, int(line.rsplit(" ", 1)[1]))
 
     def wait(self, timeout: float = 10.0) -> int:
         return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(15)
 
     def stop(self) -> None:
         if self.process.poll() is None:
