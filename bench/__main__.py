@@ -33,7 +33,7 @@ import grpc
 from bench.bare import NOOP, PUBLISH, WATCH
 from service.domain.qr import render_data_url
 from service.engine.simulated import pairing_payload
-from service.store import store
+from service.store.sqlite import Store
 from sessionmanager.v1 import engine_service_pb2 as engine
 from sessionmanager.v1 import session_service_pb2 as pb
 from sessionmanager.v1 import simulator_service_pb2 as sim
@@ -169,7 +169,7 @@ async def fanout(
 
 async def seed_database(path: Path, sessions: int) -> None:
     """A database with ``sessions`` sessions in init, written directly for speed."""
-    await (await store.Store.open(path)).close()
+    await (await Store.open(path)).close()
     now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     with contextlib.closing(sqlite3.connect(path)) as db:
         db.executemany(
