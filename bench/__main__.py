@@ -56,6 +56,13 @@ from sessionmanager.v1 import session_service_pb2 as pb
 RESULTS = Path(__file__).parent / "RESULTS.md"
 IN_FLIGHT = 64
 REPORT_ERROR = "/sessionmanager.v1.EngineService/ReportError"
+TITLE = """# Benchmark results
+
+`python -m bench --label TEXT` adds a dated section (or replaces the one with the
+same heading), so runs before and after a change stand side by side. Compare the
+server CPU per call and its ratio to the bare baseline: the machine is shared, and
+CPU time holds where throughput and latency move with the load.
+"""
 WORKERS_SECTION = "## Engine workers"  # written by `python -m bench.workers`, kept last
 
 
@@ -373,7 +380,12 @@ def _versions() -> str:
     return ", ".join(f"{name} {metadata.version(name)}" for name in names)
 
 
-def section(results: Results, heading: str, command: str, took: float) -> str:
+def load_average() -> str:
+    """The machine's load over the last minute: how much else was running."""
+    return Path("/proc/loadavg").read_text().split()[0]
+
+
+def section(results: Results, heading: str, command: str, took: float, load: str) -> str:
     """The Markdown section one run writes: how it ran, then its two tables."""
     return "\n".join([
         heading,
@@ -381,6 +393,7 @@ def section(results: Results, heading: str, command: str, took: float) -> str:
         f"Written by `{command}` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC in {took:.0f} s.",
         "",
         f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        f"- load average (1 min) {load} at the start, {load_average()} at the end",
         f"- Python {platform.python_version()}; {_versions()}",
         "- every server in its own process; the same client code loads the Session Manager and",
         "  the bare grpc.aio baseline (no-op unary, no-op fan-out); ratios are taken run by run",
@@ -414,7 +427,7 @@ def write(output: Path, new: str) -> None:
     workers = [s for s in kept if s.startswith(WORKERS_SECTION)]
     others = [s for s in kept if not s.startswith(WORKERS_SECTION)]
     parts = [s.rstrip("\n") + "\n" for s in [*others, new, *workers]]
-    output.write_text("# Benchmark results\n\n" + "\n".join(parts))
+    output.write_text(f"{TITLE}\n" + "\n".join(parts))
 
 
 def main() -> int:
@@ -426,10 +439,10 @@ def main() -> int:
     command = "python -m bench" + (" --quick" if args.quick else "")
     command += f' --label "{args.label}"' if args.label else ""
     heading = f"## {datetime.now(UTC):%Y-%m-%d}: {args.label}" if args.label else "## Latest run"
-    started = time.perf_counter()
+    started, load = time.perf_counter(), load_average()
     with tempfile.TemporaryDirectory() as work:
         results = asyncio.run(run(QUICK if args.quick else FULL, Path(work)))
-    new = section(results, heading, command, time.perf_counter() - started)
+    new = section(results, heading, command, time.perf_counter() - started, load)
     write(args.output, new)
     print(new)
     return 0
