@@ -61,7 +61,7 @@ TITLE = """# Benchmark results
 `python -m bench --label TEXT` adds a dated section (or replaces the one with the
 same heading), so runs before and after a change stand side by side. Compare the
 server CPU per call and its ratio to the bare baseline: the machine is shared, and
-CPU time holds where throughput and latency move with the load.
+throughput and latency move with its load far more than CPU time does.
 """
 WORKERS_SECTION = "## Engine workers"  # written by `python -m bench.workers`, kept last
 
