@@ -26,7 +26,7 @@ class ServerProcess:
     def start(
         cls, database: Path, *args: str, env: Mapping[str, str] | None = None
     ) -> ServerProcess:
-        stderr = tempfile.TemporaryFile()
+        stderr = tempfile.TemporaryFile()  # noqa: SIM115 - read only if the start fails
         process = subprocess.Popen(
             [*SERVE, "--address=127.0.0.1:0", f"--database={database}", "--log-level=error", *args],
             stdout=subprocess.PIPE,
