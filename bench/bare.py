@@ -1,6 +1,6 @@
 """The baseline: a bare grpc.aio server with a no-op unary RPC and a no-op fan-out stream.
 
-Run as ``python -m bench.bare PORT_FILE``; it prints its port like the real server.
+Run as ``python -m bench.bare``; it prints the port it listens on, like the real server.
 """
 
 from __future__ import annotations

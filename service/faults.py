@@ -36,12 +36,14 @@ POINTS = frozenset(
 DISK_FULL = "database or disk is full"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Fault:
     action: str
     probability: float
     #: How many more times it fires; None: without end.
-    times: list[int] | None = None
+    times: int | None = None
+    #: How many passes it lets through first.
+    after: int = 0
 
 
 def _parse(spec: str) -> dict[str, _Fault]:
@@ -66,9 +68,9 @@ class FaultPoints:
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> FaultPoints:
         return cls(_parse(environ.get(ENVIRONMENT, "")))
 
-    def fail_next(self, point: str, times: int = 1) -> None:
-        """Make the next ``times`` passes at ``point`` fail (in-process tests)."""
-        self.faults[point] = _Fault("fail", 1.0, [times])
+    def fail_next(self, point: str, times: int = 1, after: int = 0) -> None:
+        """Make ``times`` passes at ``point`` fail, after letting ``after`` through."""
+        self.faults[point] = _Fault("fail", 1.0, times, after)
 
     def clear(self) -> None:
         self.faults.clear()
@@ -77,9 +79,12 @@ class FaultPoints:
         fault = self.faults.get(point)
         if fault is None or self.rng.random() >= fault.probability:
             return
+        if fault.after > 0:
+            fault.after -= 1
+            return
         if fault.times is not None:
-            fault.times[0] -= 1
-            if fault.times[0] <= 0:
+            fault.times -= 1
+            if fault.times <= 0:
                 del self.faults[point]
         if fault.action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)

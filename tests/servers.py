@@ -1,6 +1,7 @@
 """``session-manager serve`` as a real subprocess, for tests that need a process of its own.
 
-``ServerProcess.start`` runs the server on port 0 with the given database and
+``ServerProcess.start`` runs the server on port 0 (quiet: errors only, unless
+told otherwise) with the given database and
 returns once it printed "session-manager listening on port N", or fails the
 test with the server's stderr if it exits or stays silent past the timeout.
 Its stderr goes to a file (a pipe nobody reads would fill and stall it).
@@ -27,10 +28,17 @@ SERVER = str(Path(sys.executable).parent / "session-manager")
 _LISTENING = re.compile(r"session-manager listening on port (\d+)\n")
 
 
-def command(database: Path, *args: str) -> list[str]:
-    """The command line of a server on ``database``: port 0 unless ``args`` names an address."""
-    address = () if any(a.startswith("--address") for a in args) else ("--address=127.0.0.1:0",)
-    return [SERVER, "serve", *address, f"--database={database}", *args]
+def command(database: Path, *args: str, quiet: bool = True) -> list[str]:
+    """The command line of a server on ``database``.
+
+    Port 0, and with ``quiet`` ``--log-level=error``, unless ``args`` name an address or a level.
+    """
+    defaults = {"--address": "--address=127.0.0.1:0"}
+    if quiet:
+        defaults["--log-level"] = "--log-level=error"
+    named = {arg.split("=", 1)[0] for arg in args}
+    chosen = [value for flag, value in defaults.items() if flag not in named]
+    return [SERVER, "serve", *chosen, f"--database={database}", *args]
 
 
 def _environment(env: Mapping[str, str] | None) -> dict[str, str]:
@@ -156,9 +164,12 @@ class Refusal:
 def failed_start(
     database: Path, *args: str, env: Mapping[str, str] | None = None, timeout: float = 30.0
 ) -> Refusal:
-    """Run a server that must refuse to start; fail if it starts or hangs."""
+    """Run a server that must refuse to start; fail if it starts or hangs.
+
+    It logs at the default level, so that its stderr is what an operator sees.
+    """
     done = subprocess.run(
-        command(database, *args),
+        command(database, *args, quiet=False),
         capture_output=True,
         text=True,
         env=_environment(env),

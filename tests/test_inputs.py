@@ -162,7 +162,9 @@ def test_log_lines_escape_control_characters(formatter: logging.Formatter) -> No
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_a_hostile_error_message_reaches_the_log_escaped(tmp_path: Path, log_format: str) -> None:
-    with ServerProcess.start(tmp_path / "s.db", f"--log-format={log_format}") as server:
+    with ServerProcess.start(
+        tmp_path / "s.db", f"--log-format={log_format}", "--log-level=info"
+    ) as server:
         with grpc.insecure_channel(server.address) as channel:
             sessions = session_service_pb2_grpc.SessionServiceStub(channel)
             reports = engine_service_pb2_grpc.EngineServiceStub(channel)

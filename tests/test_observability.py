@@ -60,7 +60,8 @@ async def test_metrics_endpoint(settings: Settings) -> None:
 
 
 def test_json_logs_name_the_session(tmp_path: Path) -> None:
-    with ServerProcess.start(tmp_path / "db.sqlite", "--log-format=json") as server:
+    database = tmp_path / "db.sqlite"
+    with ServerProcess.start(database, "--log-format=json", "--log-level=info") as server:
         client = subprocess.run(
             [
                 str(Path(sys.executable).parent / "grpcurl"),

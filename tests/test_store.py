@@ -58,3 +58,30 @@ async def test_a_newer_schema_is_refused(database: Path) -> None:
         db.execute(f"PRAGMA user_version = {store.SCHEMA_VERSION + 1}")
     with pytest.raises(store.SchemaTooNew):
         await store.Store.open(database)
+
+
+async def test_a_version_1_file_migrates_and_keeps_its_messages(tmp_path: Path) -> None:
+    database = tmp_path / "v1.db"
+    with sqlite3.connect(database) as db:
+        # As the release before message outcomes wrote it: no 'unknown' status.
+        version_1 = store.MIGRATIONS[0].replace(", 'unknown'", "")
+        db.executescript(version_1 + "; PRAGMA user_version = 1;")
+        db.execute(INSERT, ("sender_1", "init", "none", None))
+        db.execute(
+            "INSERT INTO messages (id, session_id, idempotency_key, recipient, text, status, "
+            "accepted_at) VALUES ('m1', 1, 'k1', '+5491100000000', 'hola', 'pending', "
+            "'2026-01-01')"
+        )
+    opened = await store.Store.open(database)
+    try:
+        found = await opened.find_message(1, "k1")
+        assert found is not None
+        assert (found.id, found.text, found.request_digest) == ("m1", "hola", "")
+        assert await opened.mark_pending_unknown("OUTCOME_UNKNOWN", "unknown", found.accepted_at)
+    finally:
+        await opened.close()
+    with sqlite3.connect(database) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (store.SCHEMA_VERSION,)
+        assert db.execute("SELECT status FROM messages").fetchone() == ("unknown",)
+        with pytest.raises(sqlite3.IntegrityError):
+            db.execute("UPDATE messages SET status = 'lost'")

@@ -13,8 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,11 +28,10 @@ from sessionmanager.v1 import session_service_pb2 as pb
 from sessionmanager.v1 import session_service_pb2_grpc
 from sessionmanager.v1 import simulator_service_pb2 as sim
 from tests.conftest import Harness, start_harness
+from tests.flows import PHONE, connected, eventually, session_of, states_until
 from tests.processes import alive, live_children
 from tests.servers import ServerProcess
 from tests.status_details import error_info
-
-PHONE = "+5491122334455"
 
 
 @pytest.fixture
@@ -54,42 +52,6 @@ def _engine(h: Harness) -> WorkerEngine:
     engine = h.running.engine
     assert isinstance(engine, WorkerEngine)
     return engine
-
-
-async def _eventually(check: Callable[[], bool], within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("the condition did not hold in time")
-        await asyncio.sleep(0.05)
-
-
-async def _session(h: Harness, iid: str) -> s.WhatsAppSession:
-    return (await h.sessions.GetSession(pb.GetSessionRequest(instance_id=iid))).session
-
-
-async def _until(
-    h: Harness, iid: str, check: Callable[[s.WhatsAppSession], bool], within: float = 15.0
-) -> list[s.WhatsAppSession]:
-    """The states a watcher sees, up to the first one that passes ``check``."""
-    seen: list[s.WhatsAppSession] = []
-
-    async def watch() -> None:
-        async for response in h.sessions.WatchSession(pb.WatchSessionRequest(instance_id=iid)):
-            seen.append(response.session)
-            if check(response.session):
-                return
-
-    await asyncio.wait_for(watch(), within)
-    return seen
-
-
-async def _connected(h: Harness, iid: str) -> s.WhatsAppSession:
-    await h.sessions.CreateSession(pb.CreateSessionRequest(instance_id=iid))
-    await h.sessions.RequestQR(pb.RequestQRRequest(instance_id=iid))
-    scanned = await h.simulator.ScanQR(sim.ScanQRRequest(instance_id=iid, phone_number=PHONE))
-    assert scanned.session.status == s.SESSION_STATUS_CONNECTED
-    return scanned.session
 
 
 def _status(session: s.WhatsAppSession) -> tuple[int, int]:
@@ -125,7 +87,7 @@ async def test_a_session_lives_in_its_own_worker(workers: Harness) -> None:
     disconnected = await workers.sessions.Disconnect(pb.DisconnectRequest(instance_id="own"))
     assert disconnected.session.last_error_code == "LOGOUT"
     assert "own" not in engine.worker_pids()
-    await _eventually(lambda: not alive(pid))
+    await eventually(lambda: not alive(pid))
     assert not engine.device_dir(
         workers.running.manager.ref("own")
     ).exists()  # credentials are wiped on logout
@@ -133,7 +95,7 @@ async def test_a_session_lives_in_its_own_worker(workers: Harness) -> None:
 
 async def test_killing_a_connected_worker(workers: Harness) -> None:
     engine = _engine(workers)
-    await _connected(workers, "crash")
+    await connected(workers, "crash")
     key = "order-1"
     first = await workers.sessions.Send(
         pb.SendRequest(instance_id="crash", to=PHONE, text="hola", idempotency_key=key)
@@ -141,7 +103,7 @@ async def test_killing_a_connected_worker(workers: Harness) -> None:
     pid = engine.worker_pids()["crash"]
 
     os.kill(pid, signal.SIGKILL)
-    seen = await _until(
+    seen = await states_until(
         workers, "crash", lambda x: x.status == s.SESSION_STATUS_CONNECTED and x.revision > 4
     )
     crashed = next(x for x in seen if x.status == s.SESSION_STATUS_DISCONNECTED)
@@ -172,7 +134,7 @@ async def test_killing_a_pairing_worker_shows_a_new_code(workers: Harness) -> No
     pid = engine.worker_pids()["pairing"]
 
     os.kill(pid, signal.SIGKILL)
-    seen = await _until(
+    seen = await states_until(
         workers,
         "pairing",
         lambda x: x.qr_status == s.QR_STATUS_GENERATED and x.qr_string != first.qr_string,
@@ -190,16 +152,16 @@ async def test_killing_a_pairing_worker_shows_a_new_code(workers: Harness) -> No
 
 async def test_a_frozen_worker_is_killed_and_replaced(workers: Harness) -> None:
     engine = _engine(workers)
-    await _connected(workers, "frozen")
+    await connected(workers, "frozen")
     pid = engine.worker_pids()["frozen"]
 
     os.kill(pid, signal.SIGSTOP)  # alive, but answers nothing: no heartbeat
-    seen = await _until(
+    seen = await states_until(
         workers, "frozen", lambda x: x.status == s.SESSION_STATUS_CONNECTED and x.revision > 4
     )
     hung = next(x for x in seen if x.status == s.SESSION_STATUS_DISCONNECTED)
     assert hung.last_error_code == "WORKER_UNRESPONSIVE"
-    await _eventually(lambda: not alive(pid))
+    await eventually(lambda: not alive(pid))
     assert engine.worker_pids()["frozen"] != pid
 
 
@@ -215,12 +177,12 @@ async def test_repeated_crashes_end_in_error(settings: Settings) -> None:
     )
     try:
         engine = _engine(harness)
-        await _connected(harness, "loop")
+        await connected(harness, "loop")
         for _ in range(3):
-            await _eventually(lambda: "loop" in engine.worker_pids())
+            await eventually(lambda: "loop" in engine.worker_pids())
             os.kill(engine.worker_pids()["loop"], signal.SIGKILL)
-            await _eventually(lambda: "loop" not in engine.worker_pids())
-        seen = await _until(harness, "loop", lambda x: x.status == s.SESSION_STATUS_ERROR)
+            await eventually(lambda: "loop" not in engine.worker_pids())
+        seen = await states_until(harness, "loop", lambda x: x.status == s.SESSION_STATUS_ERROR)
         assert seen[-1].last_error_code == "WORKER_CRASH_LOOP"
         assert "3 times" in seen[-1].last_error_message
         await asyncio.sleep(1.0)
@@ -241,7 +203,7 @@ async def test_restart_restores_connected_sessions_in_new_workers(
 ) -> None:
     first = await start_harness(worker_settings, ManualClock())
     try:
-        await _connected(first, "keep")
+        await connected(first, "keep")
         await first.sessions.CreateSession(pb.CreateSessionRequest(instance_id="pair"))
         await first.sessions.RequestQR(pb.RequestQRRequest(instance_id="pair"))
         old_pids = set(_engine(first).worker_pids().values())
@@ -251,12 +213,12 @@ async def test_restart_restores_connected_sessions_in_new_workers(
 
     second = await start_harness(worker_settings, ManualClock())
     try:
-        seen = await _until(second, "keep", lambda x: x.status == s.SESSION_STATUS_CONNECTED)
+        seen = await states_until(second, "keep", lambda x: x.status == s.SESSION_STATUS_CONNECTED)
         assert seen[-1].phone_number == PHONE
         assert all(x.qr_status != s.QR_STATUS_GENERATED for x in seen)  # no QR needed
         assert "keep" in _engine(second).worker_pids()
         # A code shown by a worker that is gone cannot be scanned: it is expired.
-        pairing = await _session(second, "pair")
+        pairing = await session_of(second, "pair")
         assert _status(pairing) == (s.SESSION_STATUS_QR_REQUIRED, s.QR_STATUS_EXPIRED)
         assert "pair" not in _engine(second).worker_pids()
     finally:
@@ -265,12 +227,12 @@ async def test_restart_restores_connected_sessions_in_new_workers(
 
 async def test_delete_stops_the_worker_and_wipes_credentials(workers: Harness) -> None:
     engine = _engine(workers)
-    await _connected(workers, "gone")
+    await connected(workers, "gone")
     pid = engine.worker_pids()["gone"]
     device = engine.device_dir(workers.running.manager.ref("gone"))
     assert device.is_dir()
     await workers.sessions.DeleteSession(pb.DeleteSessionRequest(instance_id="gone"))
-    await _eventually(lambda: not alive(pid))
+    await eventually(lambda: not alive(pid))
     assert not device.exists()
 
 
@@ -296,4 +258,4 @@ async def test_no_worker_outlives_a_killed_server(tmp_path: Path) -> None:
         workers = live_children(server.pid)
         assert len(workers) == 2
         server.kill()  # SIGKILL: the server gets no chance to stop its workers
-        await _eventually(lambda: not any(alive(pid) for pid in workers))
+        await eventually(lambda: not any(alive(pid) for pid in workers))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from service.api.aborts import abort
 from service.domain import errors
 from sessionmanager.v1 import session_pb2
 
@@ -104,16 +105,16 @@ def _refusal(
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """A handler of the same kind as ``handler`` that only ends the call with ``error``."""
 
-    async def abort(context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort_with_status(errors.to_grpc_status(error))  # type: ignore[attr-defined]
+    async def refuse(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await abort(context, error)
 
     async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await abort(context)
+        await refuse(context)
 
     async def streaming(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
-        await abort(context)
+        await refuse(context)
         yield None  # pragma: no cover - abort raises
 
     serializers = {

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import timestamp_pb2
 
+from service.api.aborts import abort
 from service.domain import errors, states, validation
 from service.domain.contract import Status
 from service.domain.sessions import SendResult, SessionManager
@@ -91,10 +92,6 @@ def _watch_response(s: Session) -> pb.WatchSessionResponse:
     return pb.WatchSessionResponse(session=session_message(s))
 
 
-async def _abort(context: Context, error: errors.ContractError) -> None:
-    await context.abort_with_status(errors.to_grpc_status(error))  # type: ignore[attr-defined]
-
-
 def _unexpected(error: Exception) -> errors.ContractError:
     storage = failures.storage_unavailable(error)
     if storage is not None:  # the operator can act on it: one line, no traceback
@@ -114,9 +111,9 @@ def unary(
         try:
             return await method(self, request, context)
         except errors.ContractError as error:
-            await _abort(context, error)
+            await abort(context, error)
         except Exception as error:  # noqa: BLE001 - the contract's SESSION_MANAGER_ERROR
-            await _abort(context, _unexpected(error))
+            await abort(context, _unexpected(error))
         raise AssertionError("unreachable: abort raises")
 
     return handler
@@ -181,14 +178,14 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
             iid = validation.instance_id(request.instance_id)
             watcher = self._manager.watch(iid)
         except errors.ContractError as error:
-            await _abort(context, error)
+            await abort(context, error)
             return
         try:
             while True:
                 yield _watch_response(await watcher.next())
         except WatchClosed as closed:
             if closed.deleted:
-                await _abort(context, errors.session_not_found(iid))
+                await abort(context, errors.session_not_found(iid))
             await context.abort(grpc.StatusCode.UNAVAILABLE, closed.why)
         finally:
             self._manager.unwatch(iid, watcher)

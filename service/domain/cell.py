@@ -28,6 +28,8 @@ class SessionCell:
     #: The device was unlinked by request: engine reports are refused until a new pairing.
     unlinked: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: The commit that creates it (awaited by a second creation of the same instance_id).
+    creation: asyncio.Task[Session] | None = None
     #: The pairing being started (shared by concurrent RequestQR calls).
     pairing: asyncio.Task[None] | None = None
     #: The timer that marks the shown code expired.
@@ -54,9 +56,8 @@ class SessionCell:
     def ref(self) -> SessionRef:
         return self.current.ref
 
-    def stop_tasks(self) -> None:
-        """Cancel the timers and pairings of a deleted incarnation."""
-        for task in (self.pairing, self.expiry):
-            if task is not None and task is not asyncio.current_task():
-                task.cancel()
-        self.pairing = self.expiry = None
+    def stop_timer(self) -> None:
+        """Cancel the expiry timer (a pairing under way ends by itself once its worker stops)."""
+        if self.expiry is not None and self.expiry is not asyncio.current_task():
+            self.expiry.cancel()
+        self.expiry = None

@@ -8,34 +8,33 @@ mapping.
 
 from __future__ import annotations
 
-import grpc
 from google.protobuf import any_pb2
-from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from service.domain.contract import Reason, Status, reason_code, status_text
 from sessionmanager.v1 import session_pb2
 
 DOMAIN = "sessionmanager.v1"
 
-#: Each reason's gRPC status code and its HTTP equivalent (CONTRACT.md, Errors).
-_STATUS: dict[Reason, tuple[grpc.StatusCode, int]] = {
-    session_pb2.ERROR_REASON_SESSION_NOT_FOUND: (grpc.StatusCode.NOT_FOUND, 404),
-    session_pb2.ERROR_REASON_INVALID_INSTANCE_ID: (grpc.StatusCode.INVALID_ARGUMENT, 400),
-    session_pb2.ERROR_REASON_INVALID_ARGUMENT: (grpc.StatusCode.INVALID_ARGUMENT, 400),
-    session_pb2.ERROR_REASON_SESSION_ALREADY_CONNECTED: (grpc.StatusCode.FAILED_PRECONDITION, 409),
-    session_pb2.ERROR_REASON_SESSION_NOT_CONNECTED: (grpc.StatusCode.FAILED_PRECONDITION, 409),
-    session_pb2.ERROR_REASON_QR_NOT_AVAILABLE: (grpc.StatusCode.FAILED_PRECONDITION, 409),
-    session_pb2.ERROR_REASON_QR_GENERATION_FAILED: (grpc.StatusCode.INTERNAL, 500),
-    session_pb2.ERROR_REASON_SESSION_MANAGER_ERROR: (grpc.StatusCode.INTERNAL, 500),
-    session_pb2.ERROR_REASON_WHATSAPP_ERROR: (grpc.StatusCode.UNAVAILABLE, 502),
-    session_pb2.ERROR_REASON_SESSION_ALREADY_EXISTS: (grpc.StatusCode.ALREADY_EXISTS, 409),
-    session_pb2.ERROR_REASON_INVALID_TRANSITION: (grpc.StatusCode.FAILED_PRECONDITION, 409),
-    session_pb2.ERROR_REASON_UNAUTHENTICATED: (grpc.StatusCode.UNAUTHENTICATED, 401),
-    session_pb2.ERROR_REASON_PERMISSION_DENIED: (grpc.StatusCode.PERMISSION_DENIED, 403),
-    session_pb2.ERROR_REASON_LIMIT_EXCEEDED: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
-    session_pb2.ERROR_REASON_STORAGE_UNAVAILABLE: (grpc.StatusCode.UNAVAILABLE, 503),
-    session_pb2.ERROR_REASON_MESSAGE_OUTCOME_UNKNOWN: (grpc.StatusCode.UNKNOWN, 500),
+#: Each reason's gRPC status code (``google.rpc.Code``) and its HTTP equivalent
+#: (CONTRACT.md, Errors).
+_STATUS: dict[Reason, tuple[int, int]] = {
+    session_pb2.ERROR_REASON_SESSION_NOT_FOUND: (code_pb2.NOT_FOUND, 404),
+    session_pb2.ERROR_REASON_INVALID_INSTANCE_ID: (code_pb2.INVALID_ARGUMENT, 400),
+    session_pb2.ERROR_REASON_INVALID_ARGUMENT: (code_pb2.INVALID_ARGUMENT, 400),
+    session_pb2.ERROR_REASON_SESSION_ALREADY_CONNECTED: (code_pb2.FAILED_PRECONDITION, 409),
+    session_pb2.ERROR_REASON_SESSION_NOT_CONNECTED: (code_pb2.FAILED_PRECONDITION, 409),
+    session_pb2.ERROR_REASON_QR_NOT_AVAILABLE: (code_pb2.FAILED_PRECONDITION, 409),
+    session_pb2.ERROR_REASON_QR_GENERATION_FAILED: (code_pb2.INTERNAL, 500),
+    session_pb2.ERROR_REASON_SESSION_MANAGER_ERROR: (code_pb2.INTERNAL, 500),
+    session_pb2.ERROR_REASON_WHATSAPP_ERROR: (code_pb2.UNAVAILABLE, 502),
+    session_pb2.ERROR_REASON_SESSION_ALREADY_EXISTS: (code_pb2.ALREADY_EXISTS, 409),
+    session_pb2.ERROR_REASON_INVALID_TRANSITION: (code_pb2.FAILED_PRECONDITION, 409),
+    session_pb2.ERROR_REASON_UNAUTHENTICATED: (code_pb2.UNAUTHENTICATED, 401),
+    session_pb2.ERROR_REASON_PERMISSION_DENIED: (code_pb2.PERMISSION_DENIED, 403),
+    session_pb2.ERROR_REASON_LIMIT_EXCEEDED: (code_pb2.RESOURCE_EXHAUSTED, 429),
+    session_pb2.ERROR_REASON_STORAGE_UNAVAILABLE: (code_pb2.UNAVAILABLE, 503),
+    session_pb2.ERROR_REASON_MESSAGE_OUTCOME_UNKNOWN: (code_pb2.UNKNOWN, 500),
 }
 
 
@@ -56,7 +55,8 @@ class ContractError(Exception):
         return reason_code(self.reason)
 
     @property
-    def grpc_code(self) -> grpc.StatusCode:
+    def rpc_code(self) -> int:
+        """The gRPC status code, as a ``google.rpc.Code`` number."""
         return _STATUS[self.reason][0]
 
     @property
@@ -101,7 +101,7 @@ def to_rpc_status(error: ContractError) -> status_pb2.Status:
         retry.retry_delay.FromMilliseconds(max(1, round(error.retry_after * 1000)))
         details.append(any_pb2.Any())
         details[1].Pack(retry)
-    return status_pb2.Status(code=error.grpc_code.value[0], message=error.message, details=details)
+    return status_pb2.Status(code=error.rpc_code, message=error.message, details=details)
 
 
 def limit_exceeded(
@@ -113,8 +113,3 @@ def limit_exceeded(
     if instance_id:
         error.metadata["instance_id"] = instance_id
     return error
-
-
-def to_grpc_status(error: ContractError) -> grpc.Status:
-    """The status a servicer aborts with (``context.abort_with_status``)."""
-    return rpc_status.to_status(to_rpc_status(error))

@@ -94,8 +94,7 @@ class Pairing:
 
     def expire_later(self, cell: SessionCell, expires_at: datetime) -> None:
         """Mark the shown code expired at ``expires_at`` (watchers are told at that moment)."""
-        if cell.expiry is not None and cell.expiry is not asyncio.current_task():
-            cell.expiry.cancel()
+        cell.stop_timer()
         cell.expiry = self._registry.spawn(self._expire(cell, expires_at))
 
     async def _expire(self, cell: SessionCell, expires_at: datetime) -> None:
@@ -109,6 +108,5 @@ class Pairing:
         if session.qr_status == QR_GENERATED:
             if isinstance(event, states.QRShown):
                 self.expire_later(cell, event.expires_at)
-        elif cell.expiry is not None and cell.expiry is not asyncio.current_task():
-            cell.expiry.cancel()
-            cell.expiry = None
+        else:
+            cell.stop_timer()

@@ -10,6 +10,7 @@ its own cell: creating, deleting and recreating an ``instance_id`` never mix.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Coroutine, Iterator
@@ -97,22 +98,24 @@ class Registry:
                     f"session {instance_id!r} already exists",
                     instance_id=instance_id,
                 )
-            async with existing.lock:  # another creation is being committed: its outcome decides
-                pass
-        # Held from here, so that a delete or a report waits for the creation's commit.
+            # Another creation is being committed: its outcome decides.
+            assert existing.creation is not None
+            with contextlib.suppress(Exception):
+                await asyncio.shield(existing.creation)
+        # Registered at once, so that a second creation waits for this one's commit.
         cell = self._cells[instance_id] = SessionCell(instance_id, self._limits)
-        return await self.shielded(self._create(cell))
+        cell.creation = self.spawn(self._create(cell))
+        return await asyncio.shield(cell.creation)
 
     async def _create(self, cell: SessionCell) -> Session:
-        async with cell.lock:
-            session = states.new_session(cell.instance_id, self._clock.now())
-            try:
-                row_id = await self._store.insert_session(session)
-            except BaseException:
-                cell.gone = True
-                self._forget(cell)
-                raise
-            cell.session = dataclasses.replace(session, id=row_id)
+        session = states.new_session(cell.instance_id, self._clock.now())
+        try:
+            row_id = await self._store.insert_session(session)
+        except BaseException:
+            cell.gone = True
+            self._forget(cell)
+            raise
+        cell.session = dataclasses.replace(session, id=row_id)
         log.info("created", extra={"instance_id": cell.instance_id})
         return cell.session
 
@@ -127,7 +130,7 @@ class Registry:
             await self._store.delete_session(session.id)
             cell.gone = True
             self._forget(cell)
-            cell.stop_tasks()
+            cell.stop_timer()
             self.hub.close(
                 cell.instance_id,
                 WatchClosed(f"session {cell.instance_id!r} was deleted", deleted=True),
@@ -196,7 +199,7 @@ class Registry:
 
     async def close(self) -> None:
         for cell in self._cells.values():
-            cell.stop_tasks()
+            cell.stop_timer()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -49,6 +49,27 @@ def _in(values: tuple[str, ...]) -> str:
     return ", ".join(f"'{value}'" for value in values)
 
 
+def _messages_table(name: str, *more_columns: str) -> str:
+    """The messages table; its status accepts the message statuses of the contract."""
+    return f"""
+    CREATE TABLE {name} (
+        id TEXT PRIMARY KEY,
+        session_id INTEGER NOT NULL
+            REFERENCES ll_whatsapp_qr_sessions (id) ON DELETE CASCADE,
+        idempotency_key TEXT,
+        {" ".join(more_columns)}
+        recipient TEXT NOT NULL,
+        text TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ({_in(MESSAGE_STATUS_TEXTS)})),
+        whatsapp_message_id TEXT,
+        error_code TEXT,
+        error_message TEXT,
+        accepted_at TEXT NOT NULL,
+        finished_at TEXT,
+        UNIQUE (session_id, idempotency_key)
+    );"""
+
+
 # Each entry migrates the schema from version N to N + 1 (PRAGMA user_version).
 MIGRATIONS: tuple[str, ...] = (
     f"""
@@ -77,42 +98,13 @@ MIGRATIONS: tuple[str, ...] = (
         CHECK (status <> 'error'
             OR (last_error_code IS NOT NULL AND last_error_message IS NOT NULL))
     );
-    CREATE TABLE messages (
-        id TEXT PRIMARY KEY,
-        session_id INTEGER NOT NULL
-            REFERENCES ll_whatsapp_qr_sessions (id) ON DELETE CASCADE,
-        idempotency_key TEXT,
-        recipient TEXT NOT NULL,
-        text TEXT NOT NULL,
-        status TEXT NOT NULL CHECK (status IN ({_in(MESSAGE_STATUS_TEXTS)})),
-        whatsapp_message_id TEXT,
-        error_code TEXT,
-        error_message TEXT,
-        accepted_at TEXT NOT NULL,
-        finished_at TEXT,
-        UNIQUE (session_id, idempotency_key)
-    );
+    {_messages_table("messages")}
     CREATE INDEX messages_by_session ON messages (session_id, accepted_at);
     """,
     # 2: each message keeps the digest of its request (a reused idempotency key
     # must name the same message), and may be `unknown`.
     f"""
-    CREATE TABLE messages_2 (
-        id TEXT PRIMARY KEY,
-        session_id INTEGER NOT NULL
-            REFERENCES ll_whatsapp_qr_sessions (id) ON DELETE CASCADE,
-        idempotency_key TEXT,
-        request_digest TEXT NOT NULL DEFAULT '',
-        recipient TEXT NOT NULL,
-        text TEXT NOT NULL,
-        status TEXT NOT NULL CHECK (status IN ({_in(MESSAGE_STATUS_TEXTS)})),
-        whatsapp_message_id TEXT,
-        error_code TEXT,
-        error_message TEXT,
-        accepted_at TEXT NOT NULL,
-        finished_at TEXT,
-        UNIQUE (session_id, idempotency_key)
-    );
+    {_messages_table("messages_2", "request_digest TEXT NOT NULL DEFAULT '',")}
     INSERT INTO messages_2 (id, session_id, idempotency_key, recipient, text, status,
         whatsapp_message_id, error_code, error_message, accepted_at, finished_at)
         SELECT id, session_id, idempotency_key, recipient, text, status, whatsapp_message_id,
