@@ -170,11 +170,11 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         )
     clock = clock or SystemClock()
     check_tls_pair(settings)
-    check_address(settings.address, "--address")
-    if settings.metrics_address:
-        check_address(settings.metrics_address, "--metrics-address", ExitCode.METRICS_ADDRESS)
     ownership = Ownership.acquire(settings.database)
     try:
+        check_address(settings.address, "--address")
+        if settings.metrics_address:
+            check_address(settings.metrics_address, "--metrics-address", ExitCode.METRICS_ADDRESS)
         store = await Store.open(settings.database)
     except Exception as error:
         ownership.release()

@@ -76,6 +76,13 @@ def test_a_second_server_on_the_same_port_is_refused(
     assert _create_and_get(running.address, "sender_2").session.revision == 1
 
 
+def test_a_second_server_on_the_same_database_and_port_names_the_owner(
+    tmp_path: Path, running: ServerProcess
+) -> None:
+    refusal = failed_start(tmp_path / "sessions.db", f"--address={running.address}")
+    _one_line(refusal, ExitCode.DATABASE_IN_USE, f"pid {running.pid}", running.address)
+
+
 def test_the_database_is_free_again_after_sigkill(tmp_path: Path) -> None:
     database = tmp_path / "sessions.db"
     with ServerProcess.start(database) as first:
