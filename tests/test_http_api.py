@@ -80,7 +80,8 @@ def error_of(response: httpx.Response, status: int, code: str) -> dict[str, str]
     assert list(body) == ["error", "code", "message", "details"]
     assert body["error"] is True
     assert body["code"] == code
-    assert isinstance(body["message"], str) and body["message"]
+    assert isinstance(body["message"], str)
+    assert body["message"]
     assert all(isinstance(value, str) for value in body["details"].values())
     return dict(body["details"])
 
@@ -144,7 +145,9 @@ async def test_request_qr_is_idempotent_and_renews_an_expired_code(
 async def _connected(harness: Harness, http: httpx.AsyncClient, iid: str) -> dict[str, Any]:
     ok(await http.post("/sessions", json={"instance_id": iid}), 201)
     ok(await http.post(f"/sessions/{iid}/qr"))
-    await harness.simulator.ScanQR(sim.ScanQRRequest(instance_id=iid, phone_number="+5491122334455"))
+    await harness.simulator.ScanQR(
+        sim.ScanQRRequest(instance_id=iid, phone_number="+5491122334455")
+    )
     return ok(await http.get(f"/sessions/{iid}"))  # type: ignore[no-any-return]
 
 
@@ -174,7 +177,9 @@ async def test_send_with_an_idempotency_key_in_the_header_or_the_body(
     await _connected(harness, http, "sender_51")
     message = {"to": "+54 9 11 0000-0000", "text": "hola"}
     first = ok(
-        await http.post("/sessions/sender_51/send", json=message, headers={"Idempotency-Key": "o-1"})
+        await http.post(
+            "/sessions/sender_51/send", json=message, headers={"Idempotency-Key": "o-1"}
+        )
     )
     assert list(first) == [
         "message_id",
@@ -188,7 +193,9 @@ async def test_send_with_an_idempotency_key_in_the_header_or_the_body(
     assert first["accepted_at"] == "2026-01-04T12:00:00Z"
     assert isinstance(first["whatsapp_message_id"], str)
 
-    replay = ok(await http.post("/sessions/sender_51/send", json={**message, "idempotency_key": "o-1"}))
+    replay = ok(
+        await http.post("/sessions/sender_51/send", json={**message, "idempotency_key": "o-1"})
+    )
     assert replay == {**first, "replayed": True}
 
     other = ok(await http.post("/sessions/sender_51/send", json=message))
