@@ -7,7 +7,10 @@ The server has a public and an internal token and allows one CORS origin,
 from __future__ import annotations
 
 import dataclasses
+import socket
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,6 +22,7 @@ from service.api.auth import Tokens
 from service.api.http.auth import Authenticator
 from service.clock import ManualClock
 from service.config import Settings
+from service.server import InsecureAddress, start
 from tests.conftest import Harness, start_harness
 from tests.test_auth import pki  # noqa: F401 - the certificates fixture
 from tests.test_http_api import API, error_of, ok
@@ -244,3 +248,39 @@ async def test_https_with_the_grpc_certificates(settings: Settings, pki: Path) -
                 await http.get("/health")
     finally:
         await running.stop()
+
+
+async def test_a_remote_http_address_needs_tokens(settings: Settings) -> None:
+    remote = dataclasses.replace(
+        settings, public_tokens=(), internal_tokens=(), http_address="0.0.0.0:0"
+    )
+    with pytest.raises(InsecureAddress, match=r"0\.0\.0\.0:0"):
+        await start(remote, ManualClock())
+    assert not settings.database.exists()  # nothing was opened
+
+
+def test_a_busy_http_port_is_one_clear_line(settings: Settings, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "session-manager"),
+                "serve",
+                "--address=127.0.0.1:0",
+                f"--http-address=127.0.0.1:{port}",
+                f"--database={tmp_path / 'db.sqlite'}",
+                "--engine=simulated",
+                "--log-level=error",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert run.returncode == 2
+    assert run.stderr.startswith(
+        f"session-manager: could not listen for HTTP on '127.0.0.1:{port}'"
+    )
+    assert len(run.stderr.splitlines()) == 1, run.stderr
