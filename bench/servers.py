@@ -94,7 +94,7 @@ def _launch(*commands: list[str]) -> list[Server]:
 
 def _real_command(database: Path, *flags: str) -> list[str]:
     return [str(BIN / "session-manager"), "serve", "--address=127.0.0.1:0", f"--database={database}", "--engine=simulated",
-            "--log-level=warning", "--send-rate=0", "--qr-first-seconds=86400",
+            "--log-level=warning", "--send-rate=0", "--qr-first-seconds=86400", "--http-address=",
             "--max-watchers-per-session=100000", "--max-watchers=100000", *flags]  # fmt: skip
 
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from service import config, logs
+from service.api.http.server import ListenError
 from service.server import serve
 from service.startup import ExitCode, StartupError, database_failure
 
@@ -50,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(serve(settings))
     except StartupError as error:
         return _fail(error.exit_code, str(error))
+    except ListenError as error:  # the HTTP address failed after its trial bind passed
+        return _fail(ExitCode.ADDRESS_UNUSABLE, str(error))
     except Exception as error:  # one line for the operator, the trace at debug
         if isinstance(error, sqlite3.Error):  # the database failed after it was opened
             failure = database_failure(settings.database, error)

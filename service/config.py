@@ -31,6 +31,7 @@ MAX_SECONDS = 365 * 24 * 3600.0
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"", "0", "false", "no", "off"})
+_ORIGIN = re.compile(r"https?://[^/\s]+")
 _ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})")
 
 #: A check returns what is wrong with a value, or None when it is fine.
@@ -79,6 +80,18 @@ def host_port(value: str) -> str | None:
 
 def optional_host_port(value: str) -> str | None:
     return None if value == "" else host_port(value)
+
+
+def _origin_list(value: str) -> tuple[str, ...]:
+    return tuple(origin.strip() for origin in value.split(",") if origin.strip())
+
+
+def origins(value: str) -> str | None:
+    """Browser origins, comma-separated: ``https://hub.example`` (a scheme and a host only)."""
+    for origin in _origin_list(value):
+        if not _ORIGIN.fullmatch(origin):
+            return f"{origin!r} is not an origin like https://hub.example"
+    return None
 
 
 def one_of(*choices: str) -> Check:
@@ -161,6 +174,17 @@ class Settings:
     #: Read from SESSION_MANAGER_PUBLIC_TOKEN / _INTERNAL_TOKEN or the token files.
     public_tokens: tuple[bytes, ...] = setting((), "tokens of SessionService callers", option=False)
     internal_tokens: tuple[bytes, ...] = setting((), "tokens of the engine side", option=False)
+    http_address: str = setting(
+        "127.0.0.1:8080",
+        "host:port of the HTTP/JSON API and its event streams (off when empty)",
+        optional_host_port,
+    )
+    cors_origins: str = setting(
+        "", "comma-separated browser origins allowed to call the HTTP API (CORS)", origins
+    )
+    sse_keepalive: float = setting(
+        15.0, "seconds between keep-alive comments on an idle event stream", seconds
+    )
 
     def __post_init__(self) -> None:
         for declared in fields(self):
@@ -176,6 +200,10 @@ class Settings:
                                "--tls-cert and --tls-key go together")  # fmt: skip
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise SettingError("tls_client_ca", "needs --tls-cert and --tls-key")
+
+    @property
+    def cors_origin_list(self) -> tuple[str, ...]:
+        return _origin_list(self.cors_origins)
 
     @property
     def devices_path(self) -> Path:

@@ -72,8 +72,9 @@ class FaultPoints:
         """Make ``times`` passes at ``point`` fail, after letting ``after`` through."""
         self.faults[point] = _Fault("fail", 1.0, times, after)
 
-    def clear(self) -> None:
-        self.faults.clear()
+    def arm(self, other: FaultPoints) -> None:
+        """Arm the faults of ``other`` here too (the store and the domain share one set)."""
+        self.faults.update(other.faults)
 
     def hit(self, point: str) -> None:
         fault = self.faults.get(point)

@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.api.auth import TokenInterceptor, Tokens
+from service.api.http import HttpServer, Options, start_http
 from service.api.metrics import Metrics, MetricsInterceptor
 from service.api.rpc import EngineService, SessionService, SimulatorService
 from service.clock import Clock, SystemClock
@@ -83,12 +84,24 @@ class RunningServer:
     health: health_aio.HealthServicer
     grace: float
     metrics: Metrics | None = None
+    http: HttpServer | None = None
+    http_options: Options | None = None
     ownership: Ownership | None = None
+
+    @property
+    def http_port(self) -> int | None:
+        return None if self.http is None else self.http.port
 
     async def stop(self, grace: float | None = None) -> None:
         await self.health.enter_graceful_shutdown()
+        if self.http is not None and self.http_options is not None:
+            self.http_options.draining = True  # new HTTP requests get 503
+            self.http.stop_accepting()
+        # Every watch stream, gRPC or SSE, ends now (SSE with its final event).
         self.manager.close_watches()
         await self.server.stop(self.grace if grace is None else grace)
+        if self.http is not None:
+            await self.http.close()
         await self.manager.close()
         await self.store.close()
         if self.metrics is not None:
@@ -160,11 +173,14 @@ def simulated_phone(engine: Engine) -> Phone | None:
 async def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
     """Open the database, load every session and start listening."""
     tokens = Tokens(public=settings.public_tokens, internal=settings.internal_tokens)
-    if not (
-        tokens.enabled or is_loopback(settings.address) or settings.allow_unauthenticated_remote
-    ):
+    remote = [
+        address
+        for address in (settings.address, settings.http_address)
+        if address and not is_loopback(address)
+    ]
+    if remote and not (tokens.enabled or settings.allow_unauthenticated_remote):
         raise InsecureAddress(
-            f"refusing to listen on {settings.address} without tokens: set "
+            f"refusing to listen on {remote[0]} without tokens: set "
             "SESSION_MANAGER_PUBLIC_TOKEN and SESSION_MANAGER_INTERNAL_TOKEN (README, Security), "
             "or pass --allow-unauthenticated-remote if this is intended"
         )
@@ -175,11 +191,12 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         check_address(settings.address, "--address")
         if settings.metrics_address:
             check_address(settings.metrics_address, "--metrics-address", ExitCode.METRICS_ADDRESS)
+        if settings.http_address:
+            check_address(settings.http_address, "--http-address")
         store = await Store.open(settings.database)
     except Exception as error:
         ownership.release()
         raise database_failure(settings.database, error) or error from error
-    store.faults = FaultPoints.from_environment()
     metrics = Metrics() if settings.metrics_address else None
     limits = Limits(
         send_rate=settings.send_rate,
@@ -201,6 +218,7 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
     server: grpc.aio.Server | None = None
     try:
         await manager.start()
+        store.faults.arm(FaultPoints.from_environment())  # tests only: after recovery
         interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
         if metrics is not None:
             interceptors.append(MetricsInterceptor(metrics))
@@ -239,6 +257,9 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
             metrics.watch(manager)
             metrics_port = metrics.serve(settings.metrics_address)
             log.info("metrics on port %d, path /metrics", metrics_port)
+        http, http_options = None, None
+        if settings.http_address:
+            http, http_options = start_http(settings, manager, tokens, metrics)
     except BaseException:
         if server is not None:
             await server.stop(0)
@@ -251,6 +272,8 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
     for name in ("", *services):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("listening on %s (port %d), database %s", settings.address, port, settings.database)
+    if http is not None:
+        log.info("HTTP API on %s (port %d)", settings.http_address, http.port)
     return RunningServer(
         server,
         port,
@@ -260,6 +283,8 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         health_servicer,
         settings.shutdown_grace,
         metrics,
+        http,
+        http_options,
         ownership,
     )
 
@@ -272,6 +297,8 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(signum, stopping.set)
     running = await start(settings)
     print(f"session-manager listening on port {running.port}", flush=True)
+    if running.http_port is not None:
+        print(f"session-manager http listening on port {running.http_port}", flush=True)
     await stopping.wait()
     log.info("shutting down")
     await running.stop()

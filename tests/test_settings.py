@@ -40,6 +40,9 @@ DOCUMENTED = {
     "max_watchers": "99",
     "metrics_address": "127.0.0.1:9464",
     "log_format": "json",
+    "http_address": "127.0.0.1:8081",
+    "cors_origins": "https://hub.example,http://localhost:3000",
+    "sse_keepalive": "5",
 }
 
 BAD = [
@@ -70,6 +73,11 @@ BAD = [
     ("max_watchers_per_session", "0", "1 or more"),
     ("max_watchers", "many", "whole number"),
     ("database", "", "empty"),
+    ("http_address", "8080", "host:port"),
+    ("http_address", "localhost:65536", "65535"),
+    ("cors_origins", "hub.example", "not an origin"),
+    ("cors_origins", "https://hub.example/path", "not an origin"),
+    ("sse_keepalive", "0", "above 0"),
     ("allow_unauthenticated_remote", "perhaps", "true or false"),  # a variable only
 ]
 

@@ -163,6 +163,11 @@ def test_an_address_of_another_host_refuses_to_start(tmp_path: Path) -> None:
     assert not (tmp_path / "s.db").exists()
 
 
+def test_a_busy_http_address_refuses_to_start(tmp_path: Path, running: ServerProcess) -> None:
+    refusal = failed_start(tmp_path / "other.db", f"--http-address={running.address}")
+    _one_line(refusal, ExitCode.ADDRESS_IN_USE, running.address, "--http-address")
+
+
 def test_a_remote_address_without_tokens_refuses_to_start(tmp_path: Path) -> None:
     refusal = failed_start(tmp_path / "s.db", "--address=0.0.0.0:0")
     _one_line(refusal, ExitCode.INSECURE_ADDRESS, "0.0.0.0:0", "without tokens")

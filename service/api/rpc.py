@@ -243,7 +243,7 @@ class EngineService(engine_service_pb2_grpc.EngineServiceServicer):
 
     async def _report(self, instance_id: str, event: EngineEvent) -> session_pb2.WhatsAppSession:
         """Commit ``event`` on the current incarnation of ``instance_id``."""
-        session = await self._manager.report(self._manager.ref(instance_id), event)
+        session = await self._manager.report_current(instance_id, event)
         return session_message(session)
 
     @unary

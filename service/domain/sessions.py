@@ -232,6 +232,10 @@ class SessionManager:
         cell = self._registry.cell_of(session)
         return await self._registry.apply(cell, event, check=_accepts_reports)
 
+    async def report_current(self, instance_id: str, event: EngineEvent) -> Session:
+        """Commit a report of the engine side's internal API about the current incarnation."""
+        return await self.report(self.ref(instance_id), event)
+
     def _after_commit(self, cell: SessionCell, session: Session, event: states.Event) -> None:
         if isinstance(event, states.Disconnected) and event.reason == LOGOUT:
             cell.unlinked = True  # whatever the old connection still says is stale
