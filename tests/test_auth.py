@@ -10,8 +10,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client import TLS, AsyncSessionManagerClient
-from client.errors import PermissionDeniedError
+from sessionmanager_client import TLS, AsyncSessionManagerClient
+from sessionmanager_client.errors import PermissionDeniedError
 from service.clock import ManualClock
 from service.config import Settings
 from service.server import InsecureAddress, start

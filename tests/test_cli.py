@@ -18,7 +18,7 @@ import qrcode
 import qrcode.constants
 import zxingcpp
 
-from client import terminal_qr
+from sessionmanager_client import terminal_qr
 from service.engine.simulated import pairing_payload
 
 BIN = Path(sys.executable).parent

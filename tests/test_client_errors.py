@@ -10,8 +10,8 @@ from dataclasses import replace
 import grpc
 import pytest
 
-from client import errors
-from client.aio import AsyncSessionManagerClient
+from sessionmanager_client import errors
+from sessionmanager_client.aio import AsyncSessionManagerClient
 from service.clock import ManualClock
 from service.config import Settings
 from sessionmanager.v1 import engine_service_pb2 as engine_pb

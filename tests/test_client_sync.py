@@ -13,8 +13,8 @@ import pytest
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from client import errors
-from client.sync import SessionManagerClient
+from sessionmanager_client import errors
+from sessionmanager_client.sync import SessionManagerClient
 from sessionmanager.v1 import session_pb2, session_service_pb2
 
 pb = session_service_pb2
@@ -218,7 +218,7 @@ def test_watch_skips_revisions_already_seen(
 def test_retry_policy_covers_only_idempotent_reads() -> None:
     import json
 
-    from client._common import ChannelSettings
+    from sessionmanager_client._common import ChannelSettings
 
     options = dict(ChannelSettings().channel_options())
     assert options["grpc.enable_retries"] == 1

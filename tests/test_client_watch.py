@@ -7,10 +7,10 @@ from dataclasses import replace
 
 import pytest
 
-from client import errors
-from client._common import Backoff
-from client.aio import AsyncSessionManagerClient
-from client.enums import SessionStatus, status_of
+from sessionmanager_client import errors
+from sessionmanager_client._common import Backoff
+from sessionmanager_client.aio import AsyncSessionManagerClient
+from sessionmanager_client.enums import SessionStatus, status_of
 from service.clock import ManualClock
 from service.config import Settings
 from sessionmanager.v1 import simulator_service_pb2 as sim

@@ -2,7 +2,7 @@
 
 The same surface as ``client.aio.AsyncSessionManagerClient``: the generated
 messages come back (``session_pb2.WhatsAppSession``, ``SendResponse``), and
-every failure is one exception of ``client.errors``.
+every failure is one exception of ``sessionmanager_client.errors``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Self
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client._common import (
+from sessionmanager_client._common import (
     DEFAULT_ADDRESS,
     DEFAULT_TIMEOUT,
     FAULTS,
@@ -26,7 +26,7 @@ from client._common import (
     list_request,
     send_request,
 )
-from client.errors import SessionManagerUnavailableError, from_rpc_error
+from sessionmanager_client.errors import SessionManagerUnavailableError, from_rpc_error
 from sessionmanager.v1 import (
     session_pb2,
     session_service_pb2,

@@ -1,7 +1,7 @@
 """The asyncio client (``grpc.aio``): ``AsyncSessionManagerClient``.
 
 Every method returns the generated messages (``session_pb2.WhatsAppSession``,
-``SendResponse``) and raises one exception of ``client.errors`` on failure.
+``SendResponse``) and raises one exception of ``sessionmanager_client.errors`` on failure.
 Each call has a deadline (``timeout``, default 10 s) overridable per call.
 """
 
@@ -15,7 +15,7 @@ from typing import Any, Self
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client._common import (
+from sessionmanager_client._common import (
     DEFAULT_ADDRESS,
     DEFAULT_TIMEOUT,
     FAULTS,
@@ -26,7 +26,7 @@ from client._common import (
     list_request,
     send_request,
 )
-from client.errors import SessionManagerUnavailableError, from_rpc_error
+from sessionmanager_client.errors import SessionManagerUnavailableError, from_rpc_error
 from sessionmanager.v1 import (
     session_pb2,
     session_service_pb2,

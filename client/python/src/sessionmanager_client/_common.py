@@ -121,7 +121,7 @@ class Page:
 def list_request(
     page_size: int, page_token: str, status: str | None
 ) -> session_service_pb2.ListSessionsRequest:
-    from client.enums import status_number
+    from sessionmanager_client.enums import status_number
 
     request = session_service_pb2.ListSessionsRequest(page_size=page_size, page_token=page_token)
     if status is not None:
