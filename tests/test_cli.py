@@ -18,8 +18,8 @@ import qrcode
 import qrcode.constants
 import zxingcpp
 
-from sessionmanager_client import terminal_qr
 from service.engine.simulated import pairing_payload
+from sessionmanager_client import terminal_qr
 
 BIN = Path(sys.executable).parent
 SMCTL = str(BIN / "smctl")

@@ -1,13 +1,14 @@
 """Central Hub's reference client for the Session Manager.
 
-``AsyncSessionManagerClient`` (``sessionmanager_client.aio``) and ``SessionManagerClient``
-(``sessionmanager_client.sync``) speak the public ``SessionService``; every contract error
-becomes one exception of ``sessionmanager_client.errors``; ``sessionmanager_client.reaction`` encodes
-Central Hub's reaction table; ``smctl`` (``sessionmanager_client.cli``) is the command line.
-Sessions are returned as the generated ``WhatsAppSession`` messages.
+``AsyncSessionManagerClient`` (``.aio``) and ``SessionManagerClient``
+(``.sync``) speak the public ``SessionService``; every contract error becomes
+one exception of ``.errors``; ``.reaction`` encodes Central Hub's reaction
+table; ``smctl`` (``.cli``) is the command line. Sessions are returned as the
+generated ``sessionmanager.v1`` messages (``WhatsAppSession``), which this
+distribution carries.
 """
 
-from sessionmanager_client._common import TLS, Backoff
+from sessionmanager_client._base import TLS, Backoff
 from sessionmanager_client.aio import AsyncSessionManagerClient
 from sessionmanager_client.enums import QRStatus, SessionStatus, qr_status_of, status_of
 from sessionmanager_client.errors import SessionManagerClientError, from_rpc_error
