@@ -207,25 +207,6 @@ def test_exit_codes_and_one_line_errors(address: str) -> None:
     smctl(closed, "--address", address, "get", "sender_twice")
 
 
-def test_readme_integration_example_runs(address: str, tmp_path: Path) -> None:
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    section = readme.split("## Central Hub integration", 1)[1].split("\n## ", 1)[0]
-    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
-    script = tmp_path / "example.py"
-    script.write_text(code)
-    for _ in range(2):  # the second run finds the session connected and replays the send
-        done = subprocess.run(
-            [sys.executable, str(script)],
-            env=env(address),
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert done.returncode == 0, done.stderr
-    assert "connected -> send" in done.stdout
-    assert "replayed" in done.stdout
-
-
 def test_qr_redraws_when_the_code_rotates(tmp_path: Path) -> None:
     rotation = ("--qr-first-seconds", "2", "--qr-rotation-seconds", "2", "--qr-codes", "3")
     with serve(tmp_path / "sessions.db", *rotation) as address:
