@@ -123,11 +123,11 @@ class Calls {
   }
 
   /** Once; a failure becomes its error class. */
-  async once<T>(call: () => Promise<T>): Promise<T> {
+  async once<T>(call: () => Promise<T>, signal?: AbortSignal): Promise<T> {
     try {
       return await call();
     } catch (thrown) {
-      throw fromError(thrown);
+      throw fromError(thrown, signal);
     }
   }
 
@@ -135,7 +135,7 @@ class Calls {
   async idempotent<T>(call: () => Promise<T>, signal?: AbortSignal): Promise<T> {
     for (let attempt = 1; ; attempt++) {
       try {
-        return await this.once(call);
+        return await this.once(call, signal);
       } catch (error) {
         const retry = this.retry;
         const again =
@@ -165,13 +165,13 @@ export class Simulator {
     options: CallOptions & { holdHandshake?: boolean } = {},
   ): Promise<WhatsAppSession> {
     const request = { instanceId, phoneNumber, holdHandshake: options.holdHandshake ?? false };
-    const response = await this.calls.once(() => this.rpc.scanQR(request, this.calls.options(options)));
-    return present(response.session, "session");
+    const call = () => this.rpc.scanQR(request, this.calls.options(options));
+    return present((await this.calls.once(call, options.signal)).session, "session");
   }
 
   async completeHandshake(instanceId: string, options?: CallOptions): Promise<WhatsAppSession> {
     const call = () => this.rpc.completeHandshake({ instanceId }, this.calls.options(options));
-    return present((await this.calls.once(call)).session, "session");
+    return present((await this.calls.once(call, options?.signal)).session, "session");
   }
 
   async dropNetwork(
@@ -180,23 +180,23 @@ export class Simulator {
   ): Promise<WhatsAppSession> {
     const request = { instanceId, holdReconnect: options.holdReconnect ?? false };
     const call = () => this.rpc.dropNetwork(request, this.calls.options(options));
-    return present((await this.calls.once(call)).session, "session");
+    return present((await this.calls.once(call, options?.signal)).session, "session");
   }
 
   async unlinkDevice(instanceId: string, options?: CallOptions): Promise<WhatsAppSession> {
     const call = () => this.rpc.unlinkDevice({ instanceId }, this.calls.options(options));
-    return present((await this.calls.once(call)).session, "session");
+    return present((await this.calls.once(call, options?.signal)).session, "session");
   }
 
   async failSession(instanceId: string, code = "", message = "", options?: CallOptions): Promise<WhatsAppSession> {
     const call = () => this.rpc.failSession({ instanceId, code, message }, this.calls.options(options));
-    return present((await this.calls.once(call)).session, "session");
+    return present((await this.calls.once(call, options?.signal)).session, "session");
   }
 
   /** Makes the session's next `"pairing"` or `"send"` fail. */
   async injectFault(instanceId: string, fault: "pairing" | "send", options?: CallOptions): Promise<void> {
     const request = { instanceId, fault: fault === "pairing" ? Fault.PAIRING : Fault.SEND };
-    await this.calls.once(() => this.rpc.injectFault(request, this.calls.options(options)));
+    await this.calls.once(() => this.rpc.injectFault(request, this.calls.options(options)), options?.signal);
   }
 }
 
@@ -241,19 +241,20 @@ export class SessionManagerClient {
   /** The session with its valid QR code (`qrString`, `qrExpiresAt`): the same code while it is valid. */
   async requestQR(instanceId: string, options?: CallOptions): Promise<WhatsAppSession> {
     const call = () => this.rpc.requestQR({ instanceId }, this.calls.options(options));
-    return present((await this.calls.once(call)).session, "session");
+    return present((await this.calls.once(call, options?.signal)).session, "session");
   }
 
   /** WhatsApp's 8-character linking code to type on `phoneNumber`'s phone, instead of a QR. */
   async pairPhone(instanceId: string, phoneNumber: string, options?: CallOptions): Promise<PairPhoneResponse> {
-    return this.calls.once(() => this.rpc.pairPhone({ instanceId, phoneNumber }, this.calls.options(options)));
+    const call = () => this.rpc.pairPhone({ instanceId, phoneNumber }, this.calls.options(options));
+    return this.calls.once(call, options?.signal);
   }
 
   /** Sends a text from a connected session; with an idempotency key it is safe to repeat. */
   async sendMessage(message: SendMessage, options?: CallOptions): Promise<SendResponse> {
     const call = () => this.rpc.send(message, this.calls.options(options));
     if (message.idempotencyKey === undefined) {
-      return this.calls.once(call);
+      return this.calls.once(call, options?.signal);
     }
     return this.calls.idempotent(call, options?.signal);
   }
@@ -261,18 +262,19 @@ export class SessionManagerClient {
   /** Unlinks the device: disconnected, reason LOGOUT. */
   async disconnect(instanceId: string, options?: CallOptions): Promise<WhatsAppSession> {
     const call = () => this.rpc.disconnect({ instanceId }, this.calls.options(options));
-    return present((await this.calls.once(call)).session, "session");
+    return present((await this.calls.once(call, options?.signal)).session, "session");
   }
 
   /** A new session: init / none. */
   async createSession(instanceId: string, options?: CallOptions): Promise<WhatsAppSession> {
     const call = () => this.rpc.createSession({ instanceId }, this.calls.options(options));
-    return present((await this.calls.once(call)).session, "session");
+    return present((await this.calls.once(call, options?.signal)).session, "session");
   }
 
   /** Deletes the session and its messages. */
   async deleteSession(instanceId: string, options?: CallOptions): Promise<void> {
-    await this.calls.once(() => this.rpc.deleteSession({ instanceId }, this.calls.options(options)));
+    const call = () => this.rpc.deleteSession({ instanceId }, this.calls.options(options));
+    await this.calls.once(call, options?.signal);
   }
 
   /** One page of sessions. */
@@ -323,7 +325,7 @@ export class SessionManagerClient {
         }
         return;
       } catch (thrown) {
-        const error = fromError(thrown);
+        const error = fromError(thrown, options.signal);
         delay = options.signal?.aborted ? undefined : resubscription.delayAfter(error);
         if (delay === undefined) {
           throw error;

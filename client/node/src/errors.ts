@@ -135,8 +135,14 @@ function durationMs(seconds: bigint, nanos: number): number {
   return Number(seconds) * 1000 + nanos / 1e6;
 }
 
-/** The error class instance for whatever a call threw. */
-export function fromError(thrown: unknown): SessionManagerClientError {
+/**
+ * The error class instance for whatever a call threw.
+ *
+ * `signal` is the call's own: a call cancelled although it was not aborted
+ * lost its connection (a killed server resets its HTTP/2 streams with
+ * CANCEL), which is UNAVAILABLE as far as the caller is concerned.
+ */
+export function fromError(thrown: unknown, signal?: AbortSignal): SessionManagerClientError {
   if (thrown instanceof SessionManagerClientError) {
     return thrown;
   }
@@ -153,6 +159,10 @@ export function fromError(thrown: unknown): SessionManagerClientError {
       retryAfterMs: delay === undefined ? undefined : durationMs(delay.seconds, delay.nanos),
       cause: error,
     });
+  }
+  if (error.code === Code.Canceled && !signal?.aborted) {
+    const message = `the connection to the Session Manager was lost (${error.rawMessage})`;
+    return new SessionManagerUnavailableError(message, { code: Code.Unavailable, cause: error });
   }
   const ErrorType = TRANSPORT[error.code] ?? SessionManagerClientError;
   return new ErrorType(error.rawMessage || codeName(error.code), { code: error.code, cause: error });
