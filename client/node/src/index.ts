@@ -36,3 +36,4 @@ export { type Backoff, WATCH_BACKOFF, WatchCursor } from "./watch.js";
 export type { WhatsAppSession } from "./gen/sessionmanager/v1/session_pb.js";
 export type { PairPhoneResponse, SendResponse } from "./gen/sessionmanager/v1/session_service_pb.js";
 export { MessageStatus } from "./gen/sessionmanager/v1/session_service_pb.js";
+export { timestampDate } from "@bufbuild/protobuf/wkt";
