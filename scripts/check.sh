@@ -7,7 +7,7 @@ BIN=${SESSION_MANAGER_VENV:-.venv}/bin
 
 if [ ! -d client/node/node_modules ]; then
     echo "== Node client dependencies (npm ci, from client/node/package-lock.json)"
-    npm ci --prefix client/node --no-audit --no-fund
+    npm ci --prefix client/node --ignore-scripts --no-audit --no-fund
 fi
 echo "== generated code matches protos/ (Python and Node)"
 "$BIN/python" scripts/codegen.py --check

@@ -159,6 +159,31 @@ def test_pair_watch_send_disconnect(address: str) -> None:
     smctl(address, "get", iid, code=3)
 
 
+def test_watch_ends_with_one_line_when_the_session_is_deleted(address: str) -> None:
+    iid = "sender_gone"
+    smctl(address, "create", iid)
+    watch = subprocess.Popen(
+        [SMCTL, "watch", iid],
+        env=env(address),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert watch.stdout is not None
+        assert "rev 1  init/none" in watch.stdout.readline()
+        smctl(address, "delete", iid)
+        assert watch.wait(15) == 3
+        assert watch.stderr is not None
+        error = watch.stderr.read()
+    finally:
+        watch.kill()
+        watch.wait()
+    assert error.startswith("smctl: SESSION_NOT_FOUND: ")
+    assert "Traceback" not in error
+    assert len(error.splitlines()) == 1
+
+
 def test_qr_live_redraws_and_exits_when_connected(address: str) -> None:
     iid = "sender_live"
     smctl(address, "create", iid)
