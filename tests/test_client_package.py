@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import serve
+from tests.servers import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
@@ -48,8 +48,11 @@ def standalone(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with serve(tmp_path_factory.mktemp("server") / "sessions.db") as address:
-        yield address
+    server = ServerProcess.start(tmp_path_factory.mktemp("server") / "sessions.db")
+    try:
+        yield server.address
+    finally:
+        server.stop()
 
 
 def run(command: list[str], address: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -100,6 +100,16 @@ export class LimitExceededError extends SessionManagerClientError {
     return this.metadata["limit"];
   }
 }
+/**
+ * MESSAGE_OUTCOME_UNKNOWN (UNKNOWN, 500): WhatsApp may or may not have the
+ * message. It is never sent again by itself; `messageId` names it. Do not send
+ * it again without its idempotency key.
+ */
+export class MessageOutcomeUnknownError extends SessionManagerClientError {
+  get messageId(): string | undefined {
+    return this.metadata["message_id"];
+  }
+}
 /** The call's deadline passed (DEADLINE_EXCEEDED); no ErrorInfo. */
 export class SessionManagerTimeoutError extends SessionManagerClientError {}
 /** The Session Manager could not be reached (UNAVAILABLE without ErrorInfo). */
@@ -123,6 +133,7 @@ export const REASONS: Readonly<Record<string, ErrorClass>> = Object.freeze({
   UNAUTHENTICATED: UnauthenticatedError,
   PERMISSION_DENIED: PermissionDeniedError,
   LIMIT_EXCEEDED: LimitExceededError,
+  MESSAGE_OUTCOME_UNKNOWN: MessageOutcomeUnknownError,
 });
 
 /** Failures that carry no ErrorInfo, by gRPC code. */

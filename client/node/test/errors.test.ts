@@ -14,6 +14,7 @@ import {
   InvalidInstanceIdError,
   InvalidTransitionError,
   LimitExceededError,
+  MessageOutcomeUnknownError,
   PermissionDeniedError,
   QRGenerationFailedError,
   QRNotAvailableError,
@@ -199,16 +200,17 @@ test("tokens: UNAUTHENTICATED without, PERMISSION_DENIED with the wrong one", as
   }
 });
 
-test("reasons only the server's inside or the engine side meet map to their classes too", () => {
+test("reasons a client cannot provoke from outside map to their classes too", () => {
   const cases = [
     ["SESSION_MANAGER_ERROR", Code.Internal, SessionManagerError],
     ["INVALID_TRANSITION", Code.FailedPrecondition, InvalidTransitionError],
+    ["MESSAGE_OUTCOME_UNKNOWN", Code.Unknown, MessageOutcomeUnknownError],
   ] as const;
   for (const [reason, code, ErrorClass] of cases) {
     const info = create(ErrorInfoSchema, {
       reason,
       domain: "sessionmanager.v1",
-      metadata: { instance_id: "sender_1", status: "init" },
+      metadata: { instance_id: "sender_1", status: "init", message_id: "m-1" },
     });
     const retry = create(RetryInfoSchema, { retryDelay: { seconds: 1n, nanos: 500_000_000 } });
     const thrown = new ConnectError("told so", code, undefined, [
@@ -220,7 +222,15 @@ test("reasons only the server's inside or the engine side meet map to their clas
     assert.equal(error.message, "told so");
     assert.equal(error.status, "init");
     assert.equal(error.retryAfterMs, 1500);
+    assert.equal(error.code, code);
   }
+  const unknown = fromError(
+    new ConnectError("unknown", Code.Unknown, undefined, [
+      { desc: ErrorInfoSchema, value: create(ErrorInfoSchema, { reason: "MESSAGE_OUTCOME_UNKNOWN", metadata: { message_id: "m-1" } }) },
+    ]),
+  );
+  assert.ok(unknown instanceof MessageOutcomeUnknownError);
+  assert.equal(unknown.messageId, "m-1");
   const bare = fromError(new ConnectError("nope", Code.PermissionDenied));
   assert.equal(bare.constructor, SessionManagerClientError);
   assert.equal(bare.code, Code.PermissionDenied);
