@@ -106,7 +106,7 @@ describe("the pre-send check against real sessions in each status", () => {
   }
 
   test("each status gives its action and its message; connected sends", async () => {
-    const iid = "sender_ready";
+    let iid = "sender_ready";
     const statuses: [WhatsAppSession, string][] = [];
     const observe = async (expected: string) => {
       const session = await client.getSession(iid);
@@ -124,6 +124,9 @@ describe("the pre-send check against real sessions in each status", () => {
     assert.match(await observe("connected"), /^sent /);
     await client.disconnect(iid);
     assert.equal(await observe("disconnected"), EXPECTED.disconnected[1]);
+    // A logged-out device reports nothing more: the fault comes from another session.
+    iid = "sender_banned";
+    await client.createSession(iid);
     await client.simulator.failSession(iid, "TEMPORARY_BAN", "Cuenta bloqueada temporalmente");
     assert.equal(await observe("error"), "Cuenta bloqueada temporalmente");
 
