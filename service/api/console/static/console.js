@@ -350,10 +350,11 @@ function openStream(view) {
   });
   stream.addEventListener("session", (event) => applySession(view, JSON.parse(event.data)));
   stream.addEventListener("end", (event) => {
+    if (view.closed) return;
     const end = JSON.parse(event.data);
     if (end.reason === "deleted") {
       stream.close();
-      showGone(view, "This session was deleted.");
+      showGone(view, `${view.instanceId} was deleted.`);
       loadList();
     } else {
       view.interrupted = true;
@@ -381,7 +382,9 @@ function retryLater(view) {
 }
 
 function showGone(view, text) {
+  if (view.closed) return;
   view.closed = true;
+  view.stream?.close();
   clearInterval(view.countdownTimer);
   setConnection(null);
   $("detail-body").hidden = true;
@@ -394,7 +397,7 @@ function applySession(view, session) {
   if (view.closed || session.instance_id !== view.instanceId) return;
   const previous = view.session;
   const sameIncarnation = previous && previous.id === session.id;
-  if (sameIncarnation && session.revision < previous.revision) return;
+  if (sameIncarnation && session.revision <= previous.revision) return;
   view.session = session;
   if (session.status !== "qr_required") view.linkingCode = null;
   renderSession(view, previous);
