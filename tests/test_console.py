@@ -49,7 +49,7 @@ CHROMIUM_ARGS = [
 PHONE = "+5491122334455"
 TOKEN = "console-public-token"
 #: Long enough to decode the first code and watch it count down, short enough to see it rotate.
-QR_FIRST_SECONDS = 6.0
+QR_FIRST_SECONDS = 5.0
 QR_ROTATION_SECONDS = 4.0
 #: How long a page condition may take: a rotation, a restart.
 WAIT_MS = 15_000
@@ -266,19 +266,31 @@ async def test_create_pair_by_qr_and_connect_live(page: Visit, console: Console)
     )
 
 
-async def test_a_code_left_unscanned_is_marked_expired(page: Visit, console: Console) -> None:
-    ui = page.page
-    await console.sessions.CreateSession(pb.CreateSessionRequest(instance_id="late"))
-    await ui.goto(console.url + "#/sessions/late")
-    await ui.get_by_role("button", name="Show QR code").click()
-    await expect(ui.locator("#qr-expired")).to_be_hidden()
-    # Three codes of a few seconds each, then the pairing ends with the last code expired.
-    await expect(ui.locator("#detail-qr-status")).to_have_text("QR: expired", timeout=25_000)
-    await expect(ui.locator("#qr-expired")).to_be_visible()
-    await expect(ui.locator("#qr-countdown")).to_have_text("This code expired: ask for a new one.")
-    await ui.get_by_role("button", name="New QR code").click()
-    await expect(ui.locator("#detail-qr-status")).to_have_text("QR: generated")
-    await expect(ui.locator("#qr-expired")).to_be_hidden()
+async def test_a_code_left_unscanned_is_marked_expired(
+    browser: Browser, console_settings: Settings
+) -> None:
+    # Two short-lived codes, then the pairing ends with the last code expired.
+    quick = replace(console_settings, qr_first_seconds=2.0, qr_rotation_seconds=1.5, qr_codes=2)
+    server = await start_console(quick)
+    try:
+        await server.sessions.CreateSession(pb.CreateSessionRequest(instance_id="late"))
+        async with visit(browser, server.url + "#/sessions/late") as seen:
+            ui = seen.page
+            await ui.get_by_role("button", name="Show QR code").click()
+            await expect(ui.locator("#detail-qr-status")).to_have_text("QR: generated")
+            await expect(ui.locator("#qr-expired")).to_be_hidden()
+            await expect(ui.locator("#detail-qr-status")).to_have_text("QR: expired")
+            await expect(ui.locator("#qr-expired")).to_be_visible()
+            await expect(ui.locator("#qr-countdown")).to_have_text(
+                "This code expired: ask for a new one."
+            )
+            await expect(ui.locator("#announce")).to_have_text("The QR code expired.")
+            await ui.get_by_role("button", name="New QR code").click()
+            await expect(ui.locator("#detail-qr-status")).to_have_text("QR: generated")
+            await expect(ui.locator("#qr-expired")).to_be_hidden()
+            assert await shown_qr(ui) == pairing_payload("late", 3)
+    finally:
+        await server.stop()
 
 
 async def test_drops_unlinks_and_faults_appear_live(page: Visit, console: Console) -> None:
@@ -367,7 +379,10 @@ async def test_a_missing_or_wrong_token_shows_only_the_sign_in(
     )
     server = await start_console(tokens)
     try:
-        await server.connected_session("secret_session")
+        await server.sessions.CreateSession(
+            pb.CreateSessionRequest(instance_id="secret_session"),
+            metadata=(("authorization", f"Bearer {TOKEN}"),),
+        )
         async with visit(browser, server.url) as seen:
             ui = seen.page
             await expect(ui.get_by_role("heading", name="Sign in")).to_be_visible()
@@ -383,6 +398,15 @@ async def test_a_missing_or_wrong_token_shows_only_the_sign_in(
             await expect(ui.locator("#main")).to_be_hidden()
             await expect(ui.get_by_text("secret_session")).to_have_count(0)
             save_screenshot("sign-in.png", await ui.screenshot(full_page=True))
+
+            # The engine side's token is a valid one, of a role that may not read sessions.
+            await ui.get_by_label("Access token").fill("internal-token")
+            await ui.get_by_role("button", name="Sign in").click()
+            await expect(ui.locator("#gate-reason")).to_contain_text(
+                "This token may not use the console"
+            )
+            await expect(ui.locator("#main")).to_be_hidden()
+            await expect(ui.get_by_text("secret_session")).to_have_count(0)
 
             await ui.get_by_label("Access token").fill(TOKEN)
             await ui.get_by_role("button", name="Sign in").click()

@@ -205,7 +205,9 @@ async function loadList() {
   try {
     page = await api("GET", `/sessions?${params}`);
   } catch (error) {
-    if (error.status !== 401) showListError(describe(error));
+    // A token of another role (the engine side's) may not read sessions: ask for another.
+    if (error.status === 403) showGate(`This token may not use the console. ${describe(error)}`);
+    else if (error.status !== 401) showListError(describe(error));
     return false;
   }
   $("main").hidden = false;
@@ -247,9 +249,12 @@ async function filterList() {
   await loadList();
 }
 
+function rowOf(instanceId) {
+  return document.querySelector(`#sessions-body tr[data-instance="${CSS.escape(instanceId)}"]`);
+}
+
 function updateRow(session) {
-  const row = document.querySelector(`#sessions-body tr[data-instance="${CSS.escape(session.instance_id)}"]`);
-  if (row) row.replaceWith(sessionRow(session));
+  rowOf(session.instance_id)?.replaceWith(sessionRow(session));
 }
 
 async function createSession(event) {
@@ -337,6 +342,7 @@ async function follow(view) {
   if (view.closed) return;
   applySession(view, session);
   openStream(view);
+  if (!rowOf(view.instanceId)) loadList(); // opened by its address, or created elsewhere
 }
 
 function openStream(view) {
