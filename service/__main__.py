@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from service import config
+from service.api.http.server import ListenError
 from service.server import InsecureAddress, serve
 
 
@@ -60,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))
-    except InsecureAddress as error:
+    except (InsecureAddress, ListenError) as error:
         print(f"session-manager: {error}", file=sys.stderr)
         return 2
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,16 @@ class Settings:
     #: Read from SESSION_MANAGER_PUBLIC_TOKEN / _INTERNAL_TOKEN or the token files.
     public_tokens: tuple[bytes, ...] = ()
     internal_tokens: tuple[bytes, ...] = ()
+    #: The HTTP/JSON API and its event streams; off when empty.
+    http_address: str = "127.0.0.1:8080"
+    #: Browser origins allowed to call the HTTP API (CORS), comma-separated; none by default.
+    cors_origins: str = ""
+    #: Seconds between keep-alive comments on an idle event stream.
+    sse_keepalive: float = 15.0
+
+    @property
+    def cors_origin_list(self) -> tuple[str, ...]:
+        return tuple(origin.strip() for origin in self.cors_origins.split(",") if origin.strip())
 
     @property
     def devices_path(self) -> Path:
@@ -202,6 +213,27 @@ _OPTIONS: tuple[tuple[str, str, str, type, str], ...] = (
         "host:port to serve Prometheus /metrics on (off when empty)",
     ),
     (
+        "--http-address",
+        "SESSION_MANAGER_HTTP_ADDRESS",
+        "http_address",
+        str,
+        "host:port of the HTTP/JSON API and its event streams (off when empty)",
+    ),
+    (
+        "--cors-origins",
+        "SESSION_MANAGER_CORS_ORIGINS",
+        "cors_origins",
+        str,
+        "comma-separated browser origins allowed to call the HTTP API (CORS)",
+    ),
+    (
+        "--sse-keepalive",
+        "SESSION_MANAGER_SSE_KEEPALIVE",
+        "sse_keepalive",
+        float,
+        "seconds between keep-alive comments on an idle event stream",
+    ),
+    (
         "--log-format",
         "SESSION_MANAGER_LOG_FORMAT",
         "log_format",
@@ -211,6 +243,7 @@ _OPTIONS: tuple[tuple[str, str, str, type, str], ...] = (
 )
 
 _TRUE = {"1", "true", "yes", "on"}
+_ORIGIN = re.compile(r"https?://[^/\s]+")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -263,6 +296,13 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         raise SystemExit("--tls-cert and --tls-key go together")
     if settings.tls_client_ca is not None and settings.tls_cert is None:
         raise SystemExit("--tls-client-ca needs --tls-cert and --tls-key")
+    for origin in settings.cors_origin_list:
+        if not _ORIGIN.fullmatch(origin):
+            raise SystemExit(
+                f"--cors-origins: {origin!r} is not an origin like https://hub.example"
+            )
+    if settings.sse_keepalive <= 0:
+        raise SystemExit("--sse-keepalive must be a positive number of seconds")
     if settings.engine not in ENGINES:
         raise SystemExit(f"unknown engine {settings.engine!r}; choose one of {', '.join(ENGINES)}")
     return settings

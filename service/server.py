@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.api.auth import TokenInterceptor, Tokens
+from service.api.http import HttpServer, Options, start_http
 from service.api.metrics import Metrics, MetricsInterceptor
 from service.api.rpc import EngineService, SessionService, SimulatorService
 from service.clock import Clock, SystemClock
@@ -70,11 +71,23 @@ class RunningServer:
     health: health_aio.HealthServicer
     grace: float
     metrics: Metrics | None = None
+    http: HttpServer | None = None
+    http_options: Options | None = None
+
+    @property
+    def http_port(self) -> int | None:
+        return None if self.http is None else self.http.port
 
     async def stop(self, grace: float | None = None) -> None:
         await self.health.enter_graceful_shutdown()
+        if self.http is not None and self.http_options is not None:
+            self.http_options.draining = True  # new HTTP requests get 503
+            self.http.stop_accepting()
+        # Every watch stream, gRPC or SSE, ends now (SSE with its final event).
         self.manager.close_watches()
         await self.server.stop(self.grace if grace is None else grace)
+        if self.http is not None:
+            await self.http.close()
         await self.manager.close()
         await self.store.close()
         if self.metrics is not None:
@@ -139,11 +152,14 @@ def simulated_phone(engine: SimulatedEngine | WorkerEngine, settings: Settings) 
 async def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
     """Open the database, load every session and start listening."""
     tokens = Tokens(public=settings.public_tokens, internal=settings.internal_tokens)
-    if not (
-        tokens.enabled or is_loopback(settings.address) or settings.allow_unauthenticated_remote
-    ):
+    remote = [
+        address
+        for address in (settings.address, settings.http_address)
+        if address and not is_loopback(address)
+    ]
+    if remote and not (tokens.enabled or settings.allow_unauthenticated_remote):
         raise InsecureAddress(
-            f"refusing to listen on {settings.address} without tokens: set "
+            f"refusing to listen on {remote[0]} without tokens: set "
             "SESSION_MANAGER_PUBLIC_TOKEN and SESSION_MANAGER_INTERNAL_TOKEN (README, Security), "
             "or pass --allow-unauthenticated-remote if this is intended"
         )
@@ -196,6 +212,15 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
             metrics.watch(manager)
             metrics_port = metrics.serve(settings.metrics_address)
             log.info("metrics on port %d, path /metrics", metrics_port)
+        try:
+            http, http_options = (
+                start_http(settings, manager, tokens, metrics)
+                if settings.http_address
+                else (None, None)
+            )
+        except BaseException:
+            await server.stop(None)
+            raise
     except BaseException:
         if metrics is not None:
             metrics.close()
@@ -205,8 +230,19 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
     for name in ("", *services):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("listening on %s (port %d), database %s", settings.address, port, settings.database)
+    if http is not None:
+        log.info("HTTP API on %s (port %d)", settings.http_address, http.port)
     return RunningServer(
-        server, port, manager, store, engine, health_servicer, settings.shutdown_grace, metrics
+        server,
+        port,
+        manager,
+        store,
+        engine,
+        health_servicer,
+        settings.shutdown_grace,
+        metrics,
+        http,
+        http_options,
     )
 
 
@@ -218,6 +254,8 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(signum, stopping.set)
     running = await start(settings)
     print(f"session-manager listening on port {running.port}", flush=True)
+    if running.http_port is not None:
+        print(f"session-manager http listening on port {running.http_port}", flush=True)
     await stopping.wait()
     log.info("shutting down")
     await running.stop()

@@ -62,23 +62,33 @@ async def start_harness(settings: Settings, clock: ManualClock) -> Harness:
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return replace(
-        Settings(), address="127.0.0.1:0", database=tmp_path / "sessions.db", engine="simulated"
+        Settings(),
+        address="127.0.0.1:0",
+        http_address="127.0.0.1:0",
+        database=tmp_path / "sessions.db",
+        engine="simulated",
     )
 
 
 @pytest.fixture(autouse=True, scope="session")
 def simulated_by_default() -> Iterator[None]:
-    """Servers started as subprocesses run the simulated engine unless a test says otherwise.
+    """Servers started as subprocesses run the simulated engine unless a test says otherwise,
+    and serve HTTP on a port of their own choosing (never the shared default 8080).
 
     This machine cannot reach WhatsApp; tests of the real engine pass ``--engine whatsmeow``.
     """
-    previous = os.environ.get("SESSION_MANAGER_ENGINE")
-    os.environ["SESSION_MANAGER_ENGINE"] = "simulated"
+    defaults = {
+        "SESSION_MANAGER_ENGINE": "simulated",
+        "SESSION_MANAGER_HTTP_ADDRESS": "127.0.0.1:0",
+    }
+    previous = {name: os.environ.get(name) for name in defaults}
+    os.environ.update(defaults)
     yield
-    if previous is None:
-        del os.environ["SESSION_MANAGER_ENGINE"]
-    else:
-        os.environ["SESSION_MANAGER_ENGINE"] = previous
+    for name, value in previous.items():
+        if value is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture

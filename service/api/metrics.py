@@ -1,5 +1,6 @@
-"""Prometheus metrics: sessions by status, RPCs by method and code, watchers,
-QR codes issued, messages sent. Served over HTTP when ``--metrics-address`` is set.
+"""Prometheus metrics: sessions by status, RPCs by method and code, HTTP requests
+by route and status, watchers, QR codes issued, messages sent. Served over HTTP
+when ``--metrics-address`` is set.
 """
 
 from __future__ import annotations
@@ -44,6 +45,19 @@ class Metrics:
             "sessionmanager_rpc_duration_seconds",
             "Time to handle an RPC (a stream: its whole life), by method.",
             ["method"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 30, 300),
+        )
+        self.http_requests = Counter(
+            "sessionmanager_http_requests",
+            "HTTP requests handled, by route template, method and status.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.http_seconds = Histogram(
+            "sessionmanager_http_request_duration_seconds",
+            "Time to handle an HTTP request (an event stream: its whole life), by route.",
+            ["route", "method"],
             registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 30, 300),
         )

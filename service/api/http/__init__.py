@@ -1,0 +1,38 @@
+"""The HTTP/JSON API, its Server-Sent Events and its OpenAPI document (seeds 003, 004).
+
+A second transport over the same domain as gRPC: ``start_http`` builds the
+app from the route table and serves it in the service's event loop.
+"""
+
+from __future__ import annotations
+
+from service.api.auth import Tokens
+from service.api.http.app import Options, build_app
+from service.api.http.auth import Authenticator
+from service.api.http.server import HttpServer
+from service.api.metrics import Metrics
+from service.config import Settings
+from service.domain.sessions import SessionManager
+
+__all__ = ["HttpServer", "Options", "start_http"]
+
+
+def start_http(
+    settings: Settings, manager: SessionManager, tokens: Tokens, metrics: Metrics | None
+) -> tuple[HttpServer, Options]:
+    """Serve the HTTP API on ``settings.http_address``; the options let ``stop`` drain it."""
+    options = Options(
+        auth=Authenticator(tokens, settings.cors_origin_list),
+        keepalive=settings.sse_keepalive,
+        cors_origins=settings.cors_origin_list,
+        metrics=metrics,
+    )
+    server = HttpServer.start(
+        build_app(manager, options),
+        settings.http_address,
+        grace=settings.shutdown_grace,
+        tls_cert=settings.tls_cert,
+        tls_key=settings.tls_key,
+        tls_client_ca=settings.tls_client_ca,
+    )
+    return server, options

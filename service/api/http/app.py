@@ -1,0 +1,254 @@
+"""The ASGI application: the route table served, with auth, body checks, logs and metrics.
+
+Every request goes the same way: refused with 503 while the server stops,
+authenticated (``auth``), its query and JSON body validated against the
+route's declared models (strict types, no unknown fields, at most
+``MAX_BODY`` bytes), then handed to the route's handler. Any failure leaves
+as seed 003's error body.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.http import openapi
+from service.api.http.auth import CSRF_HEADER, Authenticator
+from service.api.http.errors import (
+    HttpError,
+    error_response,
+    invalid,
+    shutting_down,
+    unexpected,
+)
+from service.api.http.routes import ENDPOINTS, Call, Endpoint
+from service.api.metrics import Metrics
+from service.domain.errors import ContractError
+from service.domain.sessions import SessionManager
+
+log = logging.getLogger("service.api.http")
+
+MAX_BODY = 64 * 1024
+
+
+@dataclass
+class Options:
+    """What the app needs besides the domain."""
+
+    auth: Authenticator
+    keepalive: float = 15.0
+    cors_origins: tuple[str, ...] = ()
+    metrics: Metrics | None = None
+    #: Set when the server starts to stop: every new request gets 503.
+    draining: bool = field(default=False)
+
+
+def build_app(manager: SessionManager, options: Options) -> Starlette:
+    document = functools.cache(lambda: openapi.encoded(ENDPOINTS))
+    by_path: dict[str, dict[str, Endpoint]] = {}
+    for spec in ENDPOINTS:
+        by_path.setdefault(spec.path, {})[spec.method] = spec
+    routes = [
+        Route(path, _dispatch(specs, manager, options, document), methods=list(specs))
+        for path, specs in by_path.items()
+    ]
+    middleware = []
+    if options.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=options.cors_origins,
+                allow_methods=("GET", "POST", "DELETE"),
+                allow_headers=(
+                    "Authorization",
+                    "Content-Type",
+                    "Idempotency-Key",
+                    "Last-Event-ID",
+                    CSRF_HEADER,
+                ),
+                allow_credentials=True,
+                expose_headers=("Retry-After",),
+            )
+        )
+    middleware.append(Middleware(RequestLog, metrics=options.metrics))
+    return Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={HTTPException: _http_exception},
+    )
+
+
+def _dispatch(
+    specs: dict[str, Endpoint],
+    manager: SessionManager,
+    options: Options,
+    document: Callable[[], bytes],
+) -> Callable[[Request], Awaitable[Response]]:
+    """One path's endpoint: the route of the request's method (HEAD answers as GET)."""
+
+    async def handle(request: Request) -> Response:
+        spec = specs[_method(request)]
+        try:
+            if options.draining:
+                raise shutting_down()
+            options.auth.check(request, spec.access)
+            body = await _input(request, spec)
+            call = Call(request, manager, options.auth, body, options.keepalive, document)
+            return await spec.handler(call)
+        except HttpError as failure:
+            return _failed(request, failure)
+        except ContractError as error:
+            return _failed(request, HttpError(error))
+        except Exception as error:  # noqa: BLE001 - the contract's SESSION_MANAGER_ERROR
+            return _failed(request, unexpected(error))
+
+    return handle
+
+
+def _method(request: Request) -> str:
+    return "GET" if request.method == "HEAD" else request.method
+
+
+def _failed(request: Request, failure: HttpError) -> Response:
+    instance_id = failure.error.metadata.get("instance_id") or request.path_params.get(
+        "instance_id"
+    )
+    log.log(
+        logging.WARNING if failure.status >= 500 else logging.INFO,
+        "%s %s: %d %s: %s",
+        request.method,
+        request.url.path,
+        failure.status,
+        failure.error.code,
+        failure.error.message,
+        extra={"instance_id": instance_id} if instance_id else None,
+    )
+    return error_response(failure)
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 (no such route) and 405 (method), in the error shape."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}"
+    else:
+        message = f"no route {request.method} {request.url.path}; the routes are in /openapi.json"
+    failure = invalid("path", message, exc.status_code)
+    failure.headers.update(exc.headers or {})
+    return error_response(failure)
+
+
+async def _input(request: Request, spec: Endpoint) -> BaseModel | None:
+    if spec.query is not None:
+        try:
+            return spec.query.model_validate(dict(request.query_params))
+        except ValidationError as error:
+            raise _rejected(error, "query") from None
+    if spec.body is None:
+        return None
+    raw = await _read_body(request)
+    if not raw:
+        if spec.body_required:
+            raise invalid("body", "a JSON object is required as the body")
+        return spec.body()
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise invalid(
+            "content-type",
+            f"the body must be application/json, got {media_type or 'no content type'!r}",
+            status=415,
+        )
+    try:
+        return spec.body.model_validate_json(raw)
+    except ValidationError as error:
+        raise _rejected(error, "body") from None
+
+
+async def _read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        raise _too_large()
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise _too_large()
+    return bytes(body)
+
+
+def _too_large() -> HttpError:
+    return invalid("body", f"the body is larger than {MAX_BODY} bytes", status=413)
+
+
+def _rejected(error: ValidationError, where: str) -> HttpError:
+    """The first problem pydantic found, as INVALID_ARGUMENT naming the field."""
+    first: ErrorDetails = error.errors(include_url=False)[0]
+    name = ".".join(str(part) for part in first["loc"])
+    kind = first["type"]
+    if kind == "json_invalid":
+        return invalid("body", f"the body is not valid JSON: {first['msg']}")
+    if not name:
+        return invalid(where, f"the {where} must be a JSON object")
+    if kind == "extra_forbidden":
+        return invalid(name, f"unknown field {name!r}")
+    if kind == "missing":
+        return invalid(name, f"{name} is required")
+    return invalid(name, f"{name}: {first['msg']}")
+
+
+class RequestLog:
+    """One debug line and the metrics of every request, by route template."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics | None) -> None:
+        self._app = app
+        self._metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._app(scope, receive, sending)
+        finally:
+            self._record(scope, status, time.perf_counter() - started)
+
+    def _record(self, scope: Scope, status: int, seconds: float) -> None:
+        route = scope.get("route")
+        template = getattr(route, "path", "unmatched")
+        method = scope["method"]
+        if self._metrics is not None:
+            self._metrics.http_requests.labels(template, method, str(status)).inc()
+            self._metrics.http_seconds.labels(template, method).observe(seconds)
+        if log.isEnabledFor(logging.DEBUG):
+            instance_id = scope.get("path_params", {}).get("instance_id")
+            log.debug(
+                "%s %s %d in %.1f ms",
+                method,
+                scope["path"],
+                status,
+                seconds * 1000,
+                extra={"instance_id": instance_id} if instance_id else None,
+            )

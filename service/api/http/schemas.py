@@ -1,0 +1,143 @@
+"""The JSON bodies of the HTTP API, declared once.
+
+Request models validate what comes in (strict types, no unknown fields);
+response models only describe what goes out. Both feed the OpenAPI document,
+so the document and the checks cannot disagree.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.config import JsonDict
+
+from service.domain import validation
+
+StatusText = Literal["init", "qr_required", "connecting", "connected", "disconnected", "error"]
+QRStatusText = Literal["none", "generated", "expired", "used"]
+MessageStatusText = Literal["pending", "sent", "failed"]
+DisconnectReasonText = Literal["LOGOUT", "NETWORK", "TIMEOUT", "UNKNOWN"]
+
+INSTANCE_ID_PATTERN = f"^{validation.INSTANCE_ID.pattern}$"
+
+_TIMESTAMP: JsonDict = {"format": "date-time", "examples": ["2026-01-04T12:34:56Z"]}
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateSessionBody(_Request):
+    instance_id: str = Field(examples=["sender_51"])
+
+
+class SendBody(_Request):
+    to: str = Field(description="A phone number in international format or a WhatsApp JID.")
+    text: str = Field(max_length=validation.MAX_TEXT)
+    idempotency_key: str | None = Field(
+        default=None,
+        max_length=validation.MAX_IDEMPOTENCY_KEY,
+        description="Repeating a key returns the first result and sends nothing again; "
+        "the Idempotency-Key header does the same.",
+    )
+
+
+class PairPhoneBody(_Request):
+    phone_number: str = Field(examples=["+5491122334455"])
+
+
+class ConnectedEvent(_Request):
+    instance_id: str = Field(examples=["sender_51"])
+    phone_number: str = Field(examples=["+5491122334455"])
+
+
+class DisconnectedEvent(_Request):
+    instance_id: str = Field(examples=["sender_51"])
+    reason: DisconnectReasonText
+    message: str | None = Field(default=None, max_length=validation.MAX_ERROR_MESSAGE)
+
+
+class EmptyBody(_Request):
+    """Routes that take no input accept no body or an empty object."""
+
+
+class ListQuery(BaseModel):
+    """The query of ``GET /sessions``; strings are converted, unknown parameters ignored."""
+
+    page_size: int = Field(
+        default=0,
+        description=f"Sessions per page, 1 to {validation.MAX_PAGE_SIZE}; "
+        f"0 or absent: {validation.DEFAULT_PAGE_SIZE}.",
+        json_schema_extra={"minimum": 0, "maximum": validation.MAX_PAGE_SIZE},
+    )
+    page_token: str = Field(default="", description="next_page_token of the previous page.")
+    status: StatusText | None = Field(default=None, description="Only sessions in this status.")
+
+
+class SessionJSON(_Response):
+    """Seed 004's ``WhatsAppSession``: every field present, ``null`` when absent."""
+
+    id: int
+    instance_id: str
+    phone_number: str | None
+    status: StatusText
+    qr_status: QRStatusText
+    qr_string: str | None = Field(description="A PNG data URL of the pairing code.")
+    qr_generated_at: str | None = Field(json_schema_extra=_TIMESTAMP)
+    qr_expires_at: str | None = Field(json_schema_extra=_TIMESTAMP)
+    connected_at: str | None = Field(json_schema_extra=_TIMESTAMP)
+    disconnected_at: str | None = Field(json_schema_extra=_TIMESTAMP)
+    last_error_code: str | None
+    last_error_message: str | None
+    created_at: str = Field(json_schema_extra=_TIMESTAMP)
+    updated_at: str = Field(json_schema_extra=_TIMESTAMP)
+    revision: int = Field(description="+1 on every committed change of this session.")
+
+
+class QRResponse(_Response):
+    qr_string: str
+    qr_expires_at: str = Field(json_schema_extra=_TIMESTAMP)
+    session: SessionJSON
+
+
+class PairPhoneResponse(_Response):
+    linking_code: str
+    session: SessionJSON
+
+
+class SendResponse(_Response):
+    message_id: str
+    whatsapp_message_id: str | None
+    status: MessageStatusText
+    accepted_at: str = Field(json_schema_extra=_TIMESTAMP)
+    replayed: bool
+
+
+class SessionPage(_Response):
+    sessions: list[SessionJSON]
+    next_page_token: str | None = Field(description="null on the last page.")
+
+
+class Health(_Response):
+    status: Literal["serving"]
+
+
+class ErrorJSON(_Response):
+    """Seed 003's error body, plus the ErrorInfo metadata under ``details``."""
+
+    error: Literal[True]
+    code: str = Field(examples=["SESSION_NOT_FOUND"])
+    message: str
+    details: dict[str, str]
+
+
+class EndEvent(_Response):
+    """The data of the final ``end`` event of a stream."""
+
+    reason: Literal["deleted", "shutdown"]
+    message: str

@@ -1,0 +1,70 @@
+"""A session's live events as Server-Sent Events.
+
+The stream is a ``WatchSession`` over HTTP: the same bounded, coalescing
+watcher, so a slow reader skips to the latest state and never holds anybody
+back. It opens with ``retry: 2000``, sends the current state, then every
+committed change in revision order (``id:`` is the revision), a comment line
+while idle, and a final ``end`` event when the session is deleted or the
+server stops. A reconnecting ``EventSource`` simply opens a new watch and gets
+the current state again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from service.api.http.payloads import encode, session_bytes
+from service.domain.states import Session
+from service.domain.watch import WatchClosed, Watcher
+
+RETRY = b"retry: 2000\n\n"
+KEEP_ALIVE = b": keep-alive\n\n"
+
+
+def session_event(session: Session) -> bytes:
+    return b"id: %d\nevent: session\ndata: %s\n\n" % (session.revision, session_bytes(session))
+
+
+def end_event(closed: WatchClosed) -> bytes:
+    data = {"reason": "deleted" if closed.deleted else "shutdown", "message": closed.why}
+    return b"event: end\ndata: %s\n\n" % encode(data)
+
+
+async def _events(watcher: Watcher[Session], keepalive: float) -> AsyncIterator[bytes]:
+    yield RETRY
+    while True:
+        try:
+            # Cancelling next() loses nothing: a state leaves the queue only when returned.
+            async with asyncio.timeout(keepalive):
+                session = await watcher.next()
+        except TimeoutError:
+            yield KEEP_ALIVE
+            continue
+        except WatchClosed as closed:
+            yield end_event(closed)
+            return
+        yield session_event(session)
+
+
+class SessionEventStream(StreamingResponse):
+    """An event stream that releases its watcher however the response ends."""
+
+    def __init__(
+        self, watcher: Watcher[Session], release: Callable[[], None], keepalive: float
+    ) -> None:
+        super().__init__(
+            _events(watcher, keepalive),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
