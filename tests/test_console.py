@@ -86,10 +86,12 @@ class Console:
         )
         return await start_console(pinned)
 
-    async def connected_session(self, instance_id: str) -> None:
+    async def connected_session(self, instance_id: str, phone_number: str = PHONE) -> None:
         await self.sessions.CreateSession(pb.CreateSessionRequest(instance_id=instance_id))
         await self.sessions.RequestQR(pb.RequestQRRequest(instance_id=instance_id))
-        await self.simulator.ScanQR(sim.ScanQRRequest(instance_id=instance_id, phone_number=PHONE))
+        await self.simulator.ScanQR(
+            sim.ScanQRRequest(instance_id=instance_id, phone_number=phone_number)
+        )
 
 
 async def start_console(settings: Settings) -> Console:
@@ -144,11 +146,12 @@ async def browser(chromium: Path) -> AsyncIterator[Browser]:
 
 @dataclass
 class Visit:
-    """A browser page on the console and every request it made."""
+    """A browser page on the console, every request it made and every script error it met."""
 
     page: Page
     requests: list[str]
     loads: list[str]
+    errors: list[str]
 
 
 @contextlib.asynccontextmanager
@@ -156,20 +159,31 @@ async def visit(browser: Browser, url: str, **context_options: object) -> AsyncI
     context = await browser.new_context(**context_options)  # type: ignore[arg-type]
     page = await context.new_page()
     page.set_default_timeout(WAIT_MS)
-    seen = Visit(page=page, requests=[], loads=[])
+    seen = Visit(page=page, requests=[], loads=[], errors=[])
     page.on("request", lambda request: seen.requests.append(request.url))
     page.on("load", lambda loaded: seen.loads.append(loaded.url))
-    # Records every status the page shows, so a test sees short-lived states too.
+    page.on("pageerror", lambda error: seen.errors.append(str(error)))
     await page.add_init_script(STATUS_RECORDER)
-    await page.goto(url)
+    response = await page.goto(url)
+    assert response is not None
+    assert "default-src 'none'" in (await response.all_headers())["content-security-policy"]
     try:
         yield seen
+        # No script failed, and nothing the page did was blocked by its own policy.
+        assert seen.errors == []
+        assert await page.evaluate("window.policyViolations") == []
     finally:
         await context.close()
 
 
+# Records every status the page shows, so a test sees short-lived states too, and any
+# request the Content-Security-Policy blocked.
 STATUS_RECORDER = """
 window.shownStates = [];
+window.policyViolations = [];
+document.addEventListener("securitypolicyviolation", (event) => {
+  window.policyViolations.push(`${event.violatedDirective} ${event.blockedURI}`);
+});
 document.addEventListener("DOMContentLoaded", () => {
   const badge = document.getElementById("detail-status");
   new MutationObserver(() => {
@@ -331,6 +345,7 @@ async def test_drops_unlinks_and_faults_appear_live(page: Visit, console: Consol
     # From error, a new QR code starts over.
     await ui.get_by_role("button", name="Show QR code").click()
     await expect(ui.locator("#detail-status")).to_have_text("qr_required")
+    await expect(ui.locator("#qr-image")).to_be_visible()
     assert await status_history(ui) == [
         "connected",
         "disconnected",
@@ -341,6 +356,14 @@ async def test_drops_unlinks_and_faults_appear_live(page: Visit, console: Consol
         "qr_required",
     ]
     assert len(page.loads) == 1  # going to the session's address did not reload the page
+
+    # Back to the list alone, then forward to the session, live again.
+    await ui.go_back()
+    await expect(ui.get_by_role("heading", name="No session selected")).to_be_visible()
+    await expect(ui.locator("#connection")).to_be_hidden()
+    await ui.go_forward()
+    await expect(ui.locator("#detail-status")).to_have_text("qr_required")
+    await expect(ui.locator("#connection")).to_have_text("Live")
 
 
 async def test_a_restart_under_the_page_is_shown_then_followed(
@@ -573,3 +596,49 @@ async def test_the_page_checks_instance_ids_as_the_service_does() -> None:
     match = re.search(r"const INSTANCE_ID = /\^(.+)\$/;", script)
     assert match, "console.js has no INSTANCE_ID"
     assert match[1] == INSTANCE_ID.pattern
+
+
+async def test_the_console_ships_no_external_address() -> None:
+    from service.api.console import STATIC
+
+    for path in STATIC.iterdir():
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]", path.read_text()), path.name
+
+
+async def test_every_status_in_the_list(page: Visit, console: Console) -> None:
+    """The list shows each session's status as its badge, its phone and its last change."""
+    ui = page.page
+    await console.connected_session("sender_12", "+5491122334455")
+    await console.connected_session("sender_15", "+5215512345678")
+    await console.sessions.CreateSession(pb.CreateSessionRequest(instance_id="sender_21"))
+    await console.sessions.RequestQR(pb.RequestQRRequest(instance_id="sender_21"))
+    await console.simulator.ScanQR(
+        sim.ScanQRRequest(instance_id="sender_21", phone_number=PHONE, hold_handshake=True)
+    )
+    await console.connected_session("sender_24", "+34612345678")
+    await console.simulator.UnlinkDevice(sim.UnlinkDeviceRequest(instance_id="sender_24"))
+    await console.connected_session("sender_27", "+5511987654321")
+    await console.simulator.FailSession(sim.FailSessionRequest(instance_id="sender_27"))
+    await console.sessions.CreateSession(pb.CreateSessionRequest(instance_id="sender_30"))
+    await console.sessions.CreateSession(pb.CreateSessionRequest(instance_id="sender_18"))
+    await console.sessions.RequestQR(pb.RequestQRRequest(instance_id="sender_18"))
+
+    await ui.goto(console.url + "#/sessions/sender_18")
+    await expect(ui.locator("#qr-countdown")).to_contain_text("Expires in")
+    expected = {
+        "sender_12": ("connected", "+5491122334455"),
+        "sender_15": ("connected", "+5215512345678"),
+        "sender_18": ("qr_required", "—"),
+        "sender_21": ("connecting", "—"),
+        "sender_24": ("disconnected", "+34612345678"),
+        "sender_27": ("error", "+5511987654321"),
+        "sender_30": ("init", "—"),
+    }
+    rows = ui.locator("#sessions-body tr")
+    await expect(rows).to_have_count(len(expected))
+    for row in await rows.all():
+        cells = await row.locator("th, td").all_inner_texts()
+        assert (cells[1], cells[2]) == expected[cells[0]], cells
+        assert re.fullmatch(r"(now|\d+ seconds? ago)", cells[3]), cells
+    await ui.set_viewport_size({"width": 1280, "height": 880})
+    save_screenshot("console.png", await ui.screenshot())

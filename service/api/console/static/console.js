@@ -86,7 +86,6 @@ function gateReasonFor(error) {
 }
 
 function showGate(reason) {
-  closeStream();
   clearView();
   $("main").hidden = true;
   $("connection").hidden = true;
@@ -613,18 +612,12 @@ function routedInstance() {
 }
 
 function clearView() {
-  current = null;
-  $("main").classList.remove("has-session");
+  closeSession();
   $("sessions-body").replaceChildren();
   $("list-caption").textContent = "";
-  $("detail-title").textContent = "No session selected";
-  $("detail-body").hidden = true;
-  $("detail-empty").hidden = false;
-  $("detail-empty").textContent = "Choose a session in the list, or create one.";
 }
 
 async function startConsole() {
-  closeStream();
   clearView();
   if (!(await loadList())) return;
   $("gate").hidden = true;
@@ -634,9 +627,24 @@ async function startConsole() {
 }
 
 function route() {
+  if (!$("gate").hidden) return;
   const instanceId = routedInstance();
-  if (instanceId && instanceId !== current?.instanceId && $("gate").hidden) {
-    openSession(instanceId);
+  if (instanceId && instanceId !== current?.instanceId) openSession(instanceId);
+  if (!instanceId && current) closeSession();
+}
+
+/** Back to the list alone (the browser's Back button from a session). */
+function closeSession() {
+  closeStream();
+  current = null;
+  setConnection(null);
+  $("main").classList.remove("has-session");
+  $("detail-title").textContent = "No session selected";
+  $("detail-body").hidden = true;
+  $("detail-empty").hidden = false;
+  $("detail-empty").textContent = "Choose a session in the list, or create one.";
+  for (const link of document.querySelectorAll("#sessions-body a[aria-current]")) {
+    link.removeAttribute("aria-current");
   }
 }
 
