@@ -15,6 +15,7 @@ import contextlib
 import io
 import os
 import re
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -155,9 +156,14 @@ class Visit:
 
 
 @contextlib.asynccontextmanager
-async def visit(browser: Browser, url: str, **context_options: object) -> AsyncIterator[Visit]:
+async def visit(
+    browser: Browser, url: str, clock_ahead: float = 0.0, **context_options: object
+) -> AsyncIterator[Visit]:
+    """A new browser context on ``url``; its clock is ``clock_ahead`` seconds fast."""
     context = await browser.new_context(**context_options)  # type: ignore[arg-type]
     page = await context.new_page()
+    if clock_ahead:
+        await page.clock.set_system_time(time.time() + clock_ahead)
     page.set_default_timeout(WAIT_MS)
     seen = Visit(page=page, requests=[], loads=[], errors=[])
     page.on("request", lambda request: seen.requests.append(request.url))
@@ -596,6 +602,19 @@ async def test_the_page_checks_instance_ids_as_the_service_does() -> None:
     match = re.search(r"const INSTANCE_ID = /\^(.+)\$/;", script)
     assert match, "console.js has no INSTANCE_ID"
     assert match[1] == INSTANCE_ID.pattern
+
+
+async def test_the_countdown_follows_the_services_clock(browser: Browser, console: Console) -> None:
+    """A computer whose clock is ten minutes fast still counts the code down right."""
+    await console.sessions.CreateSession(pb.CreateSessionRequest(instance_id="skewed"))
+    async with visit(browser, console.url + "#/sessions/skewed", clock_ahead=600) as seen:
+        ui = seen.page
+        assert await ui.evaluate("Date.now() / 1000") > time.time() + 590
+        await ui.get_by_role("button", name="Show QR code").click()
+        countdown = ui.locator("#qr-countdown")
+        await expect(countdown).to_contain_text("Expires in")
+        assert 0 < countdown_seconds(await countdown.inner_text()) <= QR_FIRST_SECONDS
+        await expect(ui.locator("#qr-expired")).to_be_hidden()
 
 
 async def test_the_console_ships_no_external_address() -> None:

@@ -42,9 +42,15 @@ async function api(method, path, body, extraHeaders = {}) {
   } catch {
     throw new ApiError(0, "UNREACHABLE", "The service cannot be reached. Is it running?");
   }
+  noteServerTime(Date.parse(response.headers.get("Date") ?? ""));
   if (response.status === 204) return null;
   const data = await response.json().catch(() => null);
-  if (response.ok) return data;
+  if (response.ok) {
+    // A change this request made was committed a moment ago.
+    const changed = method === "GET" ? null : (data?.session ?? data);
+    if (changed?.updated_at) noteServerTime(Date.parse(changed.updated_at));
+    return data;
+  }
   const error = new ApiError(
     response.status,
     data?.code ?? `HTTP_${response.status}`,
@@ -131,11 +137,31 @@ async function signOut() {
 // ---------------------------------------------------------------------------
 // Time.
 
+/** How far the service's clock is ahead of this computer's; 0 when within a second. */
+let serverOffsetMs = 0;
+const clockSamples = [];
+
+/**
+ * Notes a time the service's clock has certainly reached (a Date header, the commit time
+ * of a state just received): countdowns follow the service's clock, since a computer's
+ * clock can be minutes off. Each sample can only be late, so the latest of the last few
+ * is the best estimate.
+ */
+function noteServerTime(serverMs) {
+  if (Number.isNaN(serverMs)) return;
+  clockSamples.push(serverMs - Date.now());
+  if (clockSamples.length > 10) clockSamples.shift();
+  const offset = Math.max(...clockSamples);
+  serverOffsetMs = Math.abs(offset) > 1000 ? offset : 0;
+}
+
+const serverNow = () => Date.now() + serverOffsetMs;
+
 const absoluteTime = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "medium" });
 const relativeTime = new Intl.RelativeTimeFormat(undefined, { numeric: "auto" });
 
 function ago(iso) {
-  const seconds = Math.round((Date.parse(iso) - Date.now()) / 1000);
+  const seconds = Math.round((Date.parse(iso) - serverNow()) / 1000);
   const units = [["day", 86400], ["hour", 3600], ["minute", 60]];
   for (const [unit, size] of units) {
     if (Math.abs(seconds) >= size) return relativeTime.format(Math.round(seconds / size), unit);
@@ -353,7 +379,14 @@ function openStream(view) {
     view.interrupted = false;
     setConnection("live", "Live");
   });
-  stream.addEventListener("session", (event) => applySession(view, JSON.parse(event.data)));
+  let first = true;
+  stream.addEventListener("session", (event) => {
+    const session = JSON.parse(event.data);
+    // Every state after the first on a stream was committed a moment ago.
+    if (!first) noteServerTime(Date.parse(session.updated_at));
+    first = false;
+    applySession(view, session);
+  });
   stream.addEventListener("end", (event) => {
     if (view.closed) return;
     const end = JSON.parse(event.data);
@@ -495,7 +528,7 @@ function renderQr(view, previous) {
 
 function showCountdown(view) {
   const session = view.session;
-  const left = Date.parse(session.qr_expires_at) - Date.now();
+  const left = Date.parse(session.qr_expires_at) - serverNow();
   const expired = session.qr_status === "expired" || left <= 0;
   $("qr-figure").classList.toggle("expired", expired);
   $("qr-expired").hidden = !expired;
