@@ -40,6 +40,11 @@ class Harness:
     def address(self) -> str:
         return f"127.0.0.1:{self.running.port}"
 
+    @property
+    def http_url(self) -> str:
+        """The HTTP API's base URL (the server's own origin)."""
+        return f"http://127.0.0.1:{self.running.http_port}"
+
     async def stop(self) -> None:
         await self.channel.close(None)
         await self.running.stop(grace=1.0)

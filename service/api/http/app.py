@@ -38,6 +38,7 @@ from service.api.http.errors import (
 )
 from service.api.http.routes import ENDPOINTS, Call, Endpoint
 from service.api.metrics import Metrics
+from service.domain import validation
 from service.domain.errors import ContractError
 from service.domain.sessions import SessionManager
 
@@ -107,7 +108,10 @@ def _dispatch(
             if options.draining:
                 raise shutting_down()
             options.auth.check(request, spec.access)
-            body = await _input(request, spec)
+            iid = request.path_params.get("instance_id", "")
+            if iid:  # first, as gRPC does: every later error names the session
+                validation.instance_id(iid)
+            body = await _input(request, spec, iid)
             call = Call(request, manager, options.auth, body, options.keepalive, document)
             return await spec.handler(call)
         except HttpError as failure:
@@ -153,18 +157,18 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return error_response(failure)
 
 
-async def _input(request: Request, spec: Endpoint) -> BaseModel | None:
+async def _input(request: Request, spec: Endpoint, iid: str) -> BaseModel | None:
     if spec.query is not None:
         try:
             return spec.query.model_validate(dict(request.query_params))
         except ValidationError as error:
-            raise _rejected(error, "query") from None
+            raise _rejected(error, "query", iid) from None
     if spec.body is None:
         return None
-    raw = await _read_body(request)
+    raw = await _read_body(request, iid)
     if not raw:
         if spec.body_required:
-            raise invalid("body", "a JSON object is required as the body")
+            raise invalid("body", "a JSON object is required as the body", instance_id=iid)
         return spec.body()
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if media_type != "application/json" and not media_type.endswith("+json"):
@@ -172,43 +176,44 @@ async def _input(request: Request, spec: Endpoint) -> BaseModel | None:
             "content-type",
             f"the body must be application/json, got {media_type or 'no content type'!r}",
             status=415,
+            instance_id=iid,
         )
     try:
         return spec.body.model_validate_json(raw)
     except ValidationError as error:
-        raise _rejected(error, "body") from None
+        raise _rejected(error, "body", iid) from None
 
 
-async def _read_body(request: Request) -> bytes:
+async def _read_body(request: Request, iid: str) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY:
-        raise _too_large()
+        raise _too_large(iid)
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_BODY:
-            raise _too_large()
+            raise _too_large(iid)
     return bytes(body)
 
 
-def _too_large() -> HttpError:
-    return invalid("body", f"the body is larger than {MAX_BODY} bytes", status=413)
+def _too_large(iid: str) -> HttpError:
+    return invalid("body", f"the body is larger than {MAX_BODY} bytes", 413, iid)
 
 
-def _rejected(error: ValidationError, where: str) -> HttpError:
+def _rejected(error: ValidationError, where: str, iid: str) -> HttpError:
     """The first problem pydantic found, as INVALID_ARGUMENT naming the field."""
     first: ErrorDetails = error.errors(include_url=False)[0]
     name = ".".join(str(part) for part in first["loc"])
     kind = first["type"]
     if kind == "json_invalid":
-        return invalid("body", f"the body is not valid JSON: {first['msg']}")
+        return invalid("body", f"the body is not valid JSON: {first['msg']}", instance_id=iid)
     if not name:
-        return invalid(where, f"the {where} must be a JSON object")
+        return invalid(where, f"the {where} must be a JSON object", instance_id=iid)
     if kind == "extra_forbidden":
-        return invalid(name, f"unknown field {name!r}")
+        return invalid(name, f"unknown field {name!r}", instance_id=iid)
     if kind == "missing":
-        return invalid(name, f"{name} is required")
-    return invalid(name, f"{name}: {first['msg']}")
+        return invalid(name, f"{name} is required", instance_id=iid)
+    return invalid(name, f"{name}: {first['msg']}", instance_id=iid)
 
 
 class RequestLog:

@@ -27,6 +27,37 @@ VERSION = "1.0.0"
 _REF = "#/components/schemas/{model}"
 _PATH_PARAMETER = re.compile(r"{(\w+)}")
 
+#: One event of a session's stream (OpenAPI 3.1: the schema of a stream describes each event).
+_EVENT: dict[str, Any] = {
+    "oneOf": [
+        {
+            "type": "object",
+            "required": ["event", "id", "data"],
+            "properties": {
+                "event": {"const": "session"},
+                "id": {"type": "string", "pattern": "^[0-9]+$"},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": JSON,
+                    "contentSchema": {"$ref": _REF.format(model="SessionJSON")},
+                },
+            },
+        },
+        {
+            "type": "object",
+            "required": ["event", "data"],
+            "properties": {
+                "event": {"const": "end"},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": JSON,
+                    "contentSchema": {"$ref": _REF.format(model="EndEvent")},
+                },
+            },
+        },
+    ]
+}
+
 _RESPONSE_MODELS: tuple[type[BaseModel], ...] = (schemas.ErrorJSON, schemas.EndEvent)
 
 
@@ -130,7 +161,7 @@ def _success(spec: Endpoint) -> dict[str, Any]:
             "description": "An event stream: `retry: 2000`, then `event: session` events "
             "(`id:` the revision, `data:` a SessionJSON), `: keep-alive` comments while idle, "
             "and a final `event: end` whose data is an EndEvent.",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": _EVENT}},
         }
     schema: dict[str, Any] = (
         {"$ref": _REF.format(model=spec.response.__name__)}

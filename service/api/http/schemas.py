@@ -19,8 +19,23 @@ QRStatusText = Literal["none", "generated", "expired", "used"]
 MessageStatusText = Literal["pending", "sent", "failed"]
 DisconnectReasonText = Literal["LOGOUT", "NETWORK", "TIMEOUT", "UNKNOWN"]
 
+# The patterns and lengths say in JSON Schema what ``validation`` accepts, so
+# that generated clients and fuzzers know it; only ``validation`` checks them
+# (the same functions and messages as gRPC), pydantic checks types and fields.
 INSTANCE_ID_PATTERN = f"^{validation.INSTANCE_ID.pattern}$"
+_SEP = r"[\s()-]*"
+#: +digits in international format; spaces, dashes and parentheses are ignored.
+PHONE_PATTERN = rf"^{_SEP}\+?{_SEP}[1-9](?:{_SEP}[0-9]){{6,14}}{_SEP}$"
+_JID = r"[0-9]{5,20}(?:-[0-9]{1,20})?@(?:s\.whatsapp\.net|g\.us)"
+RECIPIENT_PATTERN = rf"^(?:{PHONE_PATTERN[1:-1]}|{_JID})$"
+#: Not blank.
+TEXT_PATTERN = r"\S"
+_NO_CONTROL = r"[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
+#: Not blank, no control characters.
+KEY_PATTERN = rf"^{_NO_CONTROL}*[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f\s]{_NO_CONTROL}*$"
 
+_INSTANCE_ID: JsonDict = {"pattern": INSTANCE_ID_PATTERN}
+_PHONE: JsonDict = {"pattern": PHONE_PATTERN}
 _TIMESTAMP: JsonDict = {"format": "date-time", "examples": ["2026-01-04T12:34:56Z"]}
 
 
@@ -33,33 +48,43 @@ class _Response(BaseModel):
 
 
 class CreateSessionBody(_Request):
-    instance_id: str = Field(examples=["sender_51"])
+    instance_id: str = Field(json_schema_extra=_INSTANCE_ID, examples=["sender_51"])
 
 
 class SendBody(_Request):
-    to: str = Field(description="A phone number in international format or a WhatsApp JID.")
-    text: str = Field(max_length=validation.MAX_TEXT)
+    to: str = Field(
+        json_schema_extra={"pattern": RECIPIENT_PATTERN},
+        description="A phone number in international format or a WhatsApp JID.",
+        examples=["+5491100000000"],
+    )
+    text: str = Field(
+        json_schema_extra={"pattern": TEXT_PATTERN, "maxLength": validation.MAX_TEXT},
+        examples=["hola"],
+    )
     idempotency_key: str | None = Field(
         default=None,
-        max_length=validation.MAX_IDEMPOTENCY_KEY,
+        json_schema_extra={"pattern": KEY_PATTERN, "maxLength": validation.MAX_IDEMPOTENCY_KEY},
         description="Repeating a key returns the first result and sends nothing again; "
         "the Idempotency-Key header does the same.",
     )
 
 
 class PairPhoneBody(_Request):
-    phone_number: str = Field(examples=["+5491122334455"])
+    phone_number: str = Field(json_schema_extra=_PHONE, examples=["+5491122334455"])
 
 
 class ConnectedEvent(_Request):
-    instance_id: str = Field(examples=["sender_51"])
-    phone_number: str = Field(examples=["+5491122334455"])
+    instance_id: str = Field(json_schema_extra=_INSTANCE_ID, examples=["sender_51"])
+    phone_number: str = Field(json_schema_extra=_PHONE, examples=["+5491122334455"])
 
 
 class DisconnectedEvent(_Request):
-    instance_id: str = Field(examples=["sender_51"])
+    instance_id: str = Field(json_schema_extra=_INSTANCE_ID, examples=["sender_51"])
     reason: DisconnectReasonText
-    message: str | None = Field(default=None, max_length=validation.MAX_ERROR_MESSAGE)
+    message: str | None = Field(
+        default=None,
+        json_schema_extra={"pattern": TEXT_PATTERN, "maxLength": validation.MAX_ERROR_MESSAGE},
+    )
 
 
 class EmptyBody(_Request):
