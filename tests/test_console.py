@@ -25,7 +25,7 @@ import pytest
 import pytest_asyncio
 import zxingcpp
 from PIL import Image
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Page, Route, async_playwright, expect
 
 from service.config import Settings
 from service.engine.simulated import pairing_payload
@@ -145,6 +145,10 @@ async def browser(chromium: Path) -> AsyncIterator[Browser]:
         await launched.close()
 
 
+async def abort_elsewhere(route: Route) -> None:
+    await route.abort("internetdisconnected")
+
+
 @dataclass
 class Visit:
     """A browser page on the console, every request it made and every script error it met."""
@@ -166,6 +170,9 @@ async def visit(
         await page.clock.set_system_time(time.time() + clock_ahead)
     page.set_default_timeout(WAIT_MS)
     seen = Visit(page=page, requests=[], loads=[], errors=[])
+    # The network is cut off from everything but the service.
+    origin = url.split("#")[0]
+    await context.route(lambda target: not target.startswith(origin), abort_elsewhere)
     page.on("request", lambda request: seen.requests.append(request.url))
     page.on("load", lambda loaded: seen.loads.append(loaded.url))
     page.on("pageerror", lambda error: seen.errors.append(str(error)))
@@ -347,6 +354,7 @@ async def test_drops_unlinks_and_faults_appear_live(page: Visit, console: Consol
     alert = ui.get_by_role("alert").filter(has_text="TEMPORARY_BAN")
     await expect(alert).to_contain_text("Banned until 2026-11-24T10:00Z")
     save_screenshot("error.png", await ui.screenshot(full_page=True))
+    assert await ui.evaluate(LOW_CONTRAST) == []
 
     # From error, a new QR code starts over.
     await ui.get_by_role("button", name="Show QR code").click()
@@ -387,6 +395,7 @@ async def test_a_restart_under_the_page_is_shown_then_followed(
             await server.stop()
             await expect(ui.locator("#connection")).to_contain_text("reconnecting")
             await expect(ui.locator("#detail-status")).to_have_text("connected")  # the last known
+            assert await ui.evaluate(LOW_CONTRAST) == []
 
             server = await server.start_again()
             # The service restores the session by itself: connecting, then connected.
@@ -427,6 +436,7 @@ async def test_a_missing_or_wrong_token_shows_only_the_sign_in(
             await expect(ui.locator("#main")).to_be_hidden()
             await expect(ui.get_by_text("secret_session")).to_have_count(0)
             save_screenshot("sign-in.png", await ui.screenshot(full_page=True))
+            assert await ui.evaluate(LOW_CONTRAST) == []
 
             # The engine side's token is a valid one, of a role that may not read sessions.
             await ui.get_by_label("Access token").fill("internal-token")
@@ -661,3 +671,42 @@ async def test_every_status_in_the_list(page: Visit, console: Console) -> None:
         assert re.fullmatch(r"(now|\d+ seconds? ago)", cells[3]), cells
     await ui.set_viewport_size({"width": 1280, "height": 880})
     save_screenshot("console.png", await ui.screenshot())
+    assert await ui.evaluate(LOW_CONTRAST) == []
+
+
+# Every visible text that is not disabled, with a contrast against its background below
+# WCAG AA's 4.5:1 (3:1 for large text).
+LOW_CONTRAST = """
+(() => {
+  const rgb = (text) => text.match(/[\\d.]+/g).map(Number);
+  const luminance = ([r, g, b]) => {
+    const linear = [r, g, b].map((c) => {
+      c /= 255;
+      return c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4;
+    });
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2];
+  };
+  const background = (element) => {
+    for (let node = element; node; node = node.parentElement) {
+      const color = rgb(getComputedStyle(node).backgroundColor);
+      if (color.length < 4 || color[3] > 0) return color.slice(0, 3);
+    }
+    return [255, 255, 255];
+  };
+  const failures = [];
+  for (const element of document.querySelectorAll("body *")) {
+    const text = [...element.childNodes]
+      .filter((node) => node.nodeType === Node.TEXT_NODE)
+      .map((node) => node.textContent.trim())
+      .join("");
+    if (!text || !element.checkVisibility() || element.closest(":disabled")) continue;
+    const style = getComputedStyle(element);
+    const [a, b] = [luminance(rgb(style.color)), luminance(background(element))];
+    const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+    const large = parseFloat(style.fontSize) >= 24 || (parseFloat(style.fontSize) >= 18.66
+      && Number(style.fontWeight) >= 700);
+    if (ratio < (large ? 3 : 4.5)) failures.push(`${text}: ${ratio.toFixed(2)}`);
+  }
+  return failures;
+})()
+"""

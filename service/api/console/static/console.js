@@ -137,7 +137,7 @@ async function signOut() {
 // ---------------------------------------------------------------------------
 // Time.
 
-/** How far the service's clock is ahead of this computer's; 0 when within a second. */
+/** How far the service's clock is ahead of this computer's; 0 when within 2.5 s. */
 let serverOffsetMs = 0;
 const clockSamples = [];
 
@@ -152,7 +152,8 @@ function noteServerTime(serverMs) {
   clockSamples.push(serverMs - Date.now());
   if (clockSamples.length > 10) clockSamples.shift();
   const offset = Math.max(...clockSamples);
-  serverOffsetMs = Math.abs(offset) > 1000 ? offset : 0;
+  // A Date header alone can be two seconds late: smaller differences are not corrected.
+  serverOffsetMs = Math.abs(offset) > 2500 ? offset : 0;
 }
 
 const serverNow = () => Date.now() + serverOffsetMs;
@@ -161,7 +162,8 @@ const absoluteTime = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", t
 const relativeTime = new Intl.RelativeTimeFormat(undefined, { numeric: "auto" });
 
 function ago(iso) {
-  const seconds = Math.round((Date.parse(iso) - serverNow()) / 1000);
+  // Every time shown is past: one a moment "in the future" is clock noise.
+  const seconds = Math.min(0, Math.round((Date.parse(iso) - serverNow()) / 1000));
   const units = [["day", 86400], ["hour", 3600], ["minute", 60]];
   for (const [unit, size] of units) {
     if (Math.abs(seconds) >= size) return relativeTime.format(Math.round(seconds / size), unit);
