@@ -21,13 +21,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 import pytest_asyncio
 import zxingcpp
 from PIL import Image
 from playwright.async_api import Browser, Page, Route, async_playwright, expect
 
+from service.api.console import CONTENT_SECURITY_POLICY, STATIC
 from service.config import Settings
+from service.domain.validation import INSTANCE_ID
 from service.engine.simulated import pairing_payload
 from service.server import RunningServer, start
 from sessionmanager.v1 import session_service_pb2 as pb
@@ -52,8 +55,9 @@ TOKEN = "console-public-token"
 #: Long enough to decode the first code and watch it count down, short enough to see it rotate.
 QR_FIRST_SECONDS = 5.0
 QR_ROTATION_SECONDS = 4.0
-#: How long a page condition may take: a rotation, a restart.
+#: How long a page condition may take: a rotation, a restart, on a busy machine.
 WAIT_MS = 15_000
+expect.set_options(timeout=WAIT_MS)
 
 
 @dataclass
@@ -573,6 +577,7 @@ async def test_deleted_elsewhere_the_page_says_so(page: Visit, console: Console)
     await console.sessions.CreateSession(pb.CreateSessionRequest(instance_id="elsewhere"))
     await ui.goto(console.url + "#/sessions/elsewhere")
     await expect(ui.locator("#detail-status")).to_have_text("init")
+    await expect(ui.locator("#connection")).to_have_text("Live")  # the stream tells
     await console.sessions.DeleteSession(pb.DeleteSessionRequest(instance_id="elsewhere"))
     await expect(ui.locator("#detail-empty")).to_have_text("elsewhere was deleted.")
 
@@ -605,9 +610,6 @@ async def test_keyboard_only_on_a_phone_sized_screen(browser: Browser, console: 
 
 
 async def test_the_page_checks_instance_ids_as_the_service_does() -> None:
-    from service.api.console import STATIC
-    from service.domain.validation import INSTANCE_ID
-
     script = (STATIC / "console.js").read_text()
     match = re.search(r"const INSTANCE_ID = /\^(.+)\$/;", script)
     assert match, "console.js has no INSTANCE_ID"
@@ -628,8 +630,6 @@ async def test_the_countdown_follows_the_services_clock(browser: Browser, consol
 
 
 async def test_the_console_ships_no_external_address() -> None:
-    from service.api.console import STATIC
-
     for path in STATIC.iterdir():
         assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]", path.read_text()), path.name
 
@@ -710,3 +710,26 @@ LOW_CONTRAST = """
   return failures;
 })()
 """
+
+
+async def test_the_console_is_served_beside_the_api_and_shadows_none_of_it(
+    console: Console,
+) -> None:
+    async with httpx.AsyncClient(base_url=console.url) as http:
+        page = await http.get("/")
+        assert page.status_code == 200
+        assert page.headers["content-type"].startswith("text/html")
+        assert page.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+        assert page.headers["x-content-type-options"] == "nosniff"
+        script = await http.head("/console.js")
+        assert script.status_code == 200
+        assert "javascript" in script.headers["content-type"]
+
+        unknown = await http.get("/console.map")
+        assert unknown.status_code == 404
+        assert unknown.json()["error"] is True
+        for method, path in (("POST", "/"), ("OPTIONS", "/api/session-manager/sessions")):
+            refused = await http.request(method, path)
+            assert refused.status_code == 405, (method, path)
+            assert refused.json()["code"] == "INVALID_ARGUMENT"
+        assert set(refused.headers["allow"].split(", ")) == {"GET", "HEAD", "POST"}

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from starlette.responses import Response
-from starlette.routing import Mount
+from starlette.routing import Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
@@ -53,6 +53,15 @@ class ConsoleFiles(StaticFiles):
         return response
 
 
-def console_mount() -> Mount:
-    """The console at ``/``; mount it after every other route, since it matches any path."""
-    return Mount("/", app=ConsoleFiles(directory=STATIC, html=True), name="console")
+def console_routes() -> list[Route]:
+    """The console at ``/`` and each of its files at ``/<name>``, for GET and HEAD only.
+
+    Exact paths, not a catch-all mount: every other path and method keeps the API's own
+    answers (404 for an unknown route, 405 with the route's ``Allow`` for a wrong method).
+    """
+    files = ConsoleFiles(directory=STATIC, html=True)
+    paths = ["/", *sorted(f"/{path.name}" for path in STATIC.iterdir())]
+    return [
+        Route(path, files, methods=["GET"], name=f"console:{path}", include_in_schema=False)
+        for path in paths
+    ]

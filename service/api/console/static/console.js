@@ -362,7 +362,10 @@ async function follow(view) {
     session = await api("GET", sessionPath(view.instanceId));
   } catch (error) {
     if (view.closed || error.status === 401) return;
-    if (error.status === 404) return showGone(view, describe(error));
+    if (error.status === 404) {
+      // Shown before, then gone: deleted meanwhile (while the stream was down).
+      return showGone(view, view.session ? `${view.instanceId} was deleted.` : describe(error));
+    }
     setConnection("reconnecting", "Connection lost: reconnecting…");
     return retryLater(view);
   }
