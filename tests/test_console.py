@@ -598,6 +598,10 @@ async def test_keyboard_only_on_a_phone_sized_screen(browser: Browser, console: 
         await ui.keyboard.press("Enter")
         await expect(ui.locator("#detail-status")).to_have_text("qr_required")
         await expect(ui.locator("#announce")).to_have_text("sender_phone is qr_required.")
+        # The button is gone while the code is valid; the keyboard stays in the session.
+        await expect(ui.locator("#detail-title")).to_be_focused()
+        await ui.keyboard.press("Tab")
+        await expect(ui.get_by_label("Phone number")).to_be_focused()
         image = await ui.locator("#qr-image").bounding_box()
         assert image is not None
         assert image["width"] >= 280  # large enough to scan

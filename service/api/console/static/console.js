@@ -581,6 +581,12 @@ async function act(button, call) {
   } finally {
     button.disabled = false;
     button.removeAttribute("aria-busy");
+    // An action can hide its own button (no QR button while a code is valid): keep the
+    // keyboard's place in the session rather than losing it to the page.
+    const focus = document.activeElement;
+    if (focus === document.body || (focus === button && !button.checkVisibility())) {
+      $("detail-title").focus();
+    }
   }
 }
 
