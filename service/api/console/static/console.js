@@ -191,7 +191,7 @@ function clockText(milliseconds) {
 // ---------------------------------------------------------------------------
 // The sessions list: one page at a time, filtered by status.
 
-const list = { status: "", tokens: [""], index: 0, next: "" };
+const list = { status: "", tokens: [""], index: 0, next: "", reads: 0 };
 
 function badge(status) {
   const element = document.createElement("span");
@@ -225,6 +225,7 @@ function sessionRow(session) {
 }
 
 async function loadList() {
+  const read = ++list.reads; // only the latest read is shown, whatever order answers come in
   const params = new URLSearchParams({ page_size: String(PAGE_SIZE) });
   if (list.tokens[list.index]) params.set("page_token", list.tokens[list.index]);
   if (list.status) params.set("status", list.status);
@@ -234,15 +235,18 @@ async function loadList() {
   } catch (error) {
     // A token of another role (the engine side's) may not read sessions: ask for another.
     if (error.status === 403) showGate(`This token may not use the console. ${describe(error)}`);
-    else if (error.status !== 401) showListError(describe(error));
-    return false;
+    else if (error.status !== 401 && read === list.reads) {
+      $("main").hidden = false;
+      showListError(describe(error));
+    }
+    return;
   }
+  if (read !== list.reads) return;
   $("main").hidden = false;
   showListError("");
   list.next = page.next_page_token || "";
   $("sessions-body").replaceChildren(...page.sessions.map(sessionRow));
   renderPager(page.sessions.length);
-  return true;
 }
 
 function renderPager(shown) {
@@ -663,8 +667,8 @@ function clearView() {
 
 async function startConsole() {
   clearView();
-  if (!(await loadList())) return;
-  $("gate").hidden = true;
+  await loadList();
+  if (!$("gate").hidden) return; // the service asked for a token
   $("logout").hidden = localStorage.getItem("sm.signedIn") !== "1";
   const instanceId = routedInstance();
   if (instanceId) openSession(instanceId);
