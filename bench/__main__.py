@@ -1,11 +1,15 @@
-"""``python -m bench [--quick]``: run the benchmarks and write bench/RESULTS.md.
+"""``python -m bench [--quick] [--label TEXT] [--output FILE]``: run the benchmarks, write the results.
 
 Every server runs in its own process: the Session Manager (``session-manager
 serve``) and the baseline (``bench/bare.py``, a bare grpc.aio server). Both
 are loaded by the same client code from this process, with requests and
 responses passed as bytes so the client costs the same for both. Figures are
-medians of several runs, ratios are taken run by run against the baseline
+medians of several runs; ratios are taken run by run against the baseline
 measured in the same run.
+
+Two kinds of figures: throughput and latency, which move with whatever else
+runs on the machine, and the server's CPU time per call (read from ``/proc``,
+see ``bench/cpu.py``), which barely does.
 """
 
 from __future__ import annotations
@@ -15,15 +19,14 @@ import asyncio
 import contextlib
 import os
 import platform
-import signal
+import re
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -31,85 +34,116 @@ from pathlib import Path
 import grpc
 
 from bench.bare import NOOP, PUBLISH, WATCH
+from bench.cpu import cpu_during, cpu_per_call
+from bench.servers import (
+    SESSIONS,
+    Server,
+    identity,
+    prepare,
+    read_one_each,
+    real,
+    running,
+    running_pair,
+    unary,
+    watching,
+)
 from service.domain.qr import render_data_url
 from service.engine.simulated import pairing_payload
-from service.store import store
+from service.store.sqlite import Store
 from sessionmanager.v1 import engine_service_pb2 as engine
 from sessionmanager.v1 import session_service_pb2 as pb
-from sessionmanager.v1 import simulator_service_pb2 as sim
 
-BIN = Path(sys.executable).parent
 RESULTS = Path(__file__).parent / "RESULTS.md"
 IN_FLIGHT = 64
+REPORT_ERROR = "/sessionmanager.v1.EngineService/ReportError"
+TITLE = """# Benchmark results
+
+`python -m bench --label TEXT` adds a dated section (or replaces the one with the
+same heading), so runs before and after a change stand side by side. Compare the
+server CPU per call and its ratio to the bare baseline: the machine is shared, and
+CPU time holds where throughput and latency move with the load.
+"""
+WORKERS_SECTION = "## Engine workers"  # written by `python -m bench.workers`, kept last
 
 
-def _identity(value: bytes) -> bytes:
-    return value
+@dataclass(frozen=True)
+class Sizes:
+    """How much each figure measures: the full run, or the quick one CI runs."""
+
+    runs: int
+    seconds: float  # of each throughput measurement
+    watchers: int  # for the fan-out time and memory
+    big: int  # sessions in the large database
+    latency_calls: int
+    cpu_calls: int  # per CPU figure and run
+    cpu_watchers: int
+    cpu_changes: int
+
+
+FULL = Sizes(runs=5, seconds=3.0, watchers=10_000, big=100_000, latency_calls=2000,
+             cpu_calls=2000, cpu_watchers=1000, cpu_changes=20)  # fmt: skip
+QUICK = Sizes(runs=2, seconds=0.3, watchers=300, big=2_000, latency_calls=200,
+              cpu_calls=300, cpu_watchers=100, cpu_changes=10)  # fmt: skip
 
 
 @dataclass
-class Server:
-    process: subprocess.Popen[str]
-    address: str
-    started_in: float
+class Figure:
+    """A throughput, latency or size figure: one value per run, with a target."""
 
-    def rss(self) -> int:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return 0
+    name: str
+    target: str
+    values: list[float]
+    unit: str
+    met: Callable[[float], bool]
 
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+    def row(self) -> str:
+        median = statistics.median(self.values)
+        spread = f"{min(self.values):.3g} to {max(self.values):.3g}"
+        return (
+            f"| {self.name} | {median:.3g} {self.unit} | {spread} | {len(self.values)} | "
+            f"{self.target} | {'yes' if self.met(median) else '**no**'} |"
+        )
 
 
-def _launch(command: list[str]) -> Server:
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    if "listening on port" not in line:
-        raise RuntimeError(f"{command[0]} did not start: {line!r}")
-    return Server(
-        process, f"127.0.0.1:{line.rsplit(' ', 1)[1].strip()}", time.perf_counter() - started
-    )
+@dataclass
+class CpuFigure:
+    """The server's CPU microseconds per call, beside the baseline's measured in the same run."""
+
+    name: str
+    server: list[float] = field(default_factory=list)
+    bare: list[float] = field(default_factory=list)
+
+    def row(self) -> str:
+        ratios = [server / bare for server, bare in zip(self.server, self.bare, strict=True)]
+        return (
+            f"| {self.name} | {statistics.median(self.server):.0f} µs | "
+            f"{min(self.server):.0f} to {max(self.server):.0f} | "
+            f"{statistics.median(self.bare):.0f} µs | {statistics.median(ratios):.2f} x | "
+            f"{min(ratios):.2f} to {max(ratios):.2f} | {len(self.server)} |"
+        )
 
 
-def real(database: Path, *flags: str) -> Server:
-    return _launch(
-        [str(BIN / "session-manager"), "serve", "--address=127.0.0.1:0", f"--database={database}", "--engine=simulated",
-         "--log-level=warning", "--send-rate=0", "--qr-first-seconds=86400",
-         "--max-watchers-per-session=100000", "--max-watchers=100000", *flags]
-    )  # fmt: skip
+@dataclass
+class Results:
+    figures: dict[str, Figure] = field(default_factory=dict)
+    cpu: dict[str, CpuFigure] = field(default_factory=dict)
 
+    def add(self, name: str, target: str, unit: str, met: Callable[[float], bool], value: float) -> None:  # fmt: skip
+        self.figures.setdefault(name, Figure(name, target, [], unit, met)).values.append(value)
+        print(f"  {name}: {value:.4g} {unit}", flush=True)
 
-def bare() -> Server:
-    return _launch([sys.executable, "-m", "bench.bare"])
-
-
-@contextlib.contextmanager
-def running(server: Server) -> Iterator[Server]:
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-async def unary(address: str, method: str, payload: bytes) -> bytes:
-    async with grpc.aio.insecure_channel(address) as channel:
-        call = channel.unary_unary(method, _identity, _identity)
-        return bytes(await call(payload, timeout=30))
+    def add_cpu(self, name: str, server: float, bare: float) -> None:
+        """Record one run's CPU seconds per call, server and baseline."""
+        figure = self.cpu.setdefault(name, CpuFigure(name))
+        figure.server.append(server * 1e6)
+        figure.bare.append(bare * 1e6)
+        print(f"  CPU {name}: {server * 1e6:.0f} µs, bare {bare * 1e6:.0f} µs", flush=True)
 
 
 async def qps(address: str, method: str, payloads: list[bytes], seconds: float) -> float:
     """Calls per second with IN_FLIGHT calls always outstanding."""
     async with grpc.aio.insecure_channel(address) as channel:
-        call = channel.unary_unary(method, _identity, _identity)
+        call = channel.unary_unary(method, identity, identity)
         await asyncio.gather(*(call(p) for p in payloads[:IN_FLIGHT]))  # warm up
         done = 0
         stop = time.perf_counter() + seconds
@@ -129,7 +163,7 @@ async def qps(address: str, method: str, payloads: list[bytes], seconds: float) 
 async def latency(address: str, method: str, payloads: list[bytes], calls: int) -> float:
     """Median seconds of one call, one at a time."""
     async with grpc.aio.insecure_channel(address) as channel:
-        call = channel.unary_unary(method, _identity, _identity)
+        call = channel.unary_unary(method, identity, identity)
         for payload in payloads[:50]:
             await call(payload)
         times = []
@@ -141,35 +175,42 @@ async def latency(address: str, method: str, payloads: list[bytes], calls: int) 
 
 
 async def fanout(
-    address: str, method: str, payload: bytes, watchers: int, trigger: Callable[[], Awaitable[object]],
-    rss: Callable[[], int],
+    server: Server, method: str, payload: bytes, watchers: int, trigger: Callable[[], Awaitable[object]]
 ) -> tuple[float, float]:  # fmt: skip
     """(seconds until every watcher has one change, server bytes per open watcher)."""
-    channels = [grpc.aio.insecure_channel(address) for _ in range(8)]
-    try:
-        before = rss()
-        streams = [
-            channels[n % len(channels)].unary_stream(method, _identity, _identity)(payload)
-            for n in range(watchers)
-        ]
-        await asyncio.gather(*(s.read() for s in streams))  # each has its current state
-        await asyncio.sleep(0.5)
-        per_watcher = (rss() - before) / watchers
+    before = server.rss()
+    async with watching(server.address, method, payload, watchers) as streams:
+        await asyncio.sleep(0.5)  # let the streams' start-up garbage go before reading the memory
+        per_watcher = (server.rss() - before) / watchers
         started = time.perf_counter()
         await trigger()
-        await asyncio.gather(*(s.read() for s in streams))
-        elapsed = time.perf_counter() - started
-        for stream in streams:
-            stream.cancel()
-        return elapsed, per_watcher
-    finally:
-        for channel in channels:
-            await channel.close(None)
+        await read_one_each(streams)
+        return time.perf_counter() - started, per_watcher
+
+
+async def fanout_cpu(
+    server: Server, method: str, payload: bytes, watchers: int, changes: int,
+    trigger: Callable[[int], Awaitable[object]],
+) -> float:  # fmt: skip
+    """The server's CPU seconds per delivered message: ``changes`` changes to ``watchers`` watchers.
+
+    Each change is triggered once every watcher has the previous one, so none is skipped.
+    """
+    async with watching(server.address, method, payload, watchers) as streams:
+        await trigger(0)  # warm up
+        await read_one_each(streams)
+
+        async def deliver() -> None:
+            for n in range(1, changes + 1):
+                await trigger(n)
+                await read_one_each(streams)
+
+        return await cpu_during(server.pid, deliver()) / (changes * watchers)
 
 
 async def seed_database(path: Path, sessions: int) -> None:
     """A database with ``sessions`` sessions in init, written directly for speed."""
-    await (await store.Store.open(path)).close()
+    await (await Store.open(path)).close()
     now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     with contextlib.closing(sqlite3.connect(path)) as db:
         db.executemany(
@@ -180,176 +221,158 @@ async def seed_database(path: Path, sessions: int) -> None:
         db.commit()
 
 
-async def prepare(
-    address: str, count: int, connect: bool, qr: bool, prefix: str = "load"
-) -> list[str]:
-    ids = [f"{prefix}_{n}" for n in range(count)]
-    for iid in ids:
-        await unary(address, "/sessionmanager.v1.SessionService/CreateSession",
-                    pb.CreateSessionRequest(instance_id=iid).SerializeToString())  # fmt: skip
-        if qr or connect:
-            await unary(address, "/sessionmanager.v1.SessionService/RequestQR",
-                        pb.RequestQRRequest(instance_id=iid).SerializeToString())  # fmt: skip
-        if connect:
-            await unary(address, "/sessionmanager.v1.SimulatorService/ScanQR",
-                        sim.ScanQRRequest(instance_id=iid).SerializeToString())  # fmt: skip
-    return ids
+def _send(instance_id: str, key: str) -> bytes:
+    request = pb.SendRequest(instance_id=instance_id, to="+5491100000000", text="hola",
+                             idempotency_key=key)  # fmt: skip
+    return request.SerializeToString()
 
 
-@dataclass
-class Figure:
-    name: str
-    target: str
-    values: list[float]
-    unit: str
-    met: Callable[[float], bool]
+def _fault(instance_id: str, n: int) -> bytes:
+    """A fault report; alternating between two codes makes each one a committed change."""
+    request = engine.ReportErrorRequest(instance_id=instance_id, code=f"FAULT_{n % 2}", message="m")
+    return request.SerializeToString()
 
-    def row(self) -> str:
-        median = statistics.median(self.values)
-        spread = f"{min(self.values):.3g} to {max(self.values):.3g}"
-        return (
-            f"| {self.name} | {median:.3g} {self.unit} | {spread} | {len(self.values)} | "
-            f"{self.target} | {'yes' if self.met(median) else '**no**'} |"
+
+async def _per_call(server: Server, method: str, payload: Callable[[int], bytes], calls: int) -> float:  # fmt: skip
+    """The server's CPU seconds per call of ``method``, after a warm-up of a tenth as many."""
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        call = channel.unary_unary(method, identity, identity)
+        warm_up = calls // 10
+        for n in range(warm_up):
+            await call(payload(n))
+        return await cpu_per_call(
+            server.pid, lambda n: call(payload(warm_up + n)), calls, IN_FLIGHT
         )
 
 
-async def run(quick: bool, work: Path) -> list[Figure]:
-    runs = 2 if quick else 5
-    seconds = 1.5 if quick else 3.0
-    watchers = 2_000 if quick else 10_000
-    big = 20_000 if quick else 100_000
-    figures: dict[str, Figure] = {}
+async def throughput_run(sizes: Sizes, work: Path, attempt: int, results: Results) -> None:
+    add = results.add
+    seconds = sizes.seconds
+    with running_pair(work / f"r{attempt}.db") as (base, sm):
+        noop = await qps(base.address, NOOP, [b""], seconds)
+        add("bare no-op unary QPS (64 in flight)", "baseline", "QPS", lambda v: True, noop)
+        ids = await prepare(sm.address, IN_FLIGHT, connect=False, qr=True)
+        get = [pb.GetSessionRequest(instance_id=i).SerializeToString() for i in ids]
+        got = await qps(sm.address, f"{SESSIONS}/GetSession", get, seconds)
+        add("GetSession QPS / bare", "≥ 0.85", "x", lambda v: v >= 0.85, got / noop)
+        noop = await qps(base.address, NOOP, [b""], seconds)
+        want = [pb.RequestQRRequest(instance_id=i).SerializeToString() for i in ids]
+        qr = await qps(sm.address, f"{SESSIONS}/RequestQR", want, seconds)
+        add("RequestQR (valid QR) QPS / bare", "≥ 0.85", "x", lambda v: v >= 0.85, qr / noop)
 
-    def add(name: str, target: str, unit: str, met: Callable[[float], bool], value: float) -> None:
-        figures.setdefault(name, Figure(name, target, [], unit, met)).values.append(value)
-        print(f"  {name}: {value:.4g} {unit}", flush=True)
+        live = await prepare(sm.address, IN_FLIGHT, connect=True, qr=False, prefix="live")
+        send = [
+            pb.SendRequest(instance_id=i, to="+5491100000000", text="hola").SerializeToString()
+            for i in live
+        ]
+        sent = await qps(sm.address, f"{SESSIONS}/Send", send, seconds)
+        add("Send accepted per second (durable)", "≥ 2,000", "/s", lambda v: v >= 2000, sent)
 
-    for attempt in range(runs):
-        print(f"run {attempt + 1}/{runs}", flush=True)
-        with running(bare()) as base, running(real(work / f"r{attempt}.db")) as sm:
-            noop = await qps(base.address, NOOP, [b""], seconds)
-            add("bare no-op unary QPS (64 in flight)", "baseline", "QPS", lambda v: True, noop)
-            ids = await prepare(sm.address, IN_FLIGHT, connect=False, qr=True)
-            get = [pb.GetSessionRequest(instance_id=i).SerializeToString() for i in ids]
-            got = await qps(
-                sm.address, "/sessionmanager.v1.SessionService/GetSession", get, seconds
-            )
-            add("GetSession QPS / bare", "≥ 0.85", "x", lambda v: v >= 0.85, got / noop)
-            noop = await qps(base.address, NOOP, [b""], seconds)
-            want = [pb.RequestQRRequest(instance_id=i).SerializeToString() for i in ids]
-            qr = await qps(sm.address, "/sessionmanager.v1.SessionService/RequestQR", want, seconds)
-            add("RequestQR (valid QR) QPS / bare", "≥ 0.85", "x", lambda v: v >= 0.85, qr / noop)
+        codes = [_fault(i, n) for n, i in enumerate(live * 2)]
+        changes = await qps(sm.address, REPORT_ERROR, codes, seconds)
+        add("committed state changes per second (durable)", "≥ 2,000", "/s",
+            lambda v: v >= 2000, changes)  # fmt: skip
 
-            live = await prepare(sm.address, IN_FLIGHT, connect=True, qr=False, prefix="live")
-            send = [
-                pb.SendRequest(instance_id=i, to="+5491100000000", text="hola").SerializeToString()
-                for i in live
-            ]
-            sent = await qps(sm.address, "/sessionmanager.v1.SessionService/Send", send, seconds)
-            add("Send accepted per second (durable)", "≥ 2,000", "/s", lambda v: v >= 2000, sent)
+    with running_pair(work / f"f{attempt}.db") as (base, sm):
+        await prepare(sm.address, 1, connect=False, qr=False)
+        watch = pb.WatchSessionRequest(instance_id="load_0").SerializeToString()
 
-            codes = [
-                engine.ReportErrorRequest(instance_id=i, code=f"FAULT_{n % 2}", message="m").SerializeToString()
-                for n, i in enumerate(live * 2)
-            ]  # fmt: skip
-            # Each report alternates its session between two faults: one committed change each.
-            changes = await qps(
-                sm.address, "/sessionmanager.v1.EngineService/ReportError", codes, seconds
-            )
-            add(
-                "committed state changes per second (durable)",
-                "≥ 2,000",
-                "/s",
-                lambda v: v >= 2000,
-                changes,
-            )
+        async def change() -> object:
+            return await unary(sm.address, REPORT_ERROR, _fault("load_0", 0))
 
-        with running(bare()) as base, running(real(work / f"f{attempt}.db")) as sm:
-            await prepare(sm.address, 1, connect=False, qr=False)
-            watch = pb.WatchSessionRequest(instance_id="load_0").SerializeToString()
+        async def publish() -> object:
+            return await unary(base.address, PUBLISH, b"\x08\x02")
 
-            async def change() -> object:
-                request = engine.ReportErrorRequest(instance_id="load_0", code="FAULT", message="m")
-                return await unary(
-                    sm.address,
-                    "/sessionmanager.v1.EngineService/ReportError",
-                    request.SerializeToString(),
-                )
+        bare_time, bare_bytes = await fanout(base, WATCH, b"", sizes.watchers, publish)
+        sm_time, sm_bytes = await fanout(
+            sm, f"{SESSIONS}/WatchSession", watch, sizes.watchers, change
+        )
+        add(f"one change to {sizes.watchers:,} watchers: time / bare", "≤ 1.5", "x",
+            lambda v: v <= 1.5, sm_time / bare_time)  # fmt: skip
+        add("server memory per open watcher", "≤ 30 KiB", "KiB", lambda v: v <= 30,
+            sm_bytes / 1024)  # fmt: skip
+        add("bare server memory per open stream", "baseline", "KiB", lambda v: True,
+            bare_bytes / 1024)  # fmt: skip
 
-            async def publish() -> object:
-                return await unary(base.address, PUBLISH, b"\x08\x02")
 
-            bare_time, bare_bytes = await fanout(
-                base.address, WATCH, b"", watchers, publish, base.rss
-            )
-            sm_time, sm_bytes = await fanout(
-                sm.address, "/sessionmanager.v1.SessionService/WatchSession", watch, watchers, change, sm.rss
-            )  # fmt: skip
-            add(
-                f"one change to {watchers:,} watchers: time / bare",
-                "≤ 1.5",
-                "x",
-                lambda v: v <= 1.5,
-                sm_time / bare_time,
-            )
-            add(
-                "server memory per open watcher",
-                "≤ 30 KiB",
-                "KiB",
-                lambda v: v <= 30,
-                sm_bytes / 1024,
-            )
-            add(
-                "bare server memory per open stream",
-                "baseline",
-                "KiB",
-                lambda v: True,
-                bare_bytes / 1024,
-            )
+async def cpu_run(sizes: Sizes, work: Path, attempt: int, results: Results) -> None:
+    """One run of every CPU figure, on a fresh Session Manager and baseline."""
+    calls = sizes.cpu_calls
+    with running_pair(work / f"c{attempt}.db") as (base, sm):
+        ids = await prepare(sm.address, IN_FLIGHT, connect=False, qr=True)
+        live = await prepare(sm.address, IN_FLIGHT, connect=True, qr=False, prefix="live")
 
-    print(f"seeding {big:,} sessions", flush=True)
+        async def measure(name: str, method: str, payload: Callable[[int], bytes]) -> None:
+            """The figure and, just before it, the baseline's: both see the same machine."""
+            noop = await _per_call(base, NOOP, lambda n: b"", calls)
+            results.add_cpu(name, await _per_call(sm, method, payload, calls), noop)
+
+        gets = [pb.GetSessionRequest(instance_id=i).SerializeToString() for i in ids]
+        await measure("GetSession", f"{SESSIONS}/GetSession", lambda n: gets[n % len(gets)])
+        qrs = [pb.RequestQRRequest(instance_id=i).SerializeToString() for i in ids]
+        await measure("RequestQR, valid QR (returns it again)", f"{SESSIONS}/RequestQR",
+                      lambda n: qrs[n % len(qrs)])  # fmt: skip
+        page = pb.ListSessionsRequest(page_size=50).SerializeToString()
+        await measure("ListSessions, page of 50", f"{SESSIONS}/ListSessions", lambda n: page)
+        await measure("Send, new idempotency key (durable)", f"{SESSIONS}/Send",
+                      lambda n: _send(live[n % len(live)], f"new-{n}"))  # fmt: skip
+        await measure("Send, repeated idempotency key (replay)", f"{SESSIONS}/Send",
+                      lambda n: _send(live[n % len(live)], f"new-{n % len(live)}"))  # fmt: skip
+        await measure("ReportError, one committed change (durable)", REPORT_ERROR,
+                      lambda n: _fault(ids[n % len(ids)], n // len(ids)))  # fmt: skip
+
+        await prepare(sm.address, 1, connect=False, qr=False, prefix="watched")
+        watch = pb.WatchSessionRequest(instance_id="watched_0").SerializeToString()
+        async with (
+            grpc.aio.insecure_channel(base.address) as to_bare,
+            grpc.aio.insecure_channel(sm.address) as to_sm,
+        ):
+            publish = to_bare.unary_unary(PUBLISH, identity, identity)
+            report = to_sm.unary_unary(REPORT_ERROR, identity, identity)
+            watchers, changes = sizes.cpu_watchers, sizes.cpu_changes
+            bare_fanout = await fanout_cpu(base, WATCH, b"", watchers, changes,
+                                           lambda n: publish(b"\x08\x02"))  # fmt: skip
+            sm_fanout = await fanout_cpu(sm, f"{SESSIONS}/WatchSession", watch, watchers, changes,
+                                         lambda n: report(_fault("watched_0", n)))  # fmt: skip
+        results.add_cpu(f"WatchSession, one change to {watchers:,} watchers (per watcher)",
+                        sm_fanout, bare_fanout)  # fmt: skip
+
+
+async def startup_and_latency(sizes: Sizes, work: Path, results: Results) -> None:
+    print(f"seeding {sizes.big:,} sessions", flush=True)
     small_db, big_db = work / "small.db", work / "big.db"
     await seed_database(small_db, 100)
-    await seed_database(big_db, big)
-    for _ in range(runs):
-        get = [
-            pb.GetSessionRequest(instance_id=f"bench_{n}").SerializeToString() for n in range(100)
-        ]
+    await seed_database(big_db, sizes.big)
+    get = [pb.GetSessionRequest(instance_id=f"bench_{n}").SerializeToString() for n in range(100)]
+    for _ in range(sizes.runs):
         with running(real(small_db)) as sm:
-            small = await latency(
-                sm.address, "/sessionmanager.v1.SessionService/GetSession", get, 2000
-            )
+            small = await latency(sm.address, f"{SESSIONS}/GetSession", get, sizes.latency_calls)
         with running(real(big_db)) as sm:
-            add(
-                f"server start-up with {big:,} sessions",
-                "≤ 2 s",
-                "s",
-                lambda v: v <= 2,
-                sm.started_in,
-            )
-            large = await latency(
-                sm.address, "/sessionmanager.v1.SessionService/GetSession", get, 2000
-            )
-        add(
-            f"GetSession latency, {big:,} sessions / 100",
-            "≤ 1.1",
-            "x",
-            lambda v: v <= 1.1,
-            large / small,
-        )
+            results.add(f"server start-up with {sizes.big:,} sessions", "≤ 2 s", "s",
+                        lambda v: v <= 2, sm.started_in)  # fmt: skip
+            large = await latency(sm.address, f"{SESSIONS}/GetSession", get, sizes.latency_calls)
+        results.add(f"GetSession latency, {sizes.big:,} sessions / 100", "≤ 1.1", "x",
+                    lambda v: v <= 1.1, large / small)  # fmt: skip
 
-    for attempt in range(runs):
+
+def qr_rendering(sizes: Sizes, results: Results) -> None:
+    for attempt in range(sizes.runs):
         started = time.perf_counter()
         for n in range(50):
             render_data_url(pairing_payload(f"bench_{attempt}", n))
-        add(
-            "new QR PNG data URL",
-            "≤ 5 ms",
-            "ms",
-            lambda v: v <= 5,
-            (time.perf_counter() - started) / 50 * 1000,
-        )
-    return list(figures.values())
+        results.add("new QR PNG data URL", "≤ 5 ms", "ms", lambda v: v <= 5,
+                    (time.perf_counter() - started) / 50 * 1000)  # fmt: skip
+
+
+async def run(sizes: Sizes, work: Path) -> Results:
+    results = Results()
+    for attempt in range(sizes.runs):
+        print(f"run {attempt + 1}/{sizes.runs}", flush=True)
+        await throughput_run(sizes, work, attempt, results)
+        await cpu_run(sizes, work, attempt, results)
+    await startup_and_latency(sizes, work, results)
+    qr_rendering(sizes, results)
+    return results
 
 
 def _versions() -> str:
@@ -357,38 +380,71 @@ def _versions() -> str:
     return ", ".join(f"{name} {metadata.version(name)}" for name in names)
 
 
-def write(figures: list[Figure], quick: bool, took: float) -> None:
-    lines = [
-        "# Benchmark results",
+def load_average() -> str:
+    """The machine's load over the last minute: how much else was running."""
+    return Path("/proc/loadavg").read_text().split()[0]
+
+
+def section(results: Results, heading: str, command: str, took: float, load: str) -> str:
+    """The Markdown section one run writes: how it ran, then its two tables."""
+    return "\n".join([
+        heading,
         "",
-        f"Written by `python -m bench{' --quick' if quick else ''}` on "
-        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC in {took:.0f} s.",
+        f"Written by `{command}` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC in {took:.0f} s.",
         "",
         f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        f"- load average (1 min) {load} at the start, {load_average()} at the end",
         f"- Python {platform.python_version()}; {_versions()}",
         "- every server in its own process; the same client code loads the Session Manager and",
         "  the bare grpc.aio baseline (no-op unary, no-op fan-out); ratios are taken run by run",
         "",
         "| figure | median | spread (min to max) | runs | target | met |",
         "|---|---|---|---|---|---|",
-        *(figure.row() for figure in figures),
+        *(figure.row() for figure in results.figures.values()),
         "",
-    ]
-    previous = RESULTS.read_text() if RESULTS.exists() else ""
-    workers = previous.find("## Engine workers")  # written by `python -m bench.workers`
-    kept = "\n" + previous[workers:] if workers >= 0 else ""
-    RESULTS.write_text("\n".join(lines) + kept)
+        "Server CPU time per call: user + system time of the server process (all its threads,",
+        f"from `/proc/PID/stat`) over a fixed number of calls, {IN_FLIGHT} in flight, after a",
+        "warm-up; the baseline is the bare no-op unary call (the bare fan-out for WatchSession)",
+        "measured just before each figure, in the same run.",
+        "",
+        "| call | server CPU per call | spread | bare baseline | / bare | spread | runs |",
+        "|---|---|---|---|---|---|---|",
+        *(figure.row() for figure in results.cpu.values()),
+        "",
+    ])  # fmt: skip
+
+
+def _sections(text: str) -> list[str]:
+    """The ``## `` sections of a results file, each with its heading."""
+    return [part for part in re.split(r"(?m)^(?=## )", text) if part.startswith("## ")]
+
+
+def write(output: Path, new: str) -> None:
+    """Put ``new`` in ``output``: in place of the section with its heading, else before the workers'."""
+    heading = new.split("\n", 1)[0]
+    kept = [s for s in _sections(output.read_text() if output.exists() else "")
+            if s.split("\n", 1)[0] != heading]  # fmt: skip
+    workers = [s for s in kept if s.startswith(WORKERS_SECTION)]
+    others = [s for s in kept if not s.startswith(WORKERS_SECTION)]
+    parts = [s.rstrip("\n") + "\n" for s in [*others, new, *workers]]
+    output.write_text(f"{TITLE}\n" + "\n".join(parts))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer runs and smaller sizes")
+    parser.add_argument("--quick", action="store_true", help="fewer runs and smaller sizes (CI)")
+    parser.add_argument("--label", help="name the run: its section is kept beside other runs'")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="the results file to update")
     args = parser.parse_args()
-    started = time.perf_counter()
+    command = "python -m bench" + (" --quick" if args.quick else "")
+    command += f' --label "{args.label}"' if args.label else ""
+    heading = f"## {datetime.now(UTC):%Y-%m-%d}: {args.label}" if args.label else "## Latest run"
+    started, load = time.perf_counter(), load_average()
     with tempfile.TemporaryDirectory() as work:
-        figures = asyncio.run(run(args.quick, Path(work)))
-    write(figures, args.quick, time.perf_counter() - started)
-    print(RESULTS.read_text())
+        results = asyncio.run(run(QUICK if args.quick else FULL, Path(work)))
+    new = section(results, heading, command, time.perf_counter() - started, load)
+    write(args.output, new)
+    print(new)
     return 0
 
 

@@ -7,6 +7,7 @@ phone (the ``harness`` fixture); a plain HTTP client calls it as Central Hub doe
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -15,11 +16,12 @@ from typing import Any
 import httpx
 import pytest
 
+from service.clock import ManualClock
 from service.config import Settings
 from service.domain.contract import QR_EXPIRED
 from service.domain.states import Session
 from sessionmanager.v1 import simulator_service_pb2 as sim
-from tests.conftest import Harness
+from tests.conftest import Harness, start_harness
 
 API = "/api/session-manager"
 SEED_004_FIELDS = [
@@ -264,3 +266,48 @@ async def test_health_and_the_documents_are_open(harness: Harness) -> None:
         for path in ("/health", f"{API}/health"):
             assert ok(await client.get(path)) == {"status": "serving"}
         assert ok(await client.get("/openapi.json")) == ok(await client.get(f"{API}/openapi.json"))
+
+
+async def test_requests_are_counted_by_route_and_logged(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    running = await start_harness(replace(settings, metrics_address="127.0.0.1:0"), ManualClock())
+    try:
+        caplog.set_level(logging.DEBUG, logger="service.api.http")
+        async with httpx.AsyncClient(base_url=running.http_url + API) as http:
+            ok(await http.post("/sessions", json={"instance_id": "sender_9"}), 201)
+            for _ in range(2):
+                ok(await http.get("/sessions/sender_9"))
+            error_of(await http.get("/sessions/ghost"), 404, "SESSION_NOT_FOUND")
+            await http.get("/no/such/route")
+        metrics = running.running.metrics
+        assert metrics is not None
+        async with httpx.AsyncClient() as scraper:
+            text = (await scraper.get(f"http://127.0.0.1:{metrics.port}/metrics")).text
+    finally:
+        await running.stop()
+    route = f"{API}/sessions/{{instance_id}}"
+    for labels, count in (
+        (f'method="POST",route="{API}/sessions",status="201"', 1),
+        (f'method="GET",route="{route}",status="200"', 2),
+        (f'method="GET",route="{route}",status="404"', 1),
+        ('method="GET",route="unmatched",status="404"', 1),
+    ):
+        assert f"sessionmanager_http_requests_total{{{labels}}} {count}.0" in text
+    assert (
+        f'sessionmanager_http_request_duration_seconds_count{{method="GET",route="{route}"}} 3.0'
+        in text
+    )
+
+    lines = [r for r in caplog.records if r.name == "service.api.http"]
+    requests = [r for r in lines if r.levelno == logging.DEBUG]
+    assert [r.getMessage().split(" in ")[0] for r in requests] == [
+        f"POST {API}/sessions 201",
+        f"GET {API}/sessions/sender_9 200",
+        f"GET {API}/sessions/sender_9 200",
+        f"GET {API}/sessions/ghost 404",
+        "GET /api/session-manager/no/such/route 404",
+    ]
+    failures = [r for r in lines if r.levelno == logging.INFO]
+    assert [getattr(r, "instance_id", None) for r in failures] == ["ghost"]
+    assert "SESSION_NOT_FOUND" in failures[0].getMessage()

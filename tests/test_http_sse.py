@@ -151,6 +151,15 @@ async def test_a_stream_of_an_unknown_session_is_a_json_error(client: httpx.Asyn
     assert response.json()["code"] == "SESSION_NOT_FOUND"
 
 
+async def test_head_of_a_stream_opens_no_watch(harness: Harness, client: httpx.AsyncClient) -> None:
+    ok(await client.post(f"{API}/sessions", json={"instance_id": "sender_51"}), 201)
+    head = await client.head(f"{API}/sessions/sender_51/events")
+    assert head.status_code == 200
+    assert head.headers["content-type"].startswith("text/event-stream")
+    assert harness.running.manager.watcher_count() == 0
+    assert (await client.head(f"{API}/sessions/nobody/events")).status_code == 404
+
+
 async def test_idle_streams_get_keep_alive_comments(settings: Settings) -> None:
     running = await start_harness(replace(settings, sse_keepalive=0.05), ManualClock())
     try:

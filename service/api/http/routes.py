@@ -141,6 +141,9 @@ async def disconnect(call: Call) -> Response:
 
 async def events(call: Call) -> Response:
     iid = call.instance_id
+    if call.request.method == "HEAD":  # the headers a stream would have, and no stream
+        call.manager.get(iid)
+        return Response(media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     watcher = call.manager.watch(iid)
     return SessionEventStream(watcher, lambda: call.manager.unwatch(iid, watcher), call.keepalive)
 

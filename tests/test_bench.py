@@ -1,0 +1,128 @@
+"""The benchmarks: the /proc CPU reading, and ``python -m bench --quick`` end to end.
+
+The quick run checks that every figure is measured and reported, not how fast
+anything is: timings on a shared machine are the benchmark's business, not a
+test's.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from bench.cpu import TICKS_PER_SECOND, cpu_seconds
+
+ROOT = Path(__file__).resolve().parent.parent
+TICK = 1 / TICKS_PER_SECOND
+
+# Two threads burn CPU until the process has used 0.3 s, then it reports its own
+# count and waits. Its name holds ") (" to check the parsing of /proc/PID/stat.
+BURNER = textwrap.dedent("""
+    import sys, threading, time
+    with open("/proc/self/comm", "w") as comm:
+        comm.write("a) (b c")
+    def burn():
+        while time.process_time() < 0.3:
+            pass
+    threads = [threading.Thread(target=burn) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    print(time.process_time(), flush=True)
+    sys.stdin.read()
+""")
+
+# The first cell of each row of the CPU table, as a regular expression.
+CPU_ROWS = (
+    *map(
+        re.escape,
+        [
+            "GetSession",
+            "RequestQR, valid QR (returns it again)",
+            "ListSessions, page of 50",
+            "Send, new idempotency key (durable)",
+            "Send, repeated idempotency key (replay)",
+            "ReportError, one committed change (durable)",
+        ],
+    ),
+    r"WatchSession, one change to [\d,]+ watchers \(per watcher\)",
+)
+
+
+def test_cpu_seconds_is_what_the_process_itself_counts_over_all_its_threads() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-c", BURNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        own_count = float(process.stdout.readline())
+        assert Path(f"/proc/{process.pid}/comm").read_text().strip() == "a) (b c"
+        measured = cpu_seconds(process.pid)
+        assert own_count >= 0.3
+        assert abs(measured - own_count) <= 3 * TICK, (measured, own_count)
+    finally:
+        process.kill()
+        process.wait()
+
+
+def _row(text: str, first_cell: str) -> list[str]:
+    """The cells of the one table row whose first cell matches ``first_cell`` (a regex)."""
+    rows = [
+        cells
+        for line in text.splitlines()
+        if line.startswith("| ")
+        and re.fullmatch(first_cell, (cells := [c.strip() for c in line.strip("|").split("|")])[0])
+    ]
+    assert len(rows) == 1, f"expected one row {first_cell!r} in:\n{text}"
+    return rows[0]
+
+
+def _number(cell: str) -> float:
+    match = re.match(r"[0-9.e+]+", cell)
+    assert match, cell
+    return float(match.group())
+
+
+@pytest.mark.timeout(300)
+def test_quick_benchmark_reports_server_cpu_per_call_against_the_bare_baseline(
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "RESULTS.md"
+    earlier = "## 2026-11-01: an earlier run\n\nIts tables.\n"
+    workers = "## Engine workers: resident memory per worker\n\nTheir table.\n"
+    output.write_text(f"# Benchmark results\n\n{earlier}\n{workers}")
+
+    finished = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--label", "ci", f"--output={output}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert finished.returncode == 0, finished.stderr[-2000:]
+
+    text = output.read_text()
+    # The new section sits after the earlier run's, which is kept, and before the workers'.
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings[0] == "## 2026-11-01: an earlier run"
+    assert re.fullmatch(r"## \d{4}-\d{2}-\d{2}: ci", headings[1])
+    assert headings[2] == "## Engine workers: resident memory per worker"
+    assert "Its tables." in text
+    assert "Their table." in text
+
+    for name in CPU_ROWS:
+        _, server, spread, bare, ratio, ratio_spread, runs = _row(text, name)
+        assert server.endswith(" µs")
+        assert bare.endswith(" µs")
+        assert ratio.endswith(" x")
+        assert _number(server) > 0
+        assert _number(bare) > 0
+        assert _number(ratio) > 0
+        assert re.fullmatch(r"\d+ to \d+", spread)
+        assert re.fullmatch(r"[0-9.]+ to [0-9.]+", ratio_spread)
+        assert runs == "2"
+    for name in ("GetSession QPS / bare", "Send accepted per second", "server memory per open"):
+        assert _number(_row(text, re.escape(name) + ".*")[1]) > 0
