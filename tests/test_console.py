@@ -610,6 +610,11 @@ async def test_keyboard_only_on_a_phone_sized_screen(browser: Browser, console: 
             "document.documentElement.scrollWidth - document.documentElement.clientWidth"
         )
         assert overflow <= 0  # nothing wider than the screen
+        table = await ui.evaluate(
+            "(w => w.scrollWidth - w.clientWidth)(document.querySelector('.table-wrap'))"
+        )
+        assert table <= 0  # the list needs no sideways scrolling either
+        await expect(ui.locator("#sessions-body tr").first).to_contain_text("qr_required")
         save_screenshot("phone.png", await ui.screenshot(full_page=True))
 
 
