@@ -53,7 +53,7 @@ CHROMIUM_ARGS = [
 PHONE = "+5491122334455"
 TOKEN = "console-public-token"
 #: Long enough to decode the first code and watch it count down, short enough to see it rotate.
-QR_FIRST_SECONDS = 5.0
+QR_FIRST_SECONDS = 7.0
 QR_ROTATION_SECONDS = 4.0
 #: How long a page condition may take: a rotation, a restart, on a busy machine.
 WAIT_MS = 15_000
