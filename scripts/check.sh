@@ -5,7 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${SESSION_MANAGER_VENV:-.venv}/bin
 
-echo "== generated code matches protos/"
+if [ ! -d client/node/node_modules ]; then
+    echo "== Node client dependencies (npm ci, from client/node/package-lock.json)"
+    npm ci --prefix client/node --ignore-scripts --no-audit --no-fund
+fi
+echo "== generated code matches protos/ (Python and Node)"
 "$BIN/python" scripts/codegen.py --check
 echo "== buf lint"
 "$BIN/buf" lint
@@ -18,3 +22,5 @@ echo "== mypy"
 "$BIN/mypy"
 echo "== pytest"
 "$BIN/python" -m pytest "$@"
+echo "== Node client: tsc, then node --test against real servers"
+SESSION_MANAGER_BIN="$PWD/$BIN/session-manager" npm test --prefix client/node

@@ -7,19 +7,17 @@ from typing import Any
 import grpc
 from google.protobuf import message
 from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status as grpc_rpc_status
 
 from sessionmanager.v1 import session_pb2, session_service_pb2
 
-DETAILS_KEY = "grpc-status-details-bin"
-
 
 def rpc_status(error: grpc.aio.AioRpcError) -> status_pb2.Status:
-    trailers: Any = error.trailing_metadata() or ()
-    for key, value in trailers:
-        if key == DETAILS_KEY:
-            assert isinstance(value, bytes)
-            return status_pb2.Status.FromString(value)
-    raise AssertionError(f"no {DETAILS_KEY} in the trailers of {error.code()}")
+    """The error's ``google.rpc.Status``; fails if there is none or it contradicts the call."""
+    status = grpc_rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, f"no rich status in the trailers of {error.code()}"
+    assert isinstance(status, status_pb2.Status)
+    return status
 
 
 def _unpacked(error: grpc.aio.AioRpcError, kind: type[message.Message]) -> list[message.Message]:

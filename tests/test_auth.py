@@ -10,14 +10,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client import TLS, AsyncSessionManagerClient
-from client.errors import PermissionDeniedError
 from service.clock import ManualClock
 from service.config import Settings
 from service.server import InsecureAddress, start
 from sessionmanager.v1 import engine_service_pb2 as engine_pb
 from sessionmanager.v1 import session_service_pb2 as pb
 from sessionmanager.v1 import session_service_pb2_grpc
+from sessionmanager_client import TLS, AsyncSessionManagerClient
+from sessionmanager_client.errors import PermissionDeniedError
 from tests.conftest import start_harness
 from tests.status_details import error_info
 

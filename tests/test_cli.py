@@ -17,8 +17,8 @@ import qrcode
 import qrcode.constants
 import zxingcpp
 
-from client import terminal_qr
 from service.engine.simulated import pairing_payload
+from sessionmanager_client import terminal_qr
 from tests.servers import ServerProcess
 
 BIN = Path(sys.executable).parent
@@ -138,6 +138,31 @@ def test_pair_watch_send_disconnect(address: str) -> None:
     smctl(address, "get", iid, code=3)
 
 
+def test_watch_ends_with_one_line_when_the_session_is_deleted(address: str) -> None:
+    iid = "sender_gone"
+    smctl(address, "create", iid)
+    watch = subprocess.Popen(
+        [SMCTL, "watch", iid],
+        env=env(address),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert watch.stdout is not None
+        assert "rev 1  init/none" in watch.stdout.readline()
+        smctl(address, "delete", iid)
+        assert watch.wait(15) == 3
+        assert watch.stderr is not None
+        error = watch.stderr.read()
+    finally:
+        watch.kill()
+        watch.wait()
+    assert error.startswith("smctl: SESSION_NOT_FOUND: ")
+    assert "Traceback" not in error
+    assert len(error.splitlines()) == 1
+
+
 def test_qr_live_redraws_and_exits_when_connected(address: str) -> None:
     iid = "sender_live"
     smctl(address, "create", iid)
@@ -184,25 +209,6 @@ def test_exit_codes_and_one_line_errors(address: str) -> None:
     assert down.stderr.startswith("smctl: UNAVAILABLE: ")
     # --address wins over the environment.
     smctl(closed, "--address", address, "get", "sender_twice")
-
-
-def test_readme_integration_example_runs(address: str, tmp_path: Path) -> None:
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    section = readme.split("## Central Hub integration", 1)[1].split("\n## ", 1)[0]
-    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
-    script = tmp_path / "example.py"
-    script.write_text(code)
-    for _ in range(2):  # the second run finds the session connected and replays the send
-        done = subprocess.run(
-            [sys.executable, str(script)],
-            env=env(address),
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert done.returncode == 0, done.stderr
-    assert "connected -> send" in done.stdout
-    assert "replayed" in done.stdout
 
 
 def test_qr_redraws_when_the_code_rotates(tmp_path: Path) -> None:

@@ -10,11 +10,11 @@ from dataclasses import replace
 import grpc
 import pytest
 
-from client import errors
-from client.aio import AsyncSessionManagerClient
 from service.clock import ManualClock
 from service.config import Settings
 from sessionmanager.v1 import engine_service_pb2 as engine_pb
+from sessionmanager_client import errors
+from sessionmanager_client.aio import AsyncSessionManagerClient
 from tests.conftest import Harness, start_harness
 
 

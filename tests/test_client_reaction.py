@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from client.enums import QRStatus, SessionStatus, qr_status_of, status_number, status_of
-from client.reaction import Action, SessionNotReadyError, ensure_can_send, reaction
 from sessionmanager.v1 import session_pb2
+from sessionmanager_client.enums import (
+    QRStatus,
+    SessionStatus,
+    qr_status_of,
+    status_number,
+    status_of,
+)
+from sessionmanager_client.reaction import Action, SessionNotReadyError, ensure_can_send, reaction
 
 EXPECTED = {
     "init": (Action.REQUEST_QR, "Escanea el código QR para conectar"),

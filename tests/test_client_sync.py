@@ -12,10 +12,11 @@ import grpc_testing
 import pytest
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
-from client import errors
-from client.sync import SessionManagerClient
 from sessionmanager.v1 import session_pb2, session_service_pb2
+from sessionmanager_client import errors
+from sessionmanager_client.sync import SessionManagerClient
 
 pb = session_service_pb2
 SERVICE = pb.DESCRIPTOR.services_by_name["SessionService"]
@@ -61,7 +62,10 @@ def call(pool: Calls, fn: Callable[[], T]) -> Future[T]:
     return pool(fn)
 
 
-def trailers(reason: str, code: grpc.StatusCode, retry_ms: int | None = None, **meta: str) -> Any:
+def trailers(
+    reason: str, code: grpc.StatusCode, message: str, retry_ms: int | None = None, **meta: str
+) -> Any:
+    """The trailers of a contract error, as a server sends them with grpcio-status."""
     info = error_details_pb2.ErrorInfo(reason=reason, domain="sessionmanager.v1", metadata=meta)
     detail = any_pb2.Any()
     detail.Pack(info)
@@ -72,8 +76,8 @@ def trailers(reason: str, code: grpc.StatusCode, retry_ms: int | None = None, **
         extra = any_pb2.Any()
         extra.Pack(retry)
         details.append(extra)
-    status = status_pb2.Status(code=code.value[0], message="m", details=details)
-    return (("grpc-status-details-bin", status.SerializeToString()),)
+    status = status_pb2.Status(code=code.value[0], message=message, details=details)
+    return rpc_status.to_status(status).trailing_metadata
 
 
 def test_get_session_sends_request_token_and_returns_the_message(
@@ -147,9 +151,8 @@ def test_error_info_becomes_the_exception(
 ) -> None:
     future = call(pool, lambda: client.send("sender_51", "+5491100000000", "hola"))
     _, _, rpc = channel.take_unary_unary(method("Send"))
-    rpc.terminate(
-        None, trailers(reason, code, instance_id="sender_51", status="init"), code, "told so"
-    )
+    sent = trailers(reason, code, "told so", instance_id="sender_51", status="init")
+    rpc.terminate(None, sent, code, "told so")
     with pytest.raises(expected) as caught:
         future.result(5)
     assert caught.value.reason == reason
@@ -165,7 +168,8 @@ def test_limit_exceeded_carries_retry_after(
     future = call(pool, lambda: client.send("sender_51", "+5491100000000", "hola"))
     _, _, rpc = channel.take_unary_unary(method("Send"))
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    rpc.terminate(None, trailers("LIMIT_EXCEEDED", code, 1500, limit="send_rate"), code, "slow")
+    sent = trailers("LIMIT_EXCEEDED", code, "slow", 1500, limit="send_rate")
+    rpc.terminate(None, sent, code, "slow")
     with pytest.raises(errors.LimitExceededError) as caught:
         future.result(5)
     assert caught.value.limit == "send_rate"
@@ -209,16 +213,36 @@ def test_watch_skips_revisions_already_seen(
     assert request.instance_id == "sender_51"
     for revision in (3, 2, 3, 4, 6):
         rpc.send_response(
-            pb.WatchSessionResponse(session=session_pb2.WhatsAppSession(revision=revision))
+            pb.WatchSessionResponse(session=session_pb2.WhatsAppSession(id=7, revision=revision))
         )
     assert future.result(5) == [3, 4, 6]
+    rpc.terminate((), grpc.StatusCode.OK, "")
+
+
+def test_watch_follows_id_and_revision(
+    client: SessionManagerClient, channel: Any, pool: Calls
+) -> None:
+    """A new incarnation (another id) is yielded from its revision 1 on, never hidden."""
+
+    def first_four() -> list[tuple[int, int]]:
+        watch = client.watch("sender_51")
+        states = [(s.id, s.revision) for s in (next(watch) for _ in range(4))]
+        watch.close()
+        return states
+
+    future = call(pool, first_four)
+    _, _, rpc = channel.take_unary_stream(method("WatchSession"))
+    for session_id, revision in ((7, 5), (7, 5), (8, 1), (8, 1), (8, 2), (8, 3)):
+        session = session_pb2.WhatsAppSession(id=session_id, revision=revision)
+        rpc.send_response(pb.WatchSessionResponse(session=session))
+    assert future.result(5) == [(7, 5), (8, 1), (8, 2), (8, 3)]
     rpc.terminate((), grpc.StatusCode.OK, "")
 
 
 def test_retry_policy_covers_only_idempotent_reads() -> None:
     import json
 
-    from client._common import ChannelSettings
+    from sessionmanager_client._base import ChannelSettings
 
     options = dict(ChannelSettings().channel_options())
     assert options["grpc.enable_retries"] == 1

@@ -1,4 +1,4 @@
-"""The client's watch re-subscribes across a server restart and never goes back in revision."""
+"""The client's watch re-subscribes across a server restart and follows ``(id, revision)``."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ from dataclasses import replace
 
 import pytest
 
-from client import errors
-from client._common import Backoff
-from client.aio import AsyncSessionManagerClient
-from client.enums import SessionStatus, status_of
 from service.clock import ManualClock
 from service.config import Settings
+from sessionmanager.v1 import session_service_pb2 as pb
 from sessionmanager.v1 import simulator_service_pb2 as sim
-from tests.conftest import start_harness
+from sessionmanager_client import errors
+from sessionmanager_client._base import Backoff
+from sessionmanager_client.aio import AsyncSessionManagerClient
+from sessionmanager_client.enums import SessionStatus, status_of
+from tests.conftest import Harness, start_harness
 
 FAST_RECONNECT = (
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -111,6 +112,81 @@ async def test_watch_ends_when_the_session_is_deleted(settings: Settings) -> Non
     finally:
         await client.close()
         await harness.stop()
+
+
+async def test_watch_follows_a_session_recreated_while_it_resubscribes(settings: Settings) -> None:
+    """Deleted and created again while the watch was away: the new incarnation is yielded.
+
+    Comparing revisions alone would hide the new session (revision 2) until it
+    passed the old one (revision 4), then mix the two.
+    """
+    clock = ManualClock()
+    first = await start_harness(settings, clock)
+    address = first.address
+    client = AsyncSessionManagerClient(address, timeout=5, options=FAST_RECONNECT, backoff=FAST)
+    last = None
+    try:
+        old = await client.create_session("sender_51")
+        await client.request_qr("sender_51")
+        await client.simulator.scan_qr("sender_51", "+5491122334455")
+        watch = client.watch("sender_51")
+        seen = [await asyncio.wait_for(anext(watch), 5)]
+        assert (seen[0].id, seen[0].revision, status_of(seen[0])) == (
+            old.id,
+            4,
+            SessionStatus.CONNECTED,
+        )
+        pending = asyncio.ensure_future(anext(watch))
+        await first.stop()
+
+        # While the watch is away, another server (on another port, so the
+        # watch cannot reach it) deletes the session and creates it again.
+        elsewhere = await start_harness(settings, clock)
+        await elsewhere.sessions.DeleteSession(pb.DeleteSessionRequest(instance_id="sender_51"))
+        await elsewhere.sessions.CreateSession(pb.CreateSessionRequest(instance_id="sender_51"))
+        await elsewhere.sessions.RequestQR(pb.RequestQRRequest(instance_id="sender_51"))
+        await elsewhere.stop()
+
+        last = await start_harness(replace(settings, address=address), clock)
+        new = await asyncio.wait_for(pending, 10)
+        assert new.id != old.id
+        assert (new.revision, status_of(new)) == (2, SessionStatus.QR_REQUIRED)
+
+        # From now on only the new incarnation is followed, revision by revision.
+        await last.simulator.ScanQR(
+            sim.ScanQRRequest(instance_id="sender_51", phone_number="+5491100000001")
+        )
+        after = [await asyncio.wait_for(anext(watch), 5) for _ in range(2)]
+        assert [(s.id, s.revision) for s in after] == [(new.id, 3), (new.id, 4)]
+        assert status_of(after[-1]) is SessionStatus.CONNECTED
+        await watch.aclose()
+    finally:
+        await client.close()
+        if last is not None:
+            await last.stop()
+
+
+async def test_a_new_watch_after_delete_and_recreate_starts_afresh(harness: Harness) -> None:
+    """The watch ends with SessionNotFoundError on delete; a new one sees only the new session."""
+    async with AsyncSessionManagerClient(harness.address, timeout=5) as client:
+        await client.create_session("sender_51")
+        old = await client.request_qr("sender_51")
+        watch = client.watch("sender_51")
+        assert (await asyncio.wait_for(anext(watch), 5)).revision == 2
+        await client.delete_session("sender_51")
+        with pytest.raises(errors.SessionNotFoundError) as ended:
+            await asyncio.wait_for(anext(watch), 5)
+        assert ended.value.instance_id == "sender_51"
+
+        created = await client.create_session("sender_51")
+        assert created.id != old.id
+        again = client.watch("sender_51")
+        first = await asyncio.wait_for(anext(again), 5)
+        assert (first.id, first.revision, status_of(first)) == (created.id, 1, SessionStatus.INIT)
+        await client.request_qr("sender_51")
+        second = await asyncio.wait_for(anext(again), 5)
+        assert (second.id, second.revision) == (created.id, 2)
+        await again.aclose()
 
 
 def test_backoff_is_bounded() -> None:

@@ -26,6 +26,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.console import console_routes
 from service.api.http import openapi
 from service.api.http.auth import CSRF_HEADER, Authenticator
 from service.api.http.errors import (
@@ -87,7 +88,7 @@ def build_app(manager: SessionManager, options: Options) -> Starlette:
         )
     middleware.append(Middleware(RequestLog, metrics=options.metrics))
     return Starlette(
-        routes=routes,
+        routes=[*routes, *console_routes()],  # the web console at /
         middleware=middleware,
         exception_handlers={HTTPException: _http_exception},
     )

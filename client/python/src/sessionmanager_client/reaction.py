@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from client.enums import SessionStatus, status_of
 from sessionmanager.v1 import session_pb2
+from sessionmanager_client.enums import SessionStatus, status_of
 
 
 class Action(StrEnum):

@@ -1,8 +1,10 @@
 """The asyncio client (``grpc.aio``): ``AsyncSessionManagerClient``.
 
 Every method returns the generated messages (``session_pb2.WhatsAppSession``,
-``SendResponse``) and raises one exception of ``client.errors`` on failure.
-Each call has a deadline (``timeout``, default 10 s) overridable per call.
+``SendResponse``) and raises one exception of ``sessionmanager_client.errors``
+on failure. Each call has a deadline (``timeout``, default 10 s) overridable
+per call. What to send and when to re-subscribe is decided in ``_base``; this
+module only does the I/O.
 """
 
 from __future__ import annotations
@@ -10,54 +12,55 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client._common import (
+from sessionmanager.v1 import session_service_pb2_grpc, simulator_service_pb2_grpc
+from sessionmanager_client import _base
+from sessionmanager_client._base import (
     DEFAULT_ADDRESS,
     DEFAULT_TIMEOUT,
-    FAULTS,
     TLS,
     Backoff,
     ChannelSettings,
     Page,
-    list_request,
-    send_request,
+    Resubscription,
+    Session,
+    WatchCursor,
+    pb,
+    sim,
 )
-from client.errors import SessionManagerUnavailableError, from_rpc_error
-from sessionmanager.v1 import (
-    session_pb2,
-    session_service_pb2,
-    session_service_pb2_grpc,
-    simulator_service_pb2,
-    simulator_service_pb2_grpc,
-)
+from sessionmanager_client.errors import from_rpc_error
 
-pb = session_service_pb2
-sim = simulator_service_pb2
-Session = session_pb2.WhatsAppSession
+RequestT = TypeVar("RequestT", bound=Message)
+ResponseT = TypeVar("ResponseT", bound=Message)
 
 
-class _Base:
+class _Calls:
+    """Typed unary calls on one channel, with the deadline and the token of each call."""
+
     def __init__(self, settings: ChannelSettings, timeout: float, channel: grpc.aio.Channel):
-        self._settings = settings
         self._timeout = timeout
         self._metadata = settings.metadata()
         self._channel = channel
 
-    def _deadline(self, timeout: float | None) -> float:
-        return self._timeout if timeout is None else timeout
-
-    async def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
+    async def _call(
+        self,
+        rpc: grpc.aio.UnaryUnaryMultiCallable[RequestT, ResponseT],
+        request: RequestT,
+        timeout: float | None,
+    ) -> ResponseT:
+        deadline = self._timeout if timeout is None else timeout
         try:
-            return await method(request, timeout=self._deadline(timeout), metadata=self._metadata)
+            return await rpc(request, timeout=deadline, metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
 
 
-class AsyncSimulator(_Base):
+class AsyncSimulator(_Calls):
     """Commands to the simulated engine's phone (servers run with ``--engine simulated``)."""
 
     def __init__(self, settings: ChannelSettings, timeout: float, channel: grpc.aio.Channel):
@@ -75,47 +78,38 @@ class AsyncSimulator(_Base):
         request = sim.ScanQRRequest(
             instance_id=instance_id, phone_number=phone_number, hold_handshake=hold_handshake
         )
-        response = await self._unary(self._stub.ScanQR, request, timeout)
-        return response.session  # type: ignore[no-any-return]
+        return (await self._call(self._stub.ScanQR, request, timeout)).session
 
     async def complete_handshake(
         self, instance_id: str, *, timeout: float | None = None
     ) -> Session:
         request = sim.CompleteHandshakeRequest(instance_id=instance_id)
-        response = await self._unary(self._stub.CompleteHandshake, request, timeout)
-        return response.session  # type: ignore[no-any-return]
+        return (await self._call(self._stub.CompleteHandshake, request, timeout)).session
 
     async def drop_network(
         self, instance_id: str, *, hold_reconnect: bool = False, timeout: float | None = None
     ) -> Session:
         request = sim.DropNetworkRequest(instance_id=instance_id, hold_reconnect=hold_reconnect)
-        response = await self._unary(self._stub.DropNetwork, request, timeout)
-        return response.session  # type: ignore[no-any-return]
+        return (await self._call(self._stub.DropNetwork, request, timeout)).session
 
     async def unlink_device(self, instance_id: str, *, timeout: float | None = None) -> Session:
         request = sim.UnlinkDeviceRequest(instance_id=instance_id)
-        response = await self._unary(self._stub.UnlinkDevice, request, timeout)
-        return response.session  # type: ignore[no-any-return]
+        return (await self._call(self._stub.UnlinkDevice, request, timeout)).session
 
     async def fail_session(
         self, instance_id: str, code: str = "", message: str = "", *, timeout: float | None = None
     ) -> Session:
         request = sim.FailSessionRequest(instance_id=instance_id, code=code, message=message)
-        response = await self._unary(self._stub.FailSession, request, timeout)
-        return response.session  # type: ignore[no-any-return]
+        return (await self._call(self._stub.FailSession, request, timeout)).session
 
     async def inject_fault(
         self, instance_id: str, fault: str, *, timeout: float | None = None
     ) -> None:
         """Make the next ``"pairing"`` or ``"send"`` of the session fail."""
-        request = sim.InjectFaultRequest(
-            instance_id=instance_id,
-            fault=FAULTS.get(fault, sim.FAULT_UNSPECIFIED),
-        )
-        await self._unary(self._stub.InjectFault, request, timeout)
+        await self._call(self._stub.InjectFault, _base.fault_request(instance_id, fault), timeout)
 
 
-class AsyncSessionManagerClient(_Base):
+class AsyncSessionManagerClient(_Calls):
     """The public SessionService over ``grpc.aio``.
 
     ``address`` is ``host:port``; ``token`` is sent as ``authorization: Bearer
@@ -148,6 +142,7 @@ class AsyncSessionManagerClient(_Base):
         else:
             channel = grpc.aio.insecure_channel(address, options=settings.channel_options())
         super().__init__(settings, timeout, channel)
+        self._address = address
         self._stub = session_service_pb2_grpc.SessionServiceStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
         self._backoff = backoff or Backoff()
@@ -158,7 +153,7 @@ class AsyncSessionManagerClient(_Base):
 
     @property
     def address(self) -> str:
-        return self._settings.address
+        return self._address
 
     async def close(self) -> None:
         await self._channel.close(None)
@@ -175,22 +170,20 @@ class AsyncSessionManagerClient(_Base):
         await self.close()
 
     async def get_session(self, instance_id: str, *, timeout: float | None = None) -> Session:
-        request = pb.GetSessionRequest(instance_id=instance_id)
-        response = await self._unary(self._stub.GetSession, request, timeout)
-        return response.session  # type: ignore[no-any-return]
+        request = _base.get_request(instance_id)
+        return (await self._call(self._stub.GetSession, request, timeout)).session
 
     async def request_qr(self, instance_id: str, *, timeout: float | None = None) -> Session:
         """The session with its valid QR code (``qr_string``, ``qr_expires_at``)."""
-        request = pb.RequestQRRequest(instance_id=instance_id)
-        response = await self._unary(self._stub.RequestQR, request, timeout)
-        return response.session  # type: ignore[no-any-return]
+        request = _base.qr_request(instance_id)
+        return (await self._call(self._stub.RequestQR, request, timeout)).session
 
     async def pair_phone(
         self, instance_id: str, phone_number: str, *, timeout: float | None = None
     ) -> pb.PairPhoneResponse:
         """WhatsApp's 8-character linking code to type on ``phone_number``'s phone."""
-        request = pb.PairPhoneRequest(instance_id=instance_id, phone_number=phone_number)
-        return await self._unary(self._stub.PairPhone, request, timeout)  # type: ignore[no-any-return]
+        request = _base.pair_phone_request(instance_id, phone_number)
+        return await self._call(self._stub.PairPhone, request, timeout)
 
     async def send(
         self,
@@ -201,22 +194,19 @@ class AsyncSessionManagerClient(_Base):
         *,
         timeout: float | None = None,
     ) -> pb.SendResponse:
-        request = send_request(instance_id, to, text, idempotency_key)
-        return await self._unary(self._stub.Send, request, timeout)  # type: ignore[no-any-return]
+        request = _base.send_request(instance_id, to, text, idempotency_key)
+        return await self._call(self._stub.Send, request, timeout)
 
     async def disconnect(self, instance_id: str, *, timeout: float | None = None) -> Session:
-        request = pb.DisconnectRequest(instance_id=instance_id)
-        response = await self._unary(self._stub.Disconnect, request, timeout)
-        return response.session  # type: ignore[no-any-return]
+        request = _base.disconnect_request(instance_id)
+        return (await self._call(self._stub.Disconnect, request, timeout)).session
 
     async def create_session(self, instance_id: str, *, timeout: float | None = None) -> Session:
-        request = pb.CreateSessionRequest(instance_id=instance_id)
-        response = await self._unary(self._stub.CreateSession, request, timeout)
-        return response.session  # type: ignore[no-any-return]
+        request = _base.create_request(instance_id)
+        return (await self._call(self._stub.CreateSession, request, timeout)).session
 
     async def delete_session(self, instance_id: str, *, timeout: float | None = None) -> None:
-        request = pb.DeleteSessionRequest(instance_id=instance_id)
-        await self._unary(self._stub.DeleteSession, request, timeout)
+        await self._call(self._stub.DeleteSession, _base.delete_request(instance_id), timeout)
 
     async def list_sessions(
         self,
@@ -227,8 +217,8 @@ class AsyncSessionManagerClient(_Base):
         timeout: float | None = None,
     ) -> Page:
         """One page; ``status`` (text form, e.g. ``"connected"``) filters."""
-        request = list_request(page_size, page_token, status)
-        response = await self._unary(self._stub.ListSessions, request, timeout)
+        request = _base.list_request(page_size, page_token, status)
+        response = await self._call(self._stub.ListSessions, request, timeout)
         return Page(list(response.sessions), response.next_page_token)
 
     async def iter_sessions(
@@ -249,7 +239,7 @@ class AsyncSessionManagerClient(_Base):
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The serving status from ``grpc.health.v1`` (``"SERVING"``, ...)."""
         request = health_pb2.HealthCheckRequest(service=service)
-        response = await self._unary(self._health.Check, request, timeout)
+        response = await self._call(self._health.Check, request, timeout)
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
     async def watch(
@@ -258,33 +248,29 @@ class AsyncSessionManagerClient(_Base):
         """The session's current state, then each committed change, as they happen.
 
         After UNAVAILABLE (a server restart or a lost connection) it subscribes
-        again by itself, waiting ``backoff`` between attempts, and never yields
-        a revision at or below one it already yielded. Other errors (e.g. the
-        session was deleted: ``SessionNotFoundError``) end it. Close it with
-        ``aclose()`` (or ``contextlib.aclosing``) when you stop early.
+        again by itself, waiting ``backoff`` between attempts. It follows
+        ``(id, revision)``: it never repeats a state nor goes back in revision,
+        and a session deleted and created again meanwhile (another ``id``) is
+        followed from its first state on (``WatchCursor``). Other errors end
+        it: once the session is deleted, ``SessionNotFoundError``. Close it
+        with ``aclose()`` (or ``contextlib.aclosing``) when you stop early.
         """
-        policy = backoff or self._backoff
-        last_revision = 0
-        failures = 0
-        request = pb.WatchSessionRequest(instance_id=instance_id)
+        cursor = WatchCursor()
+        resubscription = Resubscription(backoff or self._backoff)
+        request = _base.watch_request(instance_id)
         while True:
             call = self._stub.WatchSession(request, metadata=self._metadata)
             try:
                 async for response in call:
-                    failures = 0
-                    session = response.session
-                    if session.revision <= last_revision:
-                        continue
-                    last_revision = session.revision
-                    yield session
+                    resubscription.received()
+                    if cursor.admit(response.session):
+                        yield response.session
                 return
             except grpc.RpcError as error:
                 mapped = from_rpc_error(error)
-                if not isinstance(mapped, SessionManagerUnavailableError):
-                    raise mapped from error
-                failures += 1
-                if policy.max_attempts is not None and failures > policy.max_attempts:
+                delay = resubscription.delay_after(mapped)
+                if delay is None:
                     raise mapped from error
             finally:
                 call.cancel()
-            await asyncio.sleep(policy.delay(failures))
+            await asyncio.sleep(delay)

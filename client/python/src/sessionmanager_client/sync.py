@@ -1,8 +1,10 @@
 """The synchronous client (plain ``grpc``): ``SessionManagerClient``.
 
-The same surface as ``client.aio.AsyncSessionManagerClient``: the generated
-messages come back (``session_pb2.WhatsAppSession``, ``SendResponse``), and
-every failure is one exception of ``client.errors``.
+The same surface as ``sessionmanager_client.aio.AsyncSessionManagerClient``:
+the generated messages come back (``session_pb2.WhatsAppSession``,
+``SendResponse``), and every failure is one exception of
+``sessionmanager_client.errors``. What to send and when to re-subscribe is
+decided in ``_base``; this module only does the I/O.
 """
 
 from __future__ import annotations
@@ -10,55 +12,55 @@ from __future__ import annotations
 import time
 from collections.abc import Generator, Iterator, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client._common import (
+from sessionmanager.v1 import session_service_pb2_grpc, simulator_service_pb2_grpc
+from sessionmanager_client import _base
+from sessionmanager_client._base import (
     DEFAULT_ADDRESS,
     DEFAULT_TIMEOUT,
-    FAULTS,
     TLS,
     Backoff,
     ChannelSettings,
     Page,
-    list_request,
-    send_request,
+    Resubscription,
+    Session,
+    WatchCursor,
+    pb,
+    sim,
 )
-from client.errors import SessionManagerUnavailableError, from_rpc_error
-from sessionmanager.v1 import (
-    session_pb2,
-    session_service_pb2,
-    session_service_pb2_grpc,
-    simulator_service_pb2,
-    simulator_service_pb2_grpc,
-)
+from sessionmanager_client.errors import from_rpc_error
 
-pb = session_service_pb2
-sim = simulator_service_pb2
-Session = session_pb2.WhatsAppSession
+RequestT = TypeVar("RequestT", bound=Message)
+ResponseT = TypeVar("ResponseT", bound=Message)
 
 
-class _Base:
+class _Calls:
+    """Typed unary calls on one channel, with the deadline and the token of each call."""
+
     def __init__(self, settings: ChannelSettings, timeout: float, channel: grpc.Channel):
-        self._settings = settings
         self._timeout = timeout
         self._metadata = settings.metadata()
         self._channel = channel
 
-    def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
+    def _call(
+        self,
+        rpc: grpc.UnaryUnaryMultiCallable[RequestT, ResponseT],
+        request: RequestT,
+        timeout: float | None,
+    ) -> ResponseT:
+        deadline = self._timeout if timeout is None else timeout
         try:
-            return method(
-                request,
-                timeout=self._timeout if timeout is None else timeout,
-                metadata=self._metadata,
-            )
+            return rpc(request, timeout=deadline, metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
 
 
-class Simulator(_Base):
+class Simulator(_Calls):
     """Commands to the simulated engine's phone (servers run with ``--engine simulated``)."""
 
     def __init__(self, settings: ChannelSettings, timeout: float, channel: grpc.Channel):
@@ -76,38 +78,34 @@ class Simulator(_Base):
         request = sim.ScanQRRequest(
             instance_id=instance_id, phone_number=phone_number, hold_handshake=hold_handshake
         )
-        return self._unary(self._stub.ScanQR, request, timeout).session  # type: ignore[no-any-return]
+        return self._call(self._stub.ScanQR, request, timeout).session
 
     def complete_handshake(self, instance_id: str, *, timeout: float | None = None) -> Session:
         request = sim.CompleteHandshakeRequest(instance_id=instance_id)
-        return self._unary(self._stub.CompleteHandshake, request, timeout).session  # type: ignore[no-any-return]
+        return self._call(self._stub.CompleteHandshake, request, timeout).session
 
     def drop_network(
         self, instance_id: str, *, hold_reconnect: bool = False, timeout: float | None = None
     ) -> Session:
         request = sim.DropNetworkRequest(instance_id=instance_id, hold_reconnect=hold_reconnect)
-        return self._unary(self._stub.DropNetwork, request, timeout).session  # type: ignore[no-any-return]
+        return self._call(self._stub.DropNetwork, request, timeout).session
 
     def unlink_device(self, instance_id: str, *, timeout: float | None = None) -> Session:
         request = sim.UnlinkDeviceRequest(instance_id=instance_id)
-        return self._unary(self._stub.UnlinkDevice, request, timeout).session  # type: ignore[no-any-return]
+        return self._call(self._stub.UnlinkDevice, request, timeout).session
 
     def fail_session(
         self, instance_id: str, code: str = "", message: str = "", *, timeout: float | None = None
     ) -> Session:
         request = sim.FailSessionRequest(instance_id=instance_id, code=code, message=message)
-        return self._unary(self._stub.FailSession, request, timeout).session  # type: ignore[no-any-return]
+        return self._call(self._stub.FailSession, request, timeout).session
 
     def inject_fault(self, instance_id: str, fault: str, *, timeout: float | None = None) -> None:
         """Make the next ``"pairing"`` or ``"send"`` of the session fail."""
-        request = sim.InjectFaultRequest(
-            instance_id=instance_id,
-            fault=FAULTS.get(fault, sim.FAULT_UNSPECIFIED),
-        )
-        self._unary(self._stub.InjectFault, request, timeout)
+        self._call(self._stub.InjectFault, _base.fault_request(instance_id, fault), timeout)
 
 
-class SessionManagerClient(_Base):
+class SessionManagerClient(_Calls):
     """The public SessionService over a synchronous gRPC channel.
 
     Arguments as ``AsyncSessionManagerClient`` (``simulator_token`` included);
@@ -160,20 +158,20 @@ class SessionManagerClient(_Base):
         self.close()
 
     def get_session(self, instance_id: str, *, timeout: float | None = None) -> Session:
-        request = pb.GetSessionRequest(instance_id=instance_id)
-        return self._unary(self._stub.GetSession, request, timeout).session  # type: ignore[no-any-return]
+        request = _base.get_request(instance_id)
+        return self._call(self._stub.GetSession, request, timeout).session
 
     def request_qr(self, instance_id: str, *, timeout: float | None = None) -> Session:
         """The session with its valid QR code (``qr_string``, ``qr_expires_at``)."""
-        request = pb.RequestQRRequest(instance_id=instance_id)
-        return self._unary(self._stub.RequestQR, request, timeout).session  # type: ignore[no-any-return]
+        request = _base.qr_request(instance_id)
+        return self._call(self._stub.RequestQR, request, timeout).session
 
     def pair_phone(
         self, instance_id: str, phone_number: str, *, timeout: float | None = None
     ) -> pb.PairPhoneResponse:
         """WhatsApp's 8-character linking code to type on ``phone_number``'s phone."""
-        request = pb.PairPhoneRequest(instance_id=instance_id, phone_number=phone_number)
-        return self._unary(self._stub.PairPhone, request, timeout)  # type: ignore[no-any-return]
+        request = _base.pair_phone_request(instance_id, phone_number)
+        return self._call(self._stub.PairPhone, request, timeout)
 
     def send(
         self,
@@ -184,20 +182,19 @@ class SessionManagerClient(_Base):
         *,
         timeout: float | None = None,
     ) -> pb.SendResponse:
-        request = send_request(instance_id, to, text, idempotency_key)
-        return self._unary(self._stub.Send, request, timeout)  # type: ignore[no-any-return]
+        request = _base.send_request(instance_id, to, text, idempotency_key)
+        return self._call(self._stub.Send, request, timeout)
 
     def disconnect(self, instance_id: str, *, timeout: float | None = None) -> Session:
-        request = pb.DisconnectRequest(instance_id=instance_id)
-        return self._unary(self._stub.Disconnect, request, timeout).session  # type: ignore[no-any-return]
+        request = _base.disconnect_request(instance_id)
+        return self._call(self._stub.Disconnect, request, timeout).session
 
     def create_session(self, instance_id: str, *, timeout: float | None = None) -> Session:
-        request = pb.CreateSessionRequest(instance_id=instance_id)
-        return self._unary(self._stub.CreateSession, request, timeout).session  # type: ignore[no-any-return]
+        request = _base.create_request(instance_id)
+        return self._call(self._stub.CreateSession, request, timeout).session
 
     def delete_session(self, instance_id: str, *, timeout: float | None = None) -> None:
-        request = pb.DeleteSessionRequest(instance_id=instance_id)
-        self._unary(self._stub.DeleteSession, request, timeout)
+        self._call(self._stub.DeleteSession, _base.delete_request(instance_id), timeout)
 
     def list_sessions(
         self,
@@ -208,8 +205,8 @@ class SessionManagerClient(_Base):
         timeout: float | None = None,
     ) -> Page:
         """One page; ``status`` (text form, e.g. ``"connected"``) filters."""
-        request = list_request(page_size, page_token, status)
-        response = self._unary(self._stub.ListSessions, request, timeout)
+        request = _base.list_request(page_size, page_token, status)
+        response = self._call(self._stub.ListSessions, request, timeout)
         return Page(list(response.sessions), response.next_page_token)
 
     def iter_sessions(
@@ -229,35 +226,29 @@ class SessionManagerClient(_Base):
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The serving status from ``grpc.health.v1`` (``"SERVING"``, ...)."""
         request = health_pb2.HealthCheckRequest(service=service)
-        response = self._unary(self._health.Check, request, timeout)
+        response = self._call(self._health.Check, request, timeout)
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
     def watch(
         self, instance_id: str, *, backoff: Backoff | None = None
     ) -> Generator[Session, None, None]:
         """As ``AsyncSessionManagerClient.watch``, blocking; ``close()`` it when done."""
-        policy = backoff or self._backoff
-        last_revision = 0
-        failures = 0
-        request = pb.WatchSessionRequest(instance_id=instance_id)
+        cursor = WatchCursor()
+        resubscription = Resubscription(backoff or self._backoff)
+        request = _base.watch_request(instance_id)
         while True:
             call = self._stub.WatchSession(request, metadata=self._metadata)
             try:
                 for response in call:
-                    failures = 0
-                    session = response.session
-                    if session.revision <= last_revision:
-                        continue
-                    last_revision = session.revision
-                    yield session
+                    resubscription.received()
+                    if cursor.admit(response.session):
+                        yield response.session
                 return
             except grpc.RpcError as error:
                 mapped = from_rpc_error(error)
-                if not isinstance(mapped, SessionManagerUnavailableError):
-                    raise mapped from error
-                failures += 1
-                if policy.max_attempts is not None and failures > policy.max_attempts:
+                delay = resubscription.delay_after(mapped)
+                if delay is None:
                     raise mapped from error
             finally:
                 call.cancel()  # type: ignore[no-untyped-call]
-            time.sleep(policy.delay(failures))
+            time.sleep(delay)

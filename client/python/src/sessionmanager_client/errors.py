@@ -1,7 +1,7 @@
 """Contract errors as exceptions: one class per ``ErrorInfo.reason``.
 
 The Session Manager sends every error as a gRPC status plus one
-``google.rpc.ErrorInfo`` (in the ``grpc-status-details-bin`` trailer) whose
+``google.rpc.ErrorInfo`` (in a ``google.rpc.Status``, read with grpcio-status) whose
 ``reason`` is the contract code and whose ``metadata`` carries the dynamic
 values (``instance_id``, often ``status``). ``from_rpc_error`` turns a
 ``grpc.RpcError`` (sync or ``grpc.aio``) into the matching exception;
@@ -11,12 +11,16 @@ values (``instance_id``, often ``status``). ``from_rpc_error`` turns a
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 DOMAIN = "sessionmanager.v1"
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+DetailT = TypeVar("DetailT", bound=Message)
 
 
 class SessionManagerClientError(Exception):
@@ -138,7 +142,7 @@ class MessageOutcomeUnknownError(SessionManagerClientError):
 
 
 class StorageUnavailableError(SessionManagerClientError):
-    """STORAGE_UNAVAILABLE (UNAVAILABLE, 503): nothing was changed; ``cause`` says why."""
+    """STORAGE_UNAVAILABLE (UNAVAILABLE, 503): the change was not stored; ``cause`` says why."""
 
     @property
     def cause(self) -> str | None:
@@ -181,42 +185,46 @@ _TRANSPORT: dict[grpc.StatusCode, type[SessionManagerClientError]] = {
 }
 
 
-def _status(trailing_metadata: object) -> status_pb2.Status | None:
-    for item in trailing_metadata or ():  # type: ignore[attr-defined]
-        key, value = item
-        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
-            return status_pb2.Status.FromString(value)
-    return None
+def rich_status(error: grpc.RpcError) -> status_pb2.Status | None:
+    """The ``google.rpc.Status`` a failed call carries, read by grpcio-status.
+
+    ``None`` when there is none, or when it contradicts the call's own code or
+    message (then only the code is trusted).
+    """
+    call: Any = error  # the error of either flavour is also its call (code, details, trailers)
+    try:
+        status: status_pb2.Status | None = rpc_status.from_call(call)
+    except ValueError:
+        return None
+    return status
 
 
-def error_info(trailing_metadata: object) -> error_details_pb2.ErrorInfo | None:
-    """The ErrorInfo in a call's trailing metadata, if there is one."""
-    status = _status(trailing_metadata)
+def _detail(status: status_pb2.Status | None, kind: type[DetailT]) -> DetailT | None:
     for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
+        if detail.Is(kind.DESCRIPTOR):
+            found = kind()
+            detail.Unpack(found)
+            return found
     return None
 
 
-def retry_after(trailing_metadata: object) -> float | None:
-    """The delay of a ``google.rpc.RetryInfo`` in the trailing metadata, in seconds."""
-    status = _status(trailing_metadata)
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            retry = error_details_pb2.RetryInfo()
-            detail.Unpack(retry)
-            return float(retry.retry_delay.ToMilliseconds()) / 1000
-    return None
+def error_info(status: status_pb2.Status | None) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo of a rich status, if there is one."""
+    return _detail(status, error_details_pb2.ErrorInfo)
+
+
+def retry_after(status: status_pb2.Status | None) -> float | None:
+    """The delay of a ``google.rpc.RetryInfo`` in a rich status, in seconds."""
+    retry = _detail(status, error_details_pb2.RetryInfo)
+    return retry.retry_delay.ToTimedelta().total_seconds() if retry is not None else None
 
 
 def from_rpc_error(error: grpc.RpcError) -> SessionManagerClientError:
     """The exception for a failed call (``grpc.RpcError`` or ``grpc.aio.AioRpcError``)."""
-    code: grpc.StatusCode = getattr(error, "code", lambda: grpc.StatusCode.UNKNOWN)()
-    message: str = getattr(error, "details", lambda: "")() or ""
-    trailers = getattr(error, "trailing_metadata", lambda: ())()
-    info = error_info(trailers)
+    code: grpc.StatusCode = error.code()
+    message: str = error.details() or ""
+    status = rich_status(error)
+    info = error_info(status)
     if info is not None:
         cls = REASONS.get(info.reason, SessionManagerClientError)
         return cls(
@@ -224,7 +232,7 @@ def from_rpc_error(error: grpc.RpcError) -> SessionManagerClientError:
             reason=info.reason,
             code=code,
             metadata=dict(info.metadata),
-            retry_after=retry_after(trailers),
+            retry_after=retry_after(status),
         )
     cls = _TRANSPORT.get(code, SessionManagerClientError)
     return cls(message or code.name, code=code)

@@ -22,12 +22,12 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from client import terminal_qr
-from client._common import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, TLS
-from client.aio import AsyncSessionManagerClient
-from client.enums import QRStatus, SessionStatus, qr_status_of, status_of
-from client.errors import SessionManagerClientError
 from sessionmanager.v1 import session_pb2, session_service_pb2
+from sessionmanager_client import terminal_qr
+from sessionmanager_client._base import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, TLS
+from sessionmanager_client.aio import AsyncSessionManagerClient
+from sessionmanager_client.enums import QRStatus, SessionStatus, qr_status_of, status_of
+from sessionmanager_client.errors import SessionManagerClientError
 
 Session = session_pb2.WhatsAppSession
 
