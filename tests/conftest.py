@@ -19,6 +19,7 @@ import pytest
 from service.clock import ManualClock
 from service.config import Settings
 from service.server import RunningServer, start
+from tests.postgres import postgres_cluster, postgres_url  # noqa: F401 - fixtures
 from sessionmanager.v1 import (
     engine_service_pb2_grpc,
     session_service_pb2_grpc,

@@ -35,6 +35,8 @@ from service.domain.contract import (
 from service.domain.states import Session
 from service.faults import FaultPoints
 from service.store.messages import Message
+from service.store.port import SchemaTooNew as SchemaTooNew  # re-exported
+from service.store.port import StaleRevision
 
 log = logging.getLogger(__name__)
 
@@ -124,14 +126,6 @@ _MESSAGE_COLUMNS = (
     "id, idempotency_key, recipient, text, status, whatsapp_message_id, error_code, "
     "error_message, accepted_at, request_digest"
 )
-
-
-class SchemaTooNew(RuntimeError):
-    """The database file was written by a newer release."""
-
-
-class StaleRevision(RuntimeError):
-    """An update expected a revision that is no longer the stored one."""
 
 
 def _ts(value: datetime | None) -> str | None:
