@@ -333,8 +333,9 @@ async def test_many_operations_at_once_commit_in_call_order(backend: Backend) ->
     ]
     inserts = [store.insert_message(a_message(session_id, f"k{n}", n)) for n in range(200)]
     creations = [store.insert_session(a_session(f"many_{n}")) for n in range(50)]
-    results = await asyncio.gather(*updates, *inserts, *creations)
-    new_ids = results[-50:]
+    _, new_ids = await asyncio.gather(
+        asyncio.gather(*updates, *inserts), asyncio.gather(*creations)
+    )
     assert new_ids == sorted(new_ids)
     assert len(set(new_ids)) == 50
     await store.close()
