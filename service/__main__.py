@@ -1,69 +1,65 @@
-"""``session-manager serve`` / ``python -m service serve``."""
+"""``session-manager serve`` / ``python -m service serve``.
+
+Every reason the server cannot start is one line on stderr
+(``session-manager: ...``) and its own exit code (``startup.ExitCode``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
+import sqlite3
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from typing import NoReturn
 
-from service import config
+from service import config, logs
 from service.api.http.server import ListenError
-from service.server import InsecureAddress, serve
+from service.server import serve
+from service.startup import ExitCode, StartupError, database_failure
+
+log = logging.getLogger("service")
 
 
-class _SessionFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        instance_id = getattr(record, "instance_id", None)
-        return f"{line} instance_id={instance_id}" if instance_id else line
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line and exit code 2, like a bad setting."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(ExitCode.BAD_SETTING, f"session-manager: {message} (see --help)\n")
 
 
-class _JsonFormatter(logging.Formatter):
-    """One JSON object per line, for log collectors."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, object] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        instance_id = getattr(record, "instance_id", None)
-        if instance_id:
-            line["instance_id"] = instance_id
-        if record.exc_info:
-            line["error"] = self.formatException(record.exc_info)
-        return json.dumps(line, ensure_ascii=False)
-
-
-def _configure_logging(level: str, style: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if style == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(_SessionFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler])
+def _fail(code: ExitCode, message: str) -> int:
+    print(f"session-manager: {logs.escape_controls(message)}", file=sys.stderr, flush=True)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="session-manager", description="The Session Manager gRPC service."
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="session-manager", description="The Session Manager gRPC service.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     serve_parser = commands.add_parser("serve", help="run the server until SIGTERM or SIGINT")
     config.add_arguments(serve_parser)
     args = parser.parse_args(argv)
-    settings = config.settings_from(args)
-    _configure_logging(settings.log_level, settings.log_format)
+    try:
+        settings = config.settings_from(args)
+    except config.SettingError as error:
+        return _fail(ExitCode.BAD_SETTING, str(error))
+    except config.TokenFileUnreadable as error:
+        return _fail(ExitCode.FILE_UNREADABLE, str(error))
+    logs.configure(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))
-    except (InsecureAddress, ListenError) as error:
-        print(f"session-manager: {error}", file=sys.stderr)
-        return 2
+    except StartupError as error:
+        return _fail(error.exit_code, str(error))
+    except ListenError as error:  # the HTTP address failed after its trial bind passed
+        return _fail(ExitCode.ADDRESS_UNUSABLE, str(error))
+    except Exception as error:  # one line for the operator, the trace at debug
+        if isinstance(error, sqlite3.Error):  # the database failed after it was opened
+            failure = database_failure(settings.database, error)
+            if failure is not None:
+                return _fail(failure.exit_code, str(failure))
+        log.debug("start-up failed", exc_info=error)
+        return _fail(ExitCode.UNEXPECTED, f"unexpected failure: {type(error).__name__}: {error}")
     return 0
 
 

@@ -1,320 +1,315 @@
-"""The server's settings: flags, then environment variables, then defaults."""
+"""The server's settings: flags, then environment variables, then defaults.
+
+Each setting is declared once, as a field of ``Settings``: its flag
+(``--send-rate``) and environment variable (``SESSION_MANAGER_SEND_RATE``)
+follow from the field's name, its type from the annotation, and its help and
+checks from the field's metadata. ``Settings`` checks every value when it is
+built, so no code path can start a server on a value it cannot use.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from service.api.auth import parse_tokens
 
 ENGINES = ("simulated", "simulated-worker", "whatsmeow")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+ENV_PREFIX = "SESSION_MANAGER_"
+#: The longest duration any setting accepts (one year, in seconds): longer ones overflow dates.
+MAX_SECONDS = 365 * 24 * 3600.0
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
+_ORIGIN = re.compile(r"https?://[^/\s]+")
+_ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})")
+
+#: A check returns what is wrong with a value, or None when it is fine.
+Check = Callable[[Any], str | None]
+
+
+class SettingError(ValueError):
+    """A setting the server cannot use; ``name`` is the field, the message says why."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(problem)
+        self.name = name
+        self.problem = problem
+
+
+class TokenFileUnreadable(OSError):
+    """A token file named by the settings cannot be read."""
+
+
+def seconds(value: float) -> str | None:
+    """A duration: above 0, and short enough for any date it is added to."""
+    if not 0 < value <= MAX_SECONDS:
+        return f"must be a number of seconds above 0 and at most {MAX_SECONDS:.0f}, got {value}"
+    return None
+
+
+def rate(value: float) -> str | None:
+    """A rate where 0 means "no limit"."""
+    return None if value >= 0 else f"must be 0 (no limit) or more, got {value}"
+
+
+def count(value: int) -> str | None:
+    """A count or a limit: at least one."""
+    return None if value >= 1 else f"must be 1 or more, got {value}"
+
+
+def host_port(value: str) -> str | None:
+    """``host:port`` with a host (gRPC would take ``:50051`` or a bare host as port 443)."""
+    match = _ADDRESS.fullmatch(value)
+    if match is None:
+        return f"must be host:port (e.g. 127.0.0.1:50051 or [::1]:50051), got {value!r}"
+    if int(match.group(2)) > 65535:
+        return f"port must be 0 (any free port) or 1-65535, got {match.group(2)}"
+    return None
+
+
+def optional_host_port(value: str) -> str | None:
+    return None if value == "" else host_port(value)
+
+
+def _origin_list(value: str) -> tuple[str, ...]:
+    return tuple(origin.strip() for origin in value.split(",") if origin.strip())
+
+
+def origins(value: str) -> str | None:
+    """Browser origins, comma-separated: ``https://hub.example`` (a scheme and a host only)."""
+    for origin in _origin_list(value):
+        if not _ORIGIN.fullmatch(origin):
+            return f"{origin!r} is not an origin like https://hub.example"
+    return None
+
+
+def one_of(*choices: str) -> Check:
+    def check(value: str) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}, got {value!r}"
+
+    return check
+
+
+def setting(default: Any, help: str, check: Check | None = None, *, option: bool = True) -> Any:
+    """A field of ``Settings``; ``option=False`` for values that are not flags of their own."""
+    return field(default=default, metadata={"help": help, "check": check, "option": option})
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    address: str = "127.0.0.1:50051"
-    database: Path = Path("data/sessions.db")
-    engine: str = "whatsmeow"
+    """Everything the server is told at start-up; checked when built, whoever builds it."""
+
+    address: str = setting(
+        "127.0.0.1:50051", "host:port to listen on (port 0 picks one)", host_port
+    )
+    database: Path = setting(Path("data/sessions.db"), "the SQLite file; created if missing")
+    engine: str = setting(
+        "whatsmeow", f"the WhatsApp engine: {', '.join(ENGINES)}", one_of(*ENGINES)
+    )
     #: Where each session's WhatsApp credentials live; default: ``devices`` beside the database.
-    devices_dir: Path | None = None
-    dial_timeout: float = 30.0
-    worker_heartbeat: float = 5.0
-    worker_crash_limit: int = 5
-    log_level: str = "info"
-    qr_timeout: float = 30.0
-    qr_first_seconds: float = 60.0
-    qr_rotation_seconds: float = 20.0
-    qr_codes: int = 6
-    shutdown_grace: float = 10.0
-    metrics_address: str = ""
-    log_format: str = "text"
-    send_rate: float = 5.0
-    send_burst: int = 20
-    max_watchers_per_session: int = 100
-    max_watchers: int = 20_000
-    public_token_file: Path | None = None
-    internal_token_file: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
-    allow_unauthenticated_remote: bool = False
+    devices_dir: Path | None = setting(
+        None,
+        "directory of each session's WhatsApp credentials (default: devices/ beside the database)",
+    )
+    dial_timeout: float = setting(
+        30.0, "seconds an engine worker gets to reach WhatsApp before it is killed", seconds
+    )
+    worker_heartbeat: float = setting(
+        5.0,
+        "seconds between heartbeats to each engine worker; one silent for two is killed",
+        seconds,
+    )
+    worker_crash_limit: int = setting(
+        5, "worker crashes within 5 minutes after which the session goes to error", count
+    )
+    log_level: str = setting("info", "debug, info, warning or error", one_of(*LOG_LEVELS))
+    qr_timeout: float = setting(
+        30.0, "seconds RequestQR waits for the engine's first code", seconds
+    )
+    qr_first_seconds: float = setting(60.0, "simulated engine: lifetime of the first code", seconds)
+    qr_rotation_seconds: float = setting(
+        20.0, "simulated engine: lifetime of each later code", seconds
+    )
+    qr_codes: int = setting(6, "simulated engine: codes shown per pairing", count)
+    shutdown_grace: float = setting(
+        10.0, "seconds in-flight calls get to finish on SIGTERM", seconds
+    )
+    metrics_address: str = setting(
+        "", "host:port to serve Prometheus /metrics on (off when empty)", optional_host_port
+    )
+    log_format: str = setting(
+        "text", "text (for people) or json (one object per line)", one_of(*LOG_FORMATS)
+    )
+    send_rate: float = setting(
+        5.0, "messages per second each session may send on average (0: no limit)", rate
+    )
+    send_burst: int = setting(
+        20, "messages a session may send at once before the rate applies", count
+    )
+    max_watchers_per_session: int = setting(100, "open WatchSession streams per session", count)
+    max_watchers: int = setting(20_000, "open WatchSession streams in all", count)
+    public_token_file: Path | None = setting(
+        None, "file with the token(s) of SessionService callers"
+    )
+    internal_token_file: Path | None = setting(None, "file with the token(s) of the engine side")
+    tls_cert: Path | None = setting(None, "PEM certificate chain; with --tls-key, serve TLS")
+    tls_key: Path | None = setting(None, "PEM private key of --tls-cert")
+    tls_client_ca: Path | None = setting(
+        None, "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)"
+    )
+    allow_unauthenticated_remote: bool = setting(
+        False, "listen on a non-loopback address without tokens, on purpose"
+    )
     #: Read from SESSION_MANAGER_PUBLIC_TOKEN / _INTERNAL_TOKEN or the token files.
-    public_tokens: tuple[bytes, ...] = ()
-    internal_tokens: tuple[bytes, ...] = ()
-    #: The HTTP/JSON API and its event streams; off when empty.
-    http_address: str = "127.0.0.1:8080"
-    #: Browser origins allowed to call the HTTP API (CORS), comma-separated; none by default.
-    cors_origins: str = ""
-    #: Seconds between keep-alive comments on an idle event stream.
-    sse_keepalive: float = 15.0
+    public_tokens: tuple[bytes, ...] = setting((), "tokens of SessionService callers", option=False)
+    internal_tokens: tuple[bytes, ...] = setting((), "tokens of the engine side", option=False)
+    http_address: str = setting(
+        "127.0.0.1:8080",
+        "host:port of the HTTP/JSON API and its event streams (off when empty)",
+        optional_host_port,
+    )
+    cors_origins: str = setting(
+        "", "comma-separated browser origins allowed to call the HTTP API (CORS)", origins
+    )
+    sse_keepalive: float = setting(
+        15.0, "seconds between keep-alive comments on an idle event stream", seconds
+    )
+
+    def __post_init__(self) -> None:
+        for declared in fields(self):
+            value = getattr(self, declared.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SettingError(declared.name, f"must be a finite number, got {value}")
+            check: Check | None = declared.metadata.get("check")
+            problem = check(value) if check is not None and value is not None else None
+            if problem is not None:
+                raise SettingError(declared.name, problem)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise SettingError("tls_key" if self.tls_key is None else "tls_cert",
+                               "--tls-cert and --tls-key go together")  # fmt: skip
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise SettingError("tls_client_ca", "needs --tls-cert and --tls-key")
 
     @property
     def cors_origin_list(self) -> tuple[str, ...]:
-        return tuple(origin.strip() for origin in self.cors_origins.split(",") if origin.strip())
+        return _origin_list(self.cors_origins)
 
     @property
     def devices_path(self) -> Path:
         return self.devices_dir or self.database.parent / "devices"
 
 
-# (flag, environment variable, field, type, help)
-_OPTIONS: tuple[tuple[str, str, str, type, str], ...] = (
-    (
-        "--address",
-        "SESSION_MANAGER_ADDRESS",
-        "address",
-        str,
-        "host:port to listen on (port 0 picks one)",
-    ),
-    (
-        "--database",
-        "SESSION_MANAGER_DATABASE",
-        "database",
-        Path,
-        "the SQLite file; created if missing",
-    ),
-    (
-        "--engine",
-        "SESSION_MANAGER_ENGINE",
-        "engine",
-        str,
-        f"the WhatsApp engine: {', '.join(ENGINES)}",
-    ),
-    (
-        "--devices-dir",
-        "SESSION_MANAGER_DEVICES_DIR",
-        "devices_dir",
-        Path,
-        "directory of each session's WhatsApp credentials (default: devices/ beside the database)",
-    ),
-    (
-        "--dial-timeout",
-        "SESSION_MANAGER_DIAL_TIMEOUT",
-        "dial_timeout",
-        float,
-        "seconds an engine worker gets to reach WhatsApp before it is killed",
-    ),
-    (
-        "--worker-heartbeat",
-        "SESSION_MANAGER_WORKER_HEARTBEAT",
-        "worker_heartbeat",
-        float,
-        "seconds between heartbeats to each engine worker; one silent for two is killed",
-    ),
-    (
-        "--worker-crash-limit",
-        "SESSION_MANAGER_WORKER_CRASH_LIMIT",
-        "worker_crash_limit",
-        int,
-        "worker crashes within 5 minutes after which the session goes to error",
-    ),
-    ("--log-level", "SESSION_MANAGER_LOG_LEVEL", "log_level", str, "debug, info, warning or error"),
-    (
-        "--qr-timeout",
-        "SESSION_MANAGER_QR_TIMEOUT",
-        "qr_timeout",
-        float,
-        "seconds RequestQR waits for the engine's first code",
-    ),
-    (
-        "--qr-first-seconds",
-        "SESSION_MANAGER_QR_FIRST_SECONDS",
-        "qr_first_seconds",
-        float,
-        "simulated engine: lifetime of the first code",
-    ),
-    (
-        "--qr-rotation-seconds",
-        "SESSION_MANAGER_QR_ROTATION_SECONDS",
-        "qr_rotation_seconds",
-        float,
-        "simulated engine: lifetime of each later code",
-    ),
-    (
-        "--qr-codes",
-        "SESSION_MANAGER_QR_CODES",
-        "qr_codes",
-        int,
-        "simulated engine: codes shown per pairing",
-    ),
-    (
-        "--shutdown-grace",
-        "SESSION_MANAGER_SHUTDOWN_GRACE",
-        "shutdown_grace",
-        float,
-        "seconds in-flight calls get to finish on SIGTERM",
-    ),
-    (
-        "--public-token-file",
-        "SESSION_MANAGER_PUBLIC_TOKEN_FILE",
-        "public_token_file",
-        Path,
-        "file with the token(s) of SessionService callers",
-    ),
-    (
-        "--internal-token-file",
-        "SESSION_MANAGER_INTERNAL_TOKEN_FILE",
-        "internal_token_file",
-        Path,
-        "file with the token(s) of the engine side",
-    ),
-    (
-        "--tls-cert",
-        "SESSION_MANAGER_TLS_CERT",
-        "tls_cert",
-        Path,
-        "PEM certificate chain; with --tls-key, serve TLS",
-    ),
-    ("--tls-key", "SESSION_MANAGER_TLS_KEY", "tls_key", Path, "PEM private key of --tls-cert"),
-    (
-        "--tls-client-ca",
-        "SESSION_MANAGER_TLS_CLIENT_CA",
-        "tls_client_ca",
-        Path,
-        "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)",
-    ),
-    (
-        "--send-rate",
-        "SESSION_MANAGER_SEND_RATE",
-        "send_rate",
-        float,
-        "messages per second each session may send on average (0: no limit)",
-    ),
-    (
-        "--send-burst",
-        "SESSION_MANAGER_SEND_BURST",
-        "send_burst",
-        int,
-        "messages a session may send at once before the rate applies",
-    ),
-    (
-        "--max-watchers-per-session",
-        "SESSION_MANAGER_MAX_WATCHERS_PER_SESSION",
-        "max_watchers_per_session",
-        int,
-        "open WatchSession streams per session",
-    ),
-    (
-        "--max-watchers",
-        "SESSION_MANAGER_MAX_WATCHERS",
-        "max_watchers",
-        int,
-        "open WatchSession streams in all",
-    ),
-    (
-        "--metrics-address",
-        "SESSION_MANAGER_METRICS_ADDRESS",
-        "metrics_address",
-        str,
-        "host:port to serve Prometheus /metrics on (off when empty)",
-    ),
-    (
-        "--http-address",
-        "SESSION_MANAGER_HTTP_ADDRESS",
-        "http_address",
-        str,
-        "host:port of the HTTP/JSON API and its event streams (off when empty)",
-    ),
-    (
-        "--cors-origins",
-        "SESSION_MANAGER_CORS_ORIGINS",
-        "cors_origins",
-        str,
-        "comma-separated browser origins allowed to call the HTTP API (CORS)",
-    ),
-    (
-        "--sse-keepalive",
-        "SESSION_MANAGER_SSE_KEEPALIVE",
-        "sse_keepalive",
-        float,
-        "seconds between keep-alive comments on an idle event stream",
-    ),
-    (
-        "--log-format",
-        "SESSION_MANAGER_LOG_FORMAT",
-        "log_format",
-        str,
-        "text (for people) or json (one object per line)",
-    ),
-)
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
-_TRUE = {"1", "true", "yes", "on"}
-_ORIGIN = re.compile(r"https?://[^/\s]+")
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+@functools.cache
+def _types() -> dict[str, Any]:
+    return typing.get_type_hints(Settings)
+
+
+def options() -> Iterator[Field[Any]]:
+    """The fields that have a flag and an environment variable of their own."""
+    return (declared for declared in fields(Settings) if declared.metadata["option"])
+
+
+def _kind(name: str) -> type:
+    """The type a setting's text is parsed into: ``Path | None`` parses as ``Path``."""
+    kind = _types()[name]
+    arguments = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+    return typing.cast(type, arguments[0] if arguments else kind)
+
+
+def parse(name: str, text: str) -> object:
+    """A setting's value from its text on the command line or in the environment."""
+    kind = _kind(name)
+    if kind is bool:
+        if text.lower() not in _TRUE | _FALSE:
+            raise SettingError(name, f"must be true or false, got {text!r}")
+        return text.lower() in _TRUE
+    if kind is Path and not text:
+        raise SettingError(name, "must not be empty")
+    try:
+        return kind(text.strip() if kind in (int, float) else text)
+    except ValueError:
+        raise SettingError(name, f"must be {_article(kind)}, got {text!r}") from None
+
+
+def _article(kind: type) -> str:
+    return {int: "a whole number", float: "a number"}.get(kind, f"a {kind.__name__}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting, read as text: ``settings_from`` parses and checks it."""
     defaults = Settings()
-    for flag, env, name, kind, text in _OPTIONS:
-        parser.add_argument(
-            flag,
-            dest=name,
-            type=kind,
-            default=None,
-            help=f"{text} [env {env}, default {getattr(defaults, name)}]",
-        )
-    parser.add_argument(
-        "--allow-unauthenticated-remote",
-        action="store_true",
-        default=None,
-        help="listen on a non-loopback address without tokens, on purpose "
-        "[env SESSION_MANAGER_ALLOW_UNAUTHENTICATED_REMOTE]",
-    )
+    for declared in options():
+        name = declared.name
+        default = getattr(defaults, name)
+        shown = "off" if default in ("", None, False) else default
+        text = f"{declared.metadata['help']} [env {env_name(name)}, default {shown}]"
+        if _kind(name) is bool:
+            parser.add_argument(
+                flag(name), dest=name, action="store_const", const="true", help=text
+            )
+        else:
+            parser.add_argument(
+                flag(name), dest=name, default=None, metavar=name.upper(), help=text
+            )
 
 
 def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    """The settings of the flags in ``args``, then of the environment, then the defaults.
+
+    Raises SettingError whose message names the flag or variable the bad value came from.
+    """
     environ = os.environ if environ is None else environ
     values: dict[str, object] = {}
-    for _, env, name, kind, _ in _OPTIONS:
-        value = getattr(args, name, None)
-        if value is None and env in environ:
+    sources: dict[str, str] = {}
+    for declared in options():
+        name = declared.name
+        text = getattr(args, name, None)
+        source = flag(name)
+        if text is None and env_name(name) in environ:
+            text, source = environ[env_name(name)], env_name(name)
+        if text is not None:
+            sources[name] = source
             try:
-                value = kind(environ[env])
-            except ValueError as error:
-                raise SystemExit(
-                    f"{env}={environ[env]!r} is not a valid {kind.__name__}"
-                ) from error
-        if value is not None:
-            values[name] = value
-    allow = getattr(args, "allow_unauthenticated_remote", None)
-    if allow is None:
-        allow = environ.get("SESSION_MANAGER_ALLOW_UNAUTHENTICATED_REMOTE", "").lower() in _TRUE
-    values["allow_unauthenticated_remote"] = allow
-    values["public_tokens"] = _tokens(
-        environ, "SESSION_MANAGER_PUBLIC_TOKEN", values.get("public_token_file")
-    )
-    values["internal_tokens"] = _tokens(
-        environ, "SESSION_MANAGER_INTERNAL_TOKEN", values.get("internal_token_file")
-    )
-    settings = Settings(**values)  # type: ignore[arg-type]
-    if settings.log_format not in ("text", "json"):
-        raise SystemExit(f"unknown log format {settings.log_format!r}; choose text or json")
-    if (settings.tls_cert is None) != (settings.tls_key is None):
-        raise SystemExit("--tls-cert and --tls-key go together")
-    if settings.tls_client_ca is not None and settings.tls_cert is None:
-        raise SystemExit("--tls-client-ca needs --tls-cert and --tls-key")
-    for origin in settings.cors_origin_list:
-        if not _ORIGIN.fullmatch(origin):
-            raise SystemExit(
-                f"--cors-origins: {origin!r} is not an origin like https://hub.example"
-            )
-    if settings.sse_keepalive <= 0:
-        raise SystemExit("--sse-keepalive must be a positive number of seconds")
-    if settings.engine not in ENGINES:
-        raise SystemExit(f"unknown engine {settings.engine!r}; choose one of {', '.join(ENGINES)}")
-    return settings
+                values[name] = parse(name, text)
+            except SettingError as error:
+                raise SettingError(name, f"{source}: {error.problem}") from None
+    values["public_tokens"] = _tokens(environ, "PUBLIC", values.get("public_token_file"))
+    values["internal_tokens"] = _tokens(environ, "INTERNAL", values.get("internal_token_file"))
+    try:
+        return Settings(**values)  # type: ignore[arg-type]
+    except SettingError as error:
+        source = sources.get(error.name, flag(error.name))
+        raise SettingError(error.name, f"{source}: {error.problem}") from None
 
 
-def _tokens(environ: Mapping[str, str], env: str, file: object) -> tuple[bytes, ...]:
-    text = environ.get(env, "")
+def _tokens(environ: Mapping[str, str], role: str, file: object) -> tuple[bytes, ...]:
+    text = environ.get(f"{ENV_PREFIX}{role}_TOKEN", "")
     if isinstance(file, Path):
         try:
             text += "\n" + file.read_text()
         except OSError as error:
-            raise SystemExit(f"cannot read the token file {file}: {error.strerror}") from error
+            raise TokenFileUnreadable(
+                f"cannot read the token file {file}: {error.strerror}"
+            ) from error
     return parse_tokens(text)
 
 

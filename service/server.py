@@ -26,6 +26,14 @@ from service.engine.port import Engine, EngineFactory, Phone
 from service.engine.simulated import PairingTimes, SimulatedEngine
 from service.engine.supervisor import WorkerEngine, WorkerOptions
 from service.faults import FaultPoints
+from service.startup import (
+    ExitCode,
+    StartupError,
+    check_address,
+    check_tls_pair,
+    database_failure,
+)
+from service.store.ownership import Ownership
 from service.store.sqlite import Store
 from sessionmanager.v1 import (
     engine_service_pb2,
@@ -58,6 +66,9 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # gRPC sets SO_REUSEPORT by default, so a second server on the same port
+    # would start and the kernel would split connections between the two.
+    ("grpc.so_reuseport", 0),
 )
 
 
@@ -75,6 +86,7 @@ class RunningServer:
     metrics: Metrics | None = None
     http: HttpServer | None = None
     http_options: Options | None = None
+    ownership: Ownership | None = None
 
     @property
     def http_port(self) -> int | None:
@@ -94,11 +106,16 @@ class RunningServer:
         await self.store.close()
         if self.metrics is not None:
             self.metrics.close()
+        if self.ownership is not None:
+            self.ownership.release()
         log.info("stopped")
 
 
-class InsecureAddress(RuntimeError):
+class InsecureAddress(StartupError):
     """A non-loopback address without tokens, not explicitly allowed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ExitCode.INSECURE_ADDRESS, message)
 
 
 def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -168,7 +185,18 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
             "or pass --allow-unauthenticated-remote if this is intended"
         )
     clock = clock or SystemClock()
-    store = await Store.open(settings.database)
+    check_tls_pair(settings)
+    ownership = Ownership.acquire(settings.database)
+    try:
+        check_address(settings.address, "--address")
+        if settings.metrics_address:
+            check_address(settings.metrics_address, "--metrics-address", ExitCode.METRICS_ADDRESS)
+        if settings.http_address:
+            check_address(settings.http_address, "--http-address")
+        store = await Store.open(settings.database)
+    except Exception as error:
+        ownership.release()
+        raise database_failure(settings.database, error) or error from error
     metrics = Metrics() if settings.metrics_address else None
     limits = Limits(
         send_rate=settings.send_rate,
@@ -187,6 +215,7 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
     engine = manager.engine
     if metrics is not None and isinstance(engine, WorkerEngine):
         engine.on_restart = metrics.worker_restarts.inc
+    server: grpc.aio.Server | None = None
     try:
         await manager.start()
         store.faults.arm(FaultPoints.from_environment())  # tests only: after recovery
@@ -213,31 +242,32 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
             [*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
         credentials = _server_credentials(settings)
-        if credentials is None:
-            port = server.add_insecure_port(settings.address)
-        else:
-            port = server.add_secure_port(settings.address, credentials)
-        if port == 0:
-            raise OSError(f"could not listen on {settings.address}")
+        try:
+            if credentials is None:
+                port = server.add_insecure_port(settings.address)
+            else:
+                port = server.add_secure_port(settings.address, credentials)
+        except RuntimeError as error:  # "Failed to bind"; check_address names the usual causes
+            raise StartupError(
+                ExitCode.ADDRESS_UNUSABLE, f"cannot listen on {settings.address}: {error}"
+            ) from error
         await server.start()
+        ownership.record(f"{settings.address.rpartition(':')[0]}:{port}")
         if metrics is not None:
             metrics.watch(manager)
             metrics_port = metrics.serve(settings.metrics_address)
             log.info("metrics on port %d, path /metrics", metrics_port)
-        try:
-            http, http_options = (
-                start_http(settings, manager, tokens, metrics)
-                if settings.http_address
-                else (None, None)
-            )
-        except BaseException:
-            await server.stop(None)
-            raise
+        http, http_options = None, None
+        if settings.http_address:
+            http, http_options = start_http(settings, manager, tokens, metrics)
     except BaseException:
+        if server is not None:
+            await server.stop(0)
         if metrics is not None:
             metrics.close()
         await manager.close()
         await store.close()
+        ownership.release()
         raise
     for name in ("", *services):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -255,6 +285,7 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         metrics,
         http,
         http_options,
+        ownership,
     )
 
 

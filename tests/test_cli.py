@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -20,36 +19,16 @@ import zxingcpp
 
 from service.engine.simulated import pairing_payload
 from sessionmanager_client import terminal_qr
+from tests.servers import ServerProcess
 
 BIN = Path(sys.executable).parent
 SMCTL = str(BIN / "smctl")
 
 
-@contextlib.contextmanager
-def serve(database: Path, *flags: str) -> Iterator[str]:
-    """``session-manager serve`` on a free port; yields its address."""
-    command = [str(BIN / "session-manager"), "serve", "--address", "127.0.0.1:0"]
-    server = subprocess.Popen(
-        [*command, "--database", str(database), *flags],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None
-        line = server.stdout.readline()
-        match = re.fullmatch(r"session-manager listening on port (\d+)\n", line)
-        assert match, line
-        yield f"127.0.0.1:{match.group(1)}"
-    finally:
-        server.terminate()
-        server.wait(15)
-
-
 @pytest.fixture(scope="module")
 def address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with serve(tmp_path_factory.mktemp("cli") / "sessions.db") as address:
-        yield address
+    with ServerProcess.start(tmp_path_factory.mktemp("cli") / "sessions.db") as server:
+        yield server.address
 
 
 def env(address: str) -> dict[str, str]:
@@ -234,7 +213,8 @@ def test_exit_codes_and_one_line_errors(address: str) -> None:
 
 def test_qr_redraws_when_the_code_rotates(tmp_path: Path) -> None:
     rotation = ("--qr-first-seconds", "2", "--qr-rotation-seconds", "2", "--qr-codes", "3")
-    with serve(tmp_path / "sessions.db", *rotation) as address:
+    with ServerProcess.start(tmp_path / "sessions.db", *rotation) as server:
+        address = server.address
         smctl(address, "create", "sender_rot")
         live = subprocess.Popen(
             [SMCTL, "qr", "sender_rot", "--json"],
@@ -259,19 +239,8 @@ def test_qr_redraws_when_the_code_rotates(tmp_path: Path) -> None:
 
 def test_tokens(tmp_path: Path) -> None:
     tokens = {"SESSION_MANAGER_PUBLIC_TOKEN": "pub-token", "SESSION_MANAGER_INTERNAL_TOKEN": "int"}
-    server_env = {**os.environ, **tokens}
-    command = [str(BIN / "session-manager"), "serve", "--address", "127.0.0.1:0"]
-    server = subprocess.Popen(
-        [*command, "--database", str(tmp_path / "sessions.db")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=server_env,
-    )
-    try:
-        assert server.stdout is not None
-        port = server.stdout.readline().split()[-1]
-        address = f"127.0.0.1:{port}"
+    with ServerProcess.start(tmp_path / "sessions.db", env=tokens) as server:
+        address = server.address
         denied = smctl(address, "create", "sender_t", code=1)
         assert denied.stderr.startswith("smctl: UNAUTHENTICATED: ")
         smctl(address, "--token", "pub-token", "create", "sender_t")
@@ -282,9 +251,6 @@ def test_tokens(tmp_path: Path) -> None:
             address, "--token", "pub-token", "--internal-token", "int", "sim", "fail", "sender_t"
         )
         assert "TEMPORARY_BAN" in failed.stdout
-    finally:
-        server.terminate()
-        server.wait(15)
 
 
 def test_pair_by_phone_code(address: str) -> None:

@@ -155,7 +155,7 @@ async def test_timeout(
     client: AsyncSessionManagerClient, harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def slow(instance_id: str) -> None:
-        await asyncio.sleep(2)
+        await asyncio.Event().wait()  # never answers: only the deadline ends the call
 
     monkeypatch.setattr(harness.running.manager, "request_qr", slow)
     await client.create_session("sender_1")

@@ -36,7 +36,7 @@ from tests.processes import alive
 from tests.servers import ServerProcess
 from tests.status_details import error_info
 
-STORAGE_REASON = "SESSION_MANAGER_ERROR"
+STORAGE_REASON = "STORAGE_UNAVAILABLE"
 
 
 @pytest.fixture

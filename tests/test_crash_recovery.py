@@ -49,7 +49,7 @@ MODES: tuple[tuple[str, str], ...] = (
     ("disconnect.after_commit=kill:0.3,delete.after_commit=kill:0.3", "simulated-worker"),
 )
 #: A storage failure: the commit failed, so nothing changed.
-STORAGE_REASONS = {"SESSION_MANAGER_ERROR"}
+STORAGE_REASONS = {"STORAGE_UNAVAILABLE"}
 
 
 @dataclass

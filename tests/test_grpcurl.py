@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import selectors
 import signal
 import sqlite3
 import subprocess
@@ -14,24 +15,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.servers import ServerProcess
+
 BIN = Path(sys.executable).parent
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[tuple[str, Path, subprocess.Popen[str]]]:
+def server(tmp_path: Path) -> Iterator[tuple[ServerProcess, Path]]:
     database = tmp_path / "sessions.db"
-    process = subprocess.Popen(
-        [str(BIN / "session-manager"), "serve", "--address=127.0.0.1:0", f"--database={database}"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert process.stdout is not None
-    port = int(process.stdout.readline().rsplit(" ", 1)[1])
-    yield f"127.0.0.1:{port}", database, process
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    with ServerProcess.start(database) as process:
+        yield process, database
 
 
 def grpcurl(address: str, *args: str, data: str | None = None, timeout: float = 30) -> str:
@@ -45,8 +38,9 @@ def grpcurl(address: str, *args: str, data: str | None = None, timeout: float = 
     return result.stdout
 
 
-def test_list_describe_call_and_stream(server: tuple[str, Path, subprocess.Popen[str]]) -> None:
-    address, database, process = server
+def test_list_describe_call_and_stream(server: tuple[ServerProcess, Path]) -> None:
+    process, database = server
+    address = process.address
     services = grpcurl(address, "list").split()
     assert {
         "sessionmanager.v1.SessionService",
@@ -75,10 +69,10 @@ def test_list_describe_call_and_stream(server: tuple[str, Path, subprocess.Popen
          "sessionmanager.v1.SessionService/WatchSession"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    time.sleep(1)  # the watch is open (it sends the current state first)
+    first = _first_object(watch)  # the watch is open: it sends the current state first
     grpcurl(address, "sessionmanager.v1.SimulatorService/ScanQR", data=session)
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and process.poll() is None:
+    while time.monotonic() < deadline and process.process.poll() is None:
         health = json.loads(grpcurl(address, "grpc.health.v1.Health/Check", data='{"service": ""}'))
         assert health["status"] == "SERVING"
         current = json.loads(
@@ -86,18 +80,39 @@ def test_list_describe_call_and_stream(server: tuple[str, Path, subprocess.Popen
         )
         if current["session"]["status"] == "SESSION_STATUS_CONNECTED":
             break
-    os.kill(process.pid, signal.SIGTERM)  # the stream ends with the server
+    process.signal(signal.SIGTERM)  # the stream ends with the server
     output, _ = watch.communicate(timeout=30)
-    statuses = [json.loads(part)["session"]["status"] for part in _json_objects(output)]
+    statuses = [json.loads(part)["session"]["status"] for part in _json_objects(first + output)]
     assert statuses[0] == "SESSION_STATUS_QR_REQUIRED"
     assert statuses[-2:] == ["SESSION_STATUS_CONNECTING", "SESSION_STATUS_CONNECTED"]
 
-    assert process.wait(timeout=30) == 0  # graceful shutdown
+    assert process.wait() == 0  # graceful shutdown
     with sqlite3.connect(database) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         assert db.execute(
             "SELECT status, revision FROM ll_whatsapp_qr_sessions WHERE instance_id = 'sender_51'"
         ).fetchone() == ("connected", 4)
+
+
+def _first_object(stream: subprocess.Popen[str], timeout: float = 20) -> str:
+    """What a grpcurl stream printed up to its first whole JSON object, within ``timeout`` s.
+
+    Read from the descriptor itself: a text wrapper would buffer ahead of the selector.
+    """
+    assert stream.stdout is not None
+    descriptor = stream.stdout.fileno()
+    data = b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(descriptor, selectors.EVENT_READ)
+        while b"\n}" not in data:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no first message: {data!r}"
+            assert selector.select(left), f"no first message: {data!r}"
+            chunk = os.read(descriptor, 65536)
+            assert chunk, f"the stream ended: {data!r}"
+            data += chunk
+    return data.decode()
 
 
 def _json_objects(text: str) -> Iterator[str]:

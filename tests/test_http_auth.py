@@ -23,6 +23,7 @@ from service.api.http.auth import Authenticator
 from service.clock import ManualClock
 from service.config import Settings
 from service.server import InsecureAddress, start
+from service.startup import ExitCode
 from tests.conftest import Harness, start_harness
 from tests.test_auth import pki  # noqa: F401 - the certificates fixture
 from tests.test_http_api import API, error_of, ok
@@ -279,8 +280,8 @@ def test_a_busy_http_port_is_one_clear_line(settings: Settings, tmp_path: Path) 
             timeout=60,
             check=False,
         )
-    assert run.returncode == 2
+    assert run.returncode == ExitCode.ADDRESS_IN_USE
     assert run.stderr.startswith(
-        f"session-manager: could not listen for HTTP on '127.0.0.1:{port}'"
+        f"session-manager: cannot listen on 127.0.0.1:{port} (--http-address)"
     )
     assert len(run.stderr.splitlines()) == 1, run.stderr

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
+import aiosqlite
 import httpx
 import pytest
 
@@ -182,6 +183,17 @@ async def test_every_reason_has_its_status_and_body(
     assert (details["engine_code"], details["replayed"]) == ("ENGINE_TIMEOUT", "false")
     assert details["message_id"]
     seen.add("MESSAGE_OUTCOME_UNKNOWN")
+
+    async def read_only(db: aiosqlite.Connection) -> None:
+        await db.execute("PRAGMA query_only = ON")  # SQLite refuses every write from now on
+
+    await harness.running.store.run(read_only)
+    expect(
+        await http.post("/sessions", json={"instance_id": "sender_6"}),
+        503,
+        "STORAGE_UNAVAILABLE",
+        cause="read_only",
+    )
 
     def broken(instance_id: str) -> Any:
         raise RuntimeError("the disk is on fire")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -17,6 +15,7 @@ from service.config import Settings
 from sessionmanager.v1 import session_service_pb2 as pb
 from sessionmanager.v1 import simulator_service_pb2 as sim
 from tests.conftest import start_harness
+from tests.servers import ServerProcess
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -61,24 +60,15 @@ async def test_metrics_endpoint(settings: Settings) -> None:
 
 
 def test_json_logs_name_the_session(tmp_path: Path) -> None:
-    command = [
-        str(Path(sys.executable).parent / "session-manager"),
-        "serve",
-        "--address=127.0.0.1:0",
-        f"--database={tmp_path / 'db.sqlite'}",
-        "--log-format=json",
-    ]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout is not None
-        port = int(server.stdout.readline().rsplit(" ", 1)[1])
+    database = tmp_path / "db.sqlite"
+    with ServerProcess.start(database, "--log-format=json", "--log-level=info") as server:
         client = subprocess.run(
             [
                 str(Path(sys.executable).parent / "grpcurl"),
                 "-plaintext",
                 "-d",
                 '{"instance_id": "sender_9"}',
-                f"127.0.0.1:{port}",
+                server.address,
                 "sessionmanager.v1.SessionService/CreateSession",
             ],
             capture_output=True,
@@ -86,12 +76,10 @@ def test_json_logs_name_the_session(tmp_path: Path) -> None:
             check=True,
         )
         assert client.returncode == 0
-    finally:
-        os.kill(server.pid, signal.SIGTERM)
-        _, errors = server.communicate(timeout=30)
+        assert server.stop() == 0
+        errors = server.stderr()
     lines = [json.loads(line) for line in errors.splitlines() if line.strip()]
     assert all({"time", "level", "logger", "message"} <= line.keys() for line in lines)
     created = [line for line in lines if line["message"] == "created"]
     assert created
     assert created[0]["instance_id"] == "sender_9"
-    assert server.returncode == 0

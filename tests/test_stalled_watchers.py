@@ -9,10 +9,6 @@ latest, and the server's memory must stay within a bound per stalled watcher.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +17,7 @@ import grpc
 from sessionmanager.v1 import session_pb2, session_service_pb2_grpc, simulator_service_pb2_grpc
 from sessionmanager.v1 import session_service_pb2 as pb
 from sessionmanager.v1 import simulator_service_pb2 as sim
+from tests.servers import ServerProcess
 from tests.status_details import next_state
 
 STALLED = 1_000
@@ -36,22 +33,10 @@ def _rss(pid: int) -> int:
 
 
 async def test_stalled_watchers_stay_bounded(tmp_path: Path) -> None:
-    server = subprocess.Popen(  # noqa: ASYNC220 - started once, before any load
-        [
-            str(Path(sys.executable).parent / "session-manager"),
-            "serve",
-            "--address=127.0.0.1:0",
-            f"--database={tmp_path / 'db.sqlite'}",
-            f"--max-watchers-per-session={STALLED + 10}",
-            "--log-level=warning",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None
-        port = int(server.stdout.readline().rsplit(" ", 1)[1])
-        target = f"127.0.0.1:{port}"
+    with ServerProcess.start(  # before any load
+        tmp_path / "db.sqlite", f"--max-watchers-per-session={STALLED + 10}", "--log-level=warning"
+    ) as server:
+        target = server.address
         async with (
             grpc.aio.insecure_channel(target) as control,
             grpc.aio.insecure_channel(target) as stalled_channel,
@@ -97,6 +82,4 @@ async def test_stalled_watchers_stay_bounded(tmp_path: Path) -> None:
             assert grown < STALLED * MAX_BYTES_PER_STALLED_WATCHER
             for call in [*stalled, active]:
                 call.cancel()
-    finally:
-        os.kill(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        assert server.stop() == 0

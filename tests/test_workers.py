@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +30,7 @@ from sessionmanager.v1 import simulator_service_pb2 as sim
 from tests.conftest import Harness, start_harness
 from tests.flows import PHONE, connected, eventually, session_of, states_until
 from tests.processes import alive, live_children
+from tests.servers import ServerProcess
 from tests.status_details import error_info
 
 
@@ -249,22 +249,8 @@ async def test_pair_phone_through_a_worker(workers: Harness) -> None:
 
 
 async def test_no_worker_outlives_a_killed_server(tmp_path: Path) -> None:
-    server = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service",
-        "serve",
-        "--address=127.0.0.1:0",
-        f"--database={tmp_path / 'sessions.db'}",
-        "--engine=simulated-worker",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        assert server.stdout is not None
-        line = await asyncio.wait_for(server.stdout.readline(), 30)
-        port = int(line.decode().rsplit(" ", 1)[1])
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with ServerProcess.start(tmp_path / "sessions.db", "--engine=simulated-worker") as server:
+        async with grpc.aio.insecure_channel(server.address) as channel:
             stub = session_service_pb2_grpc.SessionServiceStub(channel)
             for iid in ("a", "b"):
                 await stub.CreateSession(pb.CreateSessionRequest(instance_id=iid))
@@ -272,9 +258,4 @@ async def test_no_worker_outlives_a_killed_server(tmp_path: Path) -> None:
         workers = live_children(server.pid)
         assert len(workers) == 2
         server.kill()  # SIGKILL: the server gets no chance to stop its workers
-        await server.wait()
         await eventually(lambda: not any(alive(pid) for pid in workers))
-    finally:
-        if server.returncode is None:
-            server.kill()
-            await server.wait()

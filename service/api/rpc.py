@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeVar
 
 import grpc
@@ -22,6 +22,7 @@ from service.domain.sessions import SendResult, SessionManager
 from service.domain.states import EngineEvent, Session, SessionRef
 from service.domain.watch import WatchClosed
 from service.engine.port import Phone
+from service.store import failures
 from sessionmanager.v1 import (
     engine_service_pb2 as engine_pb,
 )
@@ -92,6 +93,10 @@ def _watch_response(s: Session) -> pb.WatchSessionResponse:
 
 
 def _unexpected(error: Exception) -> errors.ContractError:
+    storage = failures.storage_unavailable(error)
+    if storage is not None:  # the operator can act on it: one line, no traceback
+        log.error("%s", storage.message)
+        return storage
     log.exception("unexpected failure", exc_info=error)
     return errors.internal(f"the Session Manager failed: {type(error).__name__}")
 
@@ -249,7 +254,7 @@ class EngineService(engine_service_pb2_grpc.EngineServiceServicer):
         code = validation.pairing_code(request.code, iid)
         if not request.HasField("expires_at"):
             raise errors.invalid_argument("expires_at", "expires_at is required", iid)
-        expires_at = request.expires_at.ToDatetime(tzinfo=UTC)
+        expires_at = validation.timestamp(request.expires_at, "expires_at", iid)
         session = await self._report(iid, states.QRShown(code, expires_at))
         return engine_pb.ReportQRCodeResponse(session=session)
 

@@ -34,6 +34,7 @@ from service.domain.contract import (
 )
 from service.domain.states import Session
 from service.faults import FaultPoints
+from service.store import failures
 from service.store.messages import Message
 from service.store.port import SchemaTooNew as SchemaTooNew  # re-exported
 from service.store.port import StaleRevision
@@ -221,6 +222,7 @@ class Store:
             await db.execute("PRAGMA synchronous = FULL")
             await db.execute("PRAGMA foreign_keys = ON")
             await db.execute("PRAGMA busy_timeout = 5000")
+            await failures.check_usable(db)
             await _migrate(db)
         except BaseException:
             await db.close()

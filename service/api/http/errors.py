@@ -15,6 +15,7 @@ from starlette.responses import Response
 from service.api.http.payloads import encode, error_json
 from service.domain import errors
 from service.domain.errors import ContractError
+from service.store import failures
 from sessionmanager.v1 import session_pb2
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,14 @@ def error_response(failure: HttpError | ContractError) -> Response:
 
 
 def unexpected(error: BaseException) -> HttpError:
-    """Anything unexpected is the contract's SESSION_MANAGER_ERROR, logged with its cause."""
+    """Anything unexpected is the contract's SESSION_MANAGER_ERROR, logged with its cause.
+
+    A storage failure is not unexpected: it is STORAGE_UNAVAILABLE, named in one line.
+    """
+    storage = failures.storage_unavailable(error)
+    if storage is not None:
+        log.error("%s", storage.message)
+        return HttpError(storage)
     log.error("unexpected failure", exc_info=error)
     return HttpError(errors.internal(f"the Session Manager failed: {type(error).__name__}"))
 

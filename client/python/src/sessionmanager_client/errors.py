@@ -141,6 +141,15 @@ class MessageOutcomeUnknownError(SessionManagerClientError):
         return self.metadata.get("message_id")
 
 
+class StorageUnavailableError(SessionManagerClientError):
+    """STORAGE_UNAVAILABLE (UNAVAILABLE, 503): nothing was changed; ``cause`` says why."""
+
+    @property
+    def cause(self) -> str | None:
+        """``disk_full``, ``locked``, ``corrupt``, ``read_only`` or ``io_error``."""
+        return self.metadata.get("cause")
+
+
 class SessionManagerTimeoutError(SessionManagerClientError):
     """The call's deadline passed (DEADLINE_EXCEEDED)."""
 
@@ -166,6 +175,7 @@ REASONS: dict[str, type[SessionManagerClientError]] = {
     "PERMISSION_DENIED": PermissionDeniedError,
     "LIMIT_EXCEEDED": LimitExceededError,
     "MESSAGE_OUTCOME_UNKNOWN": MessageOutcomeUnknownError,
+    "STORAGE_UNAVAILABLE": StorageUnavailableError,
 }
 
 #: Failures that carry no ErrorInfo, by gRPC code.

@@ -158,6 +158,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A limit was reached, e.g. the session's send rate or the number of watchers;
     `metadata.limit` names it and a `google.rpc.RetryInfo` says when to retry (RESOURCE_EXHAUSTED, 429).
     """
+    ERROR_REASON_STORAGE_UNAVAILABLE: _ErrorReason.ValueType  # 15
+    """The database could not read or record the change, so nothing was changed;
+    `metadata.cause` says why, for the operator: `disk_full`, `locked`,
+    `corrupt`, `read_only` or `io_error` (UNAVAILABLE, 503).
+    """
     ERROR_REASON_MESSAGE_OUTCOME_UNKNOWN: _ErrorReason.ValueType  # 16
     """The message was handed to the engine but whether WhatsApp accepted it is not
     known; it is not sent again by itself, and a repeat of its idempotency key
@@ -202,6 +207,11 @@ ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 13
 ERROR_REASON_LIMIT_EXCEEDED: ErrorReason.ValueType  # 14
 """A limit was reached, e.g. the session's send rate or the number of watchers;
 `metadata.limit` names it and a `google.rpc.RetryInfo` says when to retry (RESOURCE_EXHAUSTED, 429).
+"""
+ERROR_REASON_STORAGE_UNAVAILABLE: ErrorReason.ValueType  # 15
+"""The database could not read or record the change, so nothing was changed;
+`metadata.cause` says why, for the operator: `disk_full`, `locked`,
+`corrupt`, `read_only` or `io_error` (UNAVAILABLE, 503).
 """
 ERROR_REASON_MESSAGE_OUTCOME_UNKNOWN: ErrorReason.ValueType  # 16
 """The message was handed to the engine but whether WhatsApp accepted it is not

@@ -1,0 +1,115 @@
+"""SQLite failures an operator can act on, named by their cause.
+
+The store hands SQLite's exceptions up unchanged, so that the domain's own
+refusals (contract errors) stay apart from the infrastructure failing. Where
+a call ends, the API turns a storage failure into STORAGE_UNAVAILABLE with
+``metadata.cause`` (``disk_full``, ``locked``, ``corrupt``, ``read_only``,
+``io_error``) instead of an anonymous internal error; at start-up,
+``service.startup`` turns it into one line and an exit code. Failures that
+are not the storage's (a constraint, a bug) are not classified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import sqlite3
+
+import aiosqlite
+
+from service.domain.errors import ContractError
+from sessionmanager.v1 import session_pb2
+
+
+class Cause(enum.StrEnum):
+    DISK_FULL = "disk_full"
+    LOCKED = "locked"
+    CORRUPT = "corrupt"
+    READ_ONLY = "read_only"
+    IO_ERROR = "io_error"
+
+
+#: What each cause means, for the error's message.
+_MEANING = {
+    Cause.DISK_FULL: "the disk is full",
+    Cause.LOCKED: "the database is locked by another process",
+    Cause.CORRUPT: "the database file is corrupt",
+    Cause.READ_ONLY: "the database is read-only",
+    Cause.IO_ERROR: "the disk failed to read or write",
+}
+
+#: SQLite's primary result codes (the low byte of an extended code).
+_BY_CODE = {
+    sqlite3.SQLITE_FULL: Cause.DISK_FULL,
+    sqlite3.SQLITE_BUSY: Cause.LOCKED,
+    sqlite3.SQLITE_LOCKED: Cause.LOCKED,
+    sqlite3.SQLITE_CORRUPT: Cause.CORRUPT,
+    sqlite3.SQLITE_NOTADB: Cause.CORRUPT,
+    sqlite3.SQLITE_READONLY: Cause.READ_ONLY,
+    sqlite3.SQLITE_PERM: Cause.READ_ONLY,
+    sqlite3.SQLITE_IOERR: Cause.IO_ERROR,
+    sqlite3.SQLITE_CANTOPEN: Cause.IO_ERROR,
+}
+
+
+#: SQLite's messages, for errors raised without a result code.
+_BY_MESSAGE = (
+    ("database or disk is full", Cause.DISK_FULL),
+    ("database is locked", Cause.LOCKED),
+    ("database table is locked", Cause.LOCKED),
+    ("file is not a database", Cause.CORRUPT),
+    ("malformed", Cause.CORRUPT),
+    ("readonly database", Cause.READ_ONLY),
+    ("disk i/o error", Cause.IO_ERROR),
+)
+
+
+def cause_of(error: BaseException) -> Cause | None:
+    """The cause of a storage failure, or None when the error is not one."""
+    if not isinstance(error, sqlite3.Error):
+        return None
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is not None:
+        return _BY_CODE.get(code & 0xFF)
+    text = str(error).lower()
+    return next((cause for words, cause in _BY_MESSAGE if words in text), None)
+
+
+def storage_unavailable(error: BaseException) -> ContractError | None:
+    """The contract error of a storage failure, or None when ``error`` is not one."""
+    cause = cause_of(error)
+    if cause is None:
+        return None
+    return ContractError(
+        session_pb2.ERROR_REASON_STORAGE_UNAVAILABLE,
+        f"the database is unavailable: {_MEANING[cause]} ({error})",
+        cause=cause.value,
+    )
+
+
+class IntegrityCheckFailed(sqlite3.DatabaseError):
+    """``PRAGMA quick_check`` found the file damaged."""
+
+    sqlite_errorcode = sqlite3.SQLITE_CORRUPT
+
+
+async def check_usable(db: aiosqlite.Connection) -> None:
+    """Refuse, at open, a file that is damaged or cannot be written, before anything is served.
+
+    ``quick_check`` reads every page but skips the index cross-checks of
+    ``integrity_check``: O(N), a fraction of a second for a large store. The
+    write probe stores the schema version it read, which changes nothing but
+    needs the file, its journal and its directory to be writable.
+    """
+    rows = [str(row[0]) for row in await db.execute_fetchall("PRAGMA quick_check")]
+    if rows != ["ok"]:
+        raise IntegrityCheckFailed("quick_check: " + "; ".join(rows[:3]))
+    version = int(next(iter(await db.execute_fetchall("PRAGMA user_version")))[0])
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        await db.execute(f"PRAGMA user_version = {version}")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            await db.execute("ROLLBACK")
+        raise
+    await db.execute("COMMIT")
