@@ -152,6 +152,13 @@ class DatabaseInUse(RuntimeError):
         )
 
 
+class DatabaseUnreachable(ConnectionError):
+    """The server cannot be reached, did not answer in time, or ended the connection.
+
+    An operation that meets it while committing may or may not have been committed.
+    """
+
+
 def _session_row(row: asyncpg.Record) -> Session:
     return Session(
         id=row["id"],
@@ -205,6 +212,10 @@ def _message_row(session_id: int, row: asyncpg.Record) -> Message:
         accepted_at=row["accepted_at"],
         request_digest=row["request_digest"],
     )
+
+
+def _describe(error: BaseException) -> str:
+    return str(error) or type(error).__name__
 
 
 def _row_count(status: str) -> int:
@@ -269,7 +280,7 @@ class Store:
         try:
             results = await self._transaction(batch)
         except Exception as error:  # noqa: BLE001 - handed to the caller
-            if len(batch) > 1 and not self._db.is_closed():
+            if len(batch) > 1 and not isinstance(error, DatabaseUnreachable | DatabaseInUse):
                 # One operation failed: run each alone so that only that one fails.
                 for job in batch:
                     await self._commit([job])
@@ -285,6 +296,16 @@ class Store:
     async def _transaction(self, batch: list[_Job]) -> list[Any]:
         if self._db.is_closed():
             await self._reconnect()
+        try:
+            return await self._run_batch(batch)
+        except (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresError) as error:
+            if isinstance(error, OSError | TimeoutError) or self._db.is_closed():
+                raise DatabaseUnreachable(
+                    f"lost the connection to {display(self.url)}: {_describe(error)}"
+                ) from error
+            raise
+
+    async def _run_batch(self, batch: list[_Job]) -> list[Any]:
         transaction = self._db.transaction()
         await transaction.start()
         try:
@@ -301,7 +322,12 @@ class Store:
     async def _reconnect(self) -> None:
         """Connect again after the connection was lost, lock first: nobody else took over."""
         log.warning("reconnecting to the database %s", display(self.url))
-        self._db = await _connect(self.url, migrate=False)
+        try:
+            self._db = await _connect(self.url, migrate=False)
+        except (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresError) as error:
+            raise DatabaseUnreachable(
+                f"cannot reach {display(self.url)}: {_describe(error)}"
+            ) from error
 
     # Sessions.
 
