@@ -19,8 +19,8 @@ import pytest
 from service.config import PostgresURL, Settings
 from service.startup import ExitCode
 from service.store import failures, postgres
+from sessionmanager.v1 import session_pb2, session_service_pb2_grpc
 from sessionmanager.v1 import session_service_pb2 as pb
-from sessionmanager.v1 import session_service_pb2_grpc
 from tests.conftest import Harness
 from tests.postgres import Cluster
 from tests.servers import ServerProcess, failed_start
@@ -81,7 +81,8 @@ async def _refused_cause(harness: Harness, instance_id: str) -> str:
     info = error_info(refused.value)
     assert info.reason == "STORAGE_UNAVAILABLE"
     assert "secret" not in (refused.value.details() or "")
-    return info.metadata["cause"]
+    cause: str = info.metadata["cause"]
+    return cause
 
 
 async def test_database_failures_are_named_and_change_nothing(
@@ -165,7 +166,7 @@ def _closed_port() -> int:
         return port
 
 
-def _get(address: str, instance_id: str) -> pb.WhatsAppSession:
+def _get(address: str, instance_id: str) -> session_pb2.WhatsAppSession:
     with grpc.insecure_channel(address) as channel:
         sessions = session_service_pb2_grpc.SessionServiceStub(channel)
         answer = sessions.GetSession(pb.GetSessionRequest(instance_id=instance_id), timeout=10)
