@@ -226,11 +226,13 @@ class SessionManager:
     async def report(self, session: SessionRef, event: EngineEvent) -> Session:
         """Commit what the engine reports about one incarnation; returns the committed state.
 
-        A report about a deleted incarnation is refused (SESSION_NOT_FOUND), as is
-        one about a device unlinked by request, until a new pairing starts.
+        A report about a deleted incarnation is refused (SESSION_NOT_FOUND). After a
+        logout, what would bring the old connection back is refused until a new
+        pairing starts: it can only come from the connection that was unlinked.
         """
         cell = self._registry.cell_of(session)
-        return await self._registry.apply(cell, event, check=_accepts_reports)
+        check = _refuse_revival if isinstance(event, _REVIVALS) else None
+        return await self._registry.apply(cell, event, check=check)
 
     async def report_current(self, instance_id: str, event: EngineEvent) -> Session:
         """Commit a report of the engine side's internal API about the current incarnation."""
@@ -243,12 +245,16 @@ class SessionManager:
             self._metrics.on_qr_code()
 
 
-def _accepts_reports(cell: SessionCell) -> None:
+#: Reports that would bring a connection back (or show its pairing code).
+_REVIVALS = (states.QRShown, states.QRScanned, states.Reconnecting, states.Connected)
+
+
+def _refuse_revival(cell: SessionCell) -> None:
     if cell.unlinked:
         raise errors.in_status(
             session_pb2.ERROR_REASON_INVALID_TRANSITION,
             f"session {cell.instance_id!r} was logged out; "
-            "its engine reports nothing until a new pairing starts",
+            "its old connection cannot come back: a new pairing is needed",
             cell.instance_id,
             cell.current.status,
         )
