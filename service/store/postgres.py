@@ -1,7 +1,8 @@
 """The sessions in PostgreSQL: one connection, one writer, the same promises as SQLite.
 
 Selected by a ``postgresql://`` URL in ``--database``. Every operation, read
-or write, goes through one queue served by one task in order; operations
+or write, goes through one queue served by one task in order
+(``service.store.writer``, as for SQLite); operations
 that arrive together are committed in one transaction (group commit), and an
 operation returns only after its transaction is committed with
 ``synchronous_commit = on`` (flushed to the server's WAL). Reads see only
@@ -16,12 +17,10 @@ it by then.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -44,13 +43,12 @@ from service.domain.states import Session
 from service.faults import FaultPoints
 from service.store.messages import Message
 from service.store.port import SchemaTooNew, StaleRevision
+from service.store.writer import Writer
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Operation = Callable[[asyncpg.Connection], Awaitable[T]]
-
-_MAX_BATCH = 512
 #: How long one statement may take before the store gives up on it (a stalled network).
 _COMMAND_TIMEOUT = 30.0
 _CONNECT_TIMEOUT = 10.0
@@ -218,15 +216,14 @@ def _describe(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+def _an_operations_own(error: Exception) -> bool:
+    """Whether a failed group is worth running again one by one: not when the database is gone."""
+    return not isinstance(error, DatabaseUnreachable | DatabaseInUse)
+
+
 def _row_count(status: str) -> int:
     """The number of rows a command changed, from its status (``UPDATE 3``)."""
     return int(status.rpartition(" ")[2])
-
-
-@dataclass(slots=True)
-class _Job:
-    operation: Operation[Any]
-    done: asyncio.Future[Any]
 
 
 class Store:
@@ -237,8 +234,7 @@ class Store:
         self.url = url
         #: Fault points (tests): a commit may be made to fail, as with a full disk.
         self.faults = FaultPoints()
-        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
-        self._writer = asyncio.create_task(self._serve(), name="store-writer")
+        self._writer = Writer(self._transaction, retry_alone=_an_operations_own)
 
     @classmethod
     async def open(cls, url: str) -> Store:
@@ -247,57 +243,20 @@ class Store:
 
     async def close(self) -> None:
         """Finish every queued operation, then close the connection (which frees the lock)."""
-        await self._queue.put(None)
-        await self._writer
+        await self._writer.close()
         with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
             await self._db.close(timeout=_CONNECT_TIMEOUT)
         self._db.terminate()
 
     async def run(self, operation: Operation[T]) -> T:
         """Run ``operation`` in the writer's next transaction; return once committed."""
-        if self._writer.done():
-            raise RuntimeError("the store is closed")
-        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Job(operation, done))
-        return await done
+        return await self._writer.run(operation)
 
-    async def _serve(self) -> None:
-        closing = False
-        while not closing:
-            first = await self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            while len(batch) < _MAX_BATCH and not self._queue.empty():
-                job = self._queue.get_nowait()
-                if job is None:
-                    closing = True
-                    break
-                batch.append(job)
-            await self._commit(batch)
-
-    async def _commit(self, batch: list[_Job]) -> None:
-        try:
-            results = await self._transaction(batch)
-        except Exception as error:  # noqa: BLE001 - handed to the caller
-            if len(batch) > 1 and not isinstance(error, DatabaseUnreachable | DatabaseInUse):
-                # One operation failed: run each alone so that only that one fails.
-                for job in batch:
-                    await self._commit([job])
-                return
-            for job in batch:
-                if not job.done.done():
-                    job.done.set_exception(error)
-            return
-        for job, result in zip(batch, results, strict=True):
-            if not job.done.done():
-                job.done.set_result(result)
-
-    async def _transaction(self, batch: list[_Job]) -> list[Any]:
+    async def _transaction(self, operations: list[Operation[Any]]) -> list[Any]:
         if self._db.is_closed():
             await self._reconnect()
         try:
-            return await self._run_batch(batch)
+            return await self._run_together(operations)
         except (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresError) as error:
             if isinstance(error, OSError | TimeoutError) or self._db.is_closed():
                 raise DatabaseUnreachable(
@@ -305,11 +264,11 @@ class Store:
                 ) from error
             raise
 
-    async def _run_batch(self, batch: list[_Job]) -> list[Any]:
+    async def _run_together(self, operations: list[Operation[Any]]) -> list[Any]:
         transaction = self._db.transaction()
         await transaction.start()
         try:
-            results = [await job.operation(self._db) for job in batch]
+            results = [await operation(self._db) for operation in operations]
             self.faults.hit("commit")
             await transaction.commit()
         except BaseException:
