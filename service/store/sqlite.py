@@ -1,9 +1,10 @@
 """All SQL of the Session Manager: one SQLite file, one connection, one writer.
 
 Every operation, read or write, goes through one queue served by one task in
-order (``service.store.writer``). Writes that arrive together are committed in one transaction (group
-commit); an operation returns only after its transaction is durably committed
-(WAL, ``synchronous=FULL``). Reads see only committed data.
+order (``service.store.writer``). Writes that arrive together are committed in
+one transaction (group commit); an operation returns only after its
+transaction is durably committed (WAL, ``synchronous=FULL``). Reads see only
+committed data.
 """
 
 from __future__ import annotations
