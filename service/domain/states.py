@@ -161,6 +161,8 @@ _QR_FROM = frozenset({INIT, QR_REQUIRED, DISCONNECTED, ERROR})
 _CONNECTED_FROM = frozenset({QR_REQUIRED, CONNECTING, DISCONNECTED})
 _RECONNECTING_FROM = frozenset({CONNECTED, DISCONNECTED})
 
+LOGOUT_CODE = disconnect_code(LOGOUT)
+
 DISCONNECT_MESSAGES: dict[DisconnectReason, str] = {
     session_pb2.DISCONNECT_REASON_LOGOUT: "The device was unlinked; scan a new QR code to connect",
     session_pb2.DISCONNECT_REASON_NETWORK: "The network connection to WhatsApp dropped",
@@ -260,8 +262,8 @@ def _changes(session: Session, event: Event, now: datetime) -> dict[str, object]
                     session.instance_id,
                     session.status,
                 )
-            if session.status == DISCONNECTED and session.last_error_code == code:
-                return None
+            if session.status == DISCONNECTED and session.last_error_code in (code, LOGOUT_CODE):
+                return None  # already so, or unlinked: no connection is left to drop
             return {
                 "status": DISCONNECTED,
                 "disconnected_at": now,
@@ -349,7 +351,7 @@ def check_can_send(session: Session) -> None:
 
 
 def is_logged_out(session: Session) -> bool:
-    return session.status == DISCONNECTED and session.last_error_code == disconnect_code(LOGOUT)
+    return session.status == DISCONNECTED and session.last_error_code == LOGOUT_CODE
 
 
 # Invariants.

@@ -110,6 +110,16 @@ export class MessageOutcomeUnknownError extends SessionManagerClientError {
     return this.metadata["message_id"];
   }
 }
+/**
+ * STORAGE_UNAVAILABLE (UNAVAILABLE, 503): the Session Manager's database could
+ * not store the change, so it was not made; `storageCause` says why, for the
+ * operator (`disk_full`, `locked`, `corrupt`, `read_only`, `io_error`, `unreachable`).
+ */
+export class StorageUnavailableError extends SessionManagerClientError {
+  get storageCause(): string | undefined {
+    return this.metadata["cause"];
+  }
+}
 /** The call's deadline passed (DEADLINE_EXCEEDED); no ErrorInfo. */
 export class SessionManagerTimeoutError extends SessionManagerClientError {}
 /** The Session Manager could not be reached (UNAVAILABLE without ErrorInfo). */
@@ -134,6 +144,7 @@ export const REASONS: Readonly<Record<string, ErrorClass>> = Object.freeze({
   PERMISSION_DENIED: PermissionDeniedError,
   LIMIT_EXCEEDED: LimitExceededError,
   MESSAGE_OUTCOME_UNKNOWN: MessageOutcomeUnknownError,
+  STORAGE_UNAVAILABLE: StorageUnavailableError,
 });
 
 /** Failures that carry no ErrorInfo, by gRPC code. */

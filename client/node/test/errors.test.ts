@@ -15,6 +15,7 @@ import {
   InvalidTransitionError,
   LimitExceededError,
   MessageOutcomeUnknownError,
+  StorageUnavailableError,
   PermissionDeniedError,
   QRGenerationFailedError,
   QRNotAvailableError,
@@ -205,6 +206,7 @@ test("reasons a client cannot provoke from outside map to their classes too", ()
     ["SESSION_MANAGER_ERROR", Code.Internal, SessionManagerError],
     ["INVALID_TRANSITION", Code.FailedPrecondition, InvalidTransitionError],
     ["MESSAGE_OUTCOME_UNKNOWN", Code.Unknown, MessageOutcomeUnknownError],
+    ["STORAGE_UNAVAILABLE", Code.Unavailable, StorageUnavailableError],
   ] as const;
   for (const [reason, code, ErrorClass] of cases) {
     const info = create(ErrorInfoSchema, {

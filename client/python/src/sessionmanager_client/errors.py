@@ -142,7 +142,7 @@ class MessageOutcomeUnknownError(SessionManagerClientError):
 
 
 class StorageUnavailableError(SessionManagerClientError):
-    """STORAGE_UNAVAILABLE (UNAVAILABLE, 503): nothing was changed; ``cause`` says why."""
+    """STORAGE_UNAVAILABLE (UNAVAILABLE, 503): the change was not stored; ``cause`` says why."""
 
     @property
     def cause(self) -> str | None:
