@@ -14,12 +14,22 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+import asyncpg
+
 from service import config, logs
 from service.api.http.server import ListenError
 from service.server import serve
 from service.startup import ExitCode, StartupError, database_failure
+from service.store import postgres
 
 log = logging.getLogger("service")
+
+_DATABASE_ERRORS = (
+    sqlite3.Error,
+    asyncpg.PostgresError,
+    postgres.DatabaseUnreachable,
+    postgres.DatabaseInUse,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ListenError as error:  # the HTTP address failed after its trial bind passed
         return _fail(ExitCode.ADDRESS_UNUSABLE, str(error))
     except Exception as error:  # one line for the operator, the trace at debug
-        if isinstance(error, sqlite3.Error):  # the database failed after it was opened
+        if isinstance(error, _DATABASE_ERRORS):  # the database failed after it was opened
             failure = database_failure(settings.database, error)
             if failure is not None:
                 return _fail(failure.exit_code, str(failure))

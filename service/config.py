@@ -19,8 +19,10 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from service.api.auth import parse_tokens
+from service.store import postgres
 
 ENGINES = ("simulated", "simulated-worker", "whatsmeow")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -33,6 +35,17 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"", "0", "false", "no", "off"})
 _ORIGIN = re.compile(r"https?://[^/\s]+")
 _ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})")
+
+#: The credentials' folder when the database is a server: where the default SQLite file keeps them.
+DEVICES_WITH_POSTGRES = Path("data/devices")
+
+
+class PostgresURL(str):
+    """A ``postgresql://`` URL given as ``--database``: the sessions live in that server.
+
+    It may hold a password: show it with ``service.store.postgres.display``.
+    """
+
 
 #: A check returns what is wrong with a value, or None when it is fine.
 Check = Callable[[Any], str | None]
@@ -82,6 +95,16 @@ def optional_host_port(value: str) -> str | None:
     return None if value == "" else host_port(value)
 
 
+def database_location(value: Path | PostgresURL) -> str | None:
+    if not isinstance(value, PostgresURL):
+        return None
+    try:
+        _ = urlsplit(value).port  # a port that is not a number, a broken [v6] host
+    except ValueError as error:
+        return f"is not a usable PostgreSQL URL: {error}"
+    return None
+
+
 def _origin_list(value: str) -> tuple[str, ...]:
     return tuple(origin.strip() for origin in value.split(",") if origin.strip())
 
@@ -113,14 +136,19 @@ class Settings:
     address: str = setting(
         "127.0.0.1:50051", "host:port to listen on (port 0 picks one)", host_port
     )
-    database: Path = setting(Path("data/sessions.db"), "the SQLite file; created if missing")
+    database: Path | PostgresURL = setting(
+        Path("data/sessions.db"),
+        "the SQLite file (created if missing), or a postgresql://user@host/db URL",
+        database_location,
+    )
     engine: str = setting(
         "whatsmeow", f"the WhatsApp engine: {', '.join(ENGINES)}", one_of(*ENGINES)
     )
     #: Where each session's WhatsApp credentials live; default: ``devices`` beside the database.
     devices_dir: Path | None = setting(
         None,
-        "directory of each session's WhatsApp credentials (default: devices/ beside the database)",
+        "directory of each session's WhatsApp credentials (default: devices/ beside the "
+        "SQLite file; data/devices with PostgreSQL)",
     )
     dial_timeout: float = setting(
         30.0, "seconds an engine worker gets to reach WhatsApp before it is killed", seconds
@@ -207,7 +235,11 @@ class Settings:
 
     @property
     def devices_path(self) -> Path:
-        return self.devices_dir or self.database.parent / "devices"
+        if self.devices_dir is not None:
+            return self.devices_dir
+        if isinstance(self.database, PostgresURL):
+            return DEVICES_WITH_POSTGRES
+        return self.database.parent / "devices"
 
 
 def flag(name: str) -> str:
@@ -238,6 +270,8 @@ def _kind(name: str) -> type:
 def parse(name: str, text: str) -> object:
     """A setting's value from its text on the command line or in the environment."""
     kind = _kind(name)
+    if PostgresURL in typing.get_args(_types()[name]) and postgres.is_url(text):
+        return PostgresURL(text)
     if kind is bool:
         if text.lower() not in _TRUE | _FALSE:
             raise SettingError(name, f"must be true or false, got {text!r}")

@@ -18,7 +18,7 @@ from service.api.http import HttpServer, Options, start_http
 from service.api.metrics import Metrics, MetricsInterceptor
 from service.api.rpc import EngineService, SessionService, SimulatorService
 from service.clock import Clock, SystemClock
-from service.config import Settings, is_loopback
+from service.config import PostgresURL, Settings, is_loopback
 from service.domain.limits import Limits
 from service.domain.sessions import SessionManager
 from service.engine.phone import WorkerPhone
@@ -33,8 +33,9 @@ from service.startup import (
     check_tls_pair,
     database_failure,
 )
+from service.store import postgres, sqlite
 from service.store.ownership import Ownership
-from service.store.sqlite import Store
+from service.store.port import Store
 from sessionmanager.v1 import (
     engine_service_pb2,
     engine_service_pb2_grpc,
@@ -186,17 +187,28 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         )
     clock = clock or SystemClock()
     check_tls_pair(settings)
-    ownership = Ownership.acquire(settings.database)
+    database = settings.database
+    # One owner per database, before the address checks (a second server on the same
+    # database and port names the database): a lock file beside a SQLite file; for
+    # PostgreSQL, the advisory lock the store's connection takes as it opens.
+    ownership = None if isinstance(database, PostgresURL) else Ownership.acquire(database)
+    store: Store | None = None
     try:
+        if isinstance(database, PostgresURL):
+            store = await postgres.Store.open(database)
         check_address(settings.address, "--address")
         if settings.metrics_address:
             check_address(settings.metrics_address, "--metrics-address", ExitCode.METRICS_ADDRESS)
         if settings.http_address:
             check_address(settings.http_address, "--http-address")
-        store = await Store.open(settings.database)
+        if store is None:
+            store = await sqlite.Store.open(database)
     except Exception as error:
-        ownership.release()
-        raise database_failure(settings.database, error) or error from error
+        if store is not None:
+            await store.close()
+        if ownership is not None:
+            ownership.release()
+        raise database_failure(database, error) or error from error
     metrics = Metrics() if settings.metrics_address else None
     limits = Limits(
         send_rate=settings.send_rate,
@@ -252,7 +264,8 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
                 ExitCode.ADDRESS_UNUSABLE, f"cannot listen on {settings.address}: {error}"
             ) from error
         await server.start()
-        ownership.record(f"{settings.address.rpartition(':')[0]}:{port}")
+        if ownership is not None:
+            ownership.record(f"{settings.address.rpartition(':')[0]}:{port}")
         if metrics is not None:
             metrics.watch(manager)
             metrics_port = metrics.serve(settings.metrics_address)
@@ -267,11 +280,13 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
             metrics.close()
         await manager.close()
         await store.close()
-        ownership.release()
+        if ownership is not None:
+            ownership.release()
         raise
     for name in ("", *services):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("listening on %s (port %d), database %s", settings.address, port, settings.database)
+    shown = postgres.display(database) if isinstance(database, PostgresURL) else database
+    log.info("listening on %s (port %d), database %s", settings.address, port, shown)
     if http is not None:
         log.info("HTTP API on %s (port %d)", settings.http_address, http.port)
     return RunningServer(

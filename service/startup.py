@@ -15,9 +15,11 @@ import ssl
 from pathlib import Path
 from typing import Any
 
-from service.config import Settings
-from service.store import failures
-from service.store.sqlite import SchemaTooNew
+import asyncpg
+
+from service.config import PostgresURL, Settings
+from service.store import failures, postgres
+from service.store.port import SchemaTooNew
 
 
 class ExitCode(enum.IntEnum):
@@ -125,14 +127,17 @@ def _trial_bind(family: int, kind: int, proto: int, sockaddr: Any) -> OSError | 
     return None
 
 
-def database_failure(database: Path, error: BaseException) -> StartupError | None:
+def database_failure(database: Path | PostgresURL, error: BaseException) -> StartupError | None:
     """Why the database could not be opened, or None when ``error`` is not about the database."""
+    shown = postgres.display(database) if isinstance(database, PostgresURL) else str(database)
     if isinstance(error, SchemaTooNew):
         return StartupError(
             ExitCode.SCHEMA_TOO_NEW,
-            f"the database {database} was written by a newer release ({error}); "
+            f"the database {shown} was written by a newer release ({error}); "
             "run that release or restore a backup",
         )
+    if isinstance(database, PostgresURL):
+        return _postgres_failure(shown, error)
     if isinstance(error, OSError):
         return StartupError(
             ExitCode.DATABASE_NOT_WRITABLE,
@@ -144,11 +149,39 @@ def database_failure(database: Path, error: BaseException) -> StartupError | Non
             f"cannot open the database {database}; check the path and the permissions "
             "of the file and its directory",
         )
+    return _classified(shown, error)
+
+
+_REFUSED_BY_THE_SERVER = (
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+)
+
+
+def _postgres_failure(shown: str, error: BaseException) -> StartupError | None:
+    if isinstance(error, postgres.DatabaseInUse):
+        return StartupError(ExitCode.DATABASE_IN_USE, str(error))
+    if isinstance(error, OSError):  # refused, no such host, no answer in time
+        return StartupError(
+            ExitCode.DATABASE_UNAVAILABLE,
+            f"cannot reach the database {shown}: {error.strerror or error or 'no answer'}",
+        )
+    if isinstance(
+        error, asyncpg.InvalidCatalogNameError | asyncpg.InvalidAuthorizationSpecificationError
+    ):
+        # No such database, no such role, a wrong password: the server's words say which.
+        return StartupError(
+            ExitCode.DATABASE_UNAVAILABLE, f"cannot open the database {shown}: {error}"
+        )
+    return _classified(shown, error)
+
+
+def _classified(shown: str, error: BaseException) -> StartupError | None:
     cause = failures.cause_of(error)
     if cause is None:
         return None
     code, text = _DATABASE_CAUSES[cause]
-    return StartupError(code, f"the database {database} {text} ({error})")
+    return StartupError(code, f"the database {shown} {text} ({error})")
 
 
 _DATABASE_CAUSES = {
@@ -162,6 +195,10 @@ _DATABASE_CAUSES = {
     ),
     failures.Cause.DISK_FULL: (ExitCode.DATABASE_UNAVAILABLE, "cannot grow: the disk is full"),
     failures.Cause.LOCKED: (ExitCode.DATABASE_UNAVAILABLE, "is locked by another process"),
+    failures.Cause.UNREACHABLE: (
+        ExitCode.DATABASE_UNAVAILABLE,
+        "cannot be reached; check the URL, the server and the network",
+    ),
     failures.Cause.IO_ERROR: (
         ExitCode.DATABASE_UNAVAILABLE,
         "cannot be opened or read; check the path, its permissions and the disk",

@@ -19,11 +19,13 @@ import pytest
 from service.clock import ManualClock
 from service.config import Settings
 from service.server import RunningServer, start
+from service.store import sqlite
 from sessionmanager.v1 import (
     engine_service_pb2_grpc,
     session_service_pb2_grpc,
     simulator_service_pb2_grpc,
 )
+from tests.postgres import postgres_cluster, postgres_url  # noqa: F401 - fixtures
 
 
 @dataclass
@@ -39,6 +41,12 @@ class Harness:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.running.port}"
+
+    @property
+    def sqlite_store(self) -> sqlite.Store:
+        """The store, for a test of the SQLite file itself."""
+        assert isinstance(self.running.store, sqlite.Store)
+        return self.running.store
 
     @property
     def http_url(self) -> str:

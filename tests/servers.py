@@ -28,7 +28,7 @@ SERVER = str(Path(sys.executable).parent / "session-manager")
 _LISTENING = re.compile(r"session-manager listening on port (\d+)\n")
 
 
-def command(database: Path, *args: str, quiet: bool = True) -> list[str]:
+def command(database: Path | str, *args: str, quiet: bool = True) -> list[str]:
     """The command line of a server on ``database``.
 
     Port 0, and with ``quiet`` ``--log-level=error``, unless ``args`` name an address or a level.
@@ -56,7 +56,7 @@ class ServerProcess:
     @classmethod
     def start(
         cls,
-        database: Path,
+        database: Path | str,
         *args: str,
         env: Mapping[str, str] | None = None,
         timeout: float = 30.0,
@@ -162,7 +162,7 @@ class Refusal:
 
 
 def failed_start(
-    database: Path, *args: str, env: Mapping[str, str] | None = None, timeout: float = 30.0
+    database: Path | str, *args: str, env: Mapping[str, str] | None = None, timeout: float = 30.0
 ) -> Refusal:
     """Run a server that must refuse to start; fail if it starts or hangs.
 

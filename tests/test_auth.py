@@ -90,6 +90,7 @@ async def test_refuses_a_remote_address_without_tokens(settings: Settings) -> No
     remote = dataclasses.replace(settings, address="0.0.0.0:0")
     with pytest.raises(InsecureAddress):
         await start(remote, ManualClock())
+    assert isinstance(settings.database, Path)
     assert not settings.database.exists()  # nothing was opened
 
     allowed = dataclasses.replace(remote, allow_unauthenticated_remote=True)

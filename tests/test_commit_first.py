@@ -165,7 +165,7 @@ async def test_a_sent_message_whose_outcome_cannot_be_recorded_stays_sent(
         True,
     )
     assert sent == ["hola"]
-    database = harness.settings.database
+    database = Path(harness.settings.database)
     await eventually(lambda: _message_status(database, first.message_id) == "sent")
 
 
@@ -177,7 +177,7 @@ async def test_a_message_whose_worker_dies_mid_send_is_unknown(workers: Harness)
 
     os.kill(pid, signal.SIGSTOP)  # it takes the command and never answers
     call = asyncio.ensure_future(workers.sessions.Send(request))
-    await eventually(lambda: _pending(workers.settings.database))  # recorded and handed over
+    await eventually(lambda: _pending(Path(workers.settings.database)))  # recorded and handed over
     os.kill(pid, signal.SIGKILL)
     with pytest.raises(grpc.aio.AioRpcError) as unknown:
         await call
@@ -193,7 +193,7 @@ async def test_a_message_whose_worker_dies_mid_send_is_unknown(workers: Harness)
     assert replayed.reason == "MESSAGE_OUTCOME_UNKNOWN"
     assert replayed.metadata["message_id"] == info.metadata["message_id"]
     assert replayed.metadata["replayed"] == "true"
-    status = _message_status(workers.settings.database, info.metadata["message_id"])
+    status = _message_status(Path(workers.settings.database), info.metadata["message_id"])
     assert status == "unknown"
 
 

@@ -257,6 +257,7 @@ async def test_a_remote_http_address_needs_tokens(settings: Settings) -> None:
     )
     with pytest.raises(InsecureAddress, match=r"0\.0\.0\.0:0"):
         await start(remote, ManualClock())
+    assert isinstance(settings.database, Path)
     assert not settings.database.exists()  # nothing was opened
 
 

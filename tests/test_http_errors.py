@@ -187,7 +187,7 @@ async def test_every_reason_has_its_status_and_body(
     async def read_only(db: aiosqlite.Connection) -> None:
         await db.execute("PRAGMA query_only = ON")  # SQLite refuses every write from now on
 
-    await harness.running.store.run(read_only)
+    await harness.sqlite_store.run(read_only)
     expect(
         await http.post("/sessions", json={"instance_id": "sender_6"}),
         503,

@@ -25,7 +25,7 @@ async def _pragma(harness: Harness, pragma: str) -> None:
     async def operation(db: aiosqlite.Connection) -> None:
         await db.execute(f"PRAGMA {pragma}")
 
-    await harness.running.store.run(operation)
+    await harness.sqlite_store.run(operation)
 
 
 async def _listed(harness: Harness) -> list[str]:
@@ -52,7 +52,7 @@ async def test_a_full_disk_is_named_and_changes_nothing(harness: Harness) -> Non
         rows = list(await db.execute_fetchall("PRAGMA page_count"))
         return int(rows[0][0])
 
-    pages = await harness.running.store.run(size)
+    pages = await harness.sqlite_store.run(size)
     await _pragma(harness, f"max_page_count = {pages}")
     metadata: dict[str, str] = {}
     for n in range(2000):  # fill the last free page, then fail

@@ -1,12 +1,13 @@
-"""SQLite failures an operator can act on, named by their cause.
+"""Database failures an operator can act on, named by their cause.
 
-The store hands SQLite's exceptions up unchanged, so that the domain's own
-refusals (contract errors) stay apart from the infrastructure failing. Where
-a call ends, the API turns a storage failure into STORAGE_UNAVAILABLE with
+The stores hand their driver's exceptions up unchanged (SQLite's, or
+asyncpg's and the PostgreSQL store's own), so that the domain's own refusals
+(contract errors) stay apart from the infrastructure failing. Where a call
+ends, the API turns a storage failure into STORAGE_UNAVAILABLE with
 ``metadata.cause`` (``disk_full``, ``locked``, ``corrupt``, ``read_only``,
-``io_error``) instead of an anonymous internal error; at start-up,
-``service.startup`` turns it into one line and an exit code. Failures that
-are not the storage's (a constraint, a bug) are not classified.
+``io_error``, ``unreachable``) instead of an anonymous internal error; at
+start-up, ``service.startup`` turns it into one line and an exit code.
+Failures that are not the storage's (a constraint, a bug) are not classified.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import enum
 import sqlite3
 
 import aiosqlite
+import asyncpg
 
 from service.domain.errors import ContractError
+from service.store import postgres
 from sessionmanager.v1 import session_pb2
 
 
@@ -27,6 +30,7 @@ class Cause(enum.StrEnum):
     CORRUPT = "corrupt"
     READ_ONLY = "read_only"
     IO_ERROR = "io_error"
+    UNREACHABLE = "unreachable"
 
 
 #: What each cause means, for the error's message.
@@ -36,6 +40,7 @@ _MEANING = {
     Cause.CORRUPT: "the database file is corrupt",
     Cause.READ_ONLY: "the database is read-only",
     Cause.IO_ERROR: "the disk failed to read or write",
+    Cause.UNREACHABLE: "the database server cannot be reached or ended the connection",
 }
 
 #: SQLite's primary result codes (the low byte of an extended code).
@@ -64,10 +69,39 @@ _BY_MESSAGE = (
 )
 
 
+#: PostgreSQL's SQLSTATE codes, exact (five characters) or by class (two).
+_BY_SQLSTATE = {
+    "53100": Cause.DISK_FULL,  # disk_full
+    "25006": Cause.READ_ONLY,  # read_only_sql_transaction: a standby, a read-only role
+    "42501": Cause.READ_ONLY,  # insufficient_privilege
+    "55P03": Cause.LOCKED,  # lock_not_available
+    "40P01": Cause.LOCKED,  # deadlock_detected
+    "XX001": Cause.CORRUPT,  # data_corrupted
+    "XX002": Cause.CORRUPT,  # index_corrupted
+    "58": Cause.IO_ERROR,  # system_error: io_error, undefined_file, ...
+    "08": Cause.UNREACHABLE,  # connection_exception
+    "57P01": Cause.UNREACHABLE,  # admin_shutdown
+    "57P02": Cause.UNREACHABLE,  # crash_shutdown
+    "57P03": Cause.UNREACHABLE,  # cannot_connect_now (starting up, recovering)
+    "53300": Cause.UNREACHABLE,  # too_many_connections
+}
+
+
+def _postgres_cause(error: BaseException) -> Cause | None:
+    if isinstance(error, postgres.DatabaseInUse):
+        return Cause.LOCKED
+    if isinstance(error, postgres.DatabaseUnreachable | asyncpg.ConnectionDoesNotExistError):
+        return Cause.UNREACHABLE
+    if isinstance(error, asyncpg.PostgresError):
+        code = str(error.sqlstate or "")
+        return _BY_SQLSTATE.get(code) or _BY_SQLSTATE.get(code[:2])
+    return None
+
+
 def cause_of(error: BaseException) -> Cause | None:
     """The cause of a storage failure, or None when the error is not one."""
     if not isinstance(error, sqlite3.Error):
-        return None
+        return _postgres_cause(error)
     code = getattr(error, "sqlite_errorcode", None)
     if code is not None:
         return _BY_CODE.get(code & 0xFF)

@@ -1,8 +1,9 @@
 """The store port: what the domain asks of the database that holds its sessions.
 
 Every method is one operation, durably committed before it returns, and
-applied in the order the calls were made. ``sqlite.Store`` implements it; a
-second backend implements the same methods with the same guarantees.
+applied in the order the calls were made. ``sqlite.Store`` and
+``postgres.Store`` implement it with the same guarantees, and pass one store
+test suite (tests/test_store_contract.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,14 @@ from service.domain.contract import Status
 from service.domain.states import Session
 from service.faults import FaultPoints
 from service.store.messages import Message
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was written by a newer release."""
+
+
+class StaleRevision(RuntimeError):
+    """An update expected a revision that is no longer the stored one."""
 
 
 class Store(Protocol):

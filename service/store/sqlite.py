@@ -1,19 +1,18 @@
 """All SQL of the Session Manager: one SQLite file, one connection, one writer.
 
 Every operation, read or write, goes through one queue served by one task in
-order. Writes that arrive together are committed in one transaction (group
-commit); an operation returns only after its transaction is durably committed
-(WAL, ``synchronous=FULL``). Reads see only committed data.
+order (``service.store.writer``). Writes that arrive together are committed in
+one transaction (group commit); an operation returns only after its
+transaction is durably committed (WAL, ``synchronous=FULL``). Reads see only
+committed data.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import sqlite3
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,13 +35,14 @@ from service.domain.states import Session
 from service.faults import FaultPoints
 from service.store import failures
 from service.store.messages import Message
+from service.store.port import SchemaTooNew as SchemaTooNew  # re-exported
+from service.store.port import StaleRevision
+from service.store.writer import Writer
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Operation = Callable[[aiosqlite.Connection], Awaitable[T]]
-
-_MAX_BATCH = 512
 
 
 def _in(values: tuple[str, ...]) -> str:
@@ -127,14 +127,6 @@ _MESSAGE_COLUMNS = (
 )
 
 
-class SchemaTooNew(RuntimeError):
-    """The database file was written by a newer release."""
-
-
-class StaleRevision(RuntimeError):
-    """An update expected a revision that is no longer the stored one."""
-
-
 def _ts(value: datetime | None) -> str | None:
     if value is None:
         return None
@@ -200,12 +192,6 @@ def _message_row(session_id: int, row: sqlite3.Row | tuple[Any, ...]) -> Message
     )
 
 
-@dataclass(slots=True)
-class _Job:
-    operation: Operation[Any]
-    done: asyncio.Future[Any]
-
-
 class Store:
     """The SQLite file; every method is one operation, committed before it returns."""
 
@@ -214,8 +200,7 @@ class Store:
         self.path = path
         #: Fault points (tests): a commit may be made to fail, as with a full disk.
         self.faults = FaultPoints()
-        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
-        self._writer = asyncio.create_task(self._serve(), name="store-writer")
+        self._writer = Writer(self._transaction)
 
     @classmethod
     async def open(cls, path: Path | str) -> Store:
@@ -237,54 +222,19 @@ class Store:
 
     async def close(self) -> None:
         """Finish every queued operation, checkpoint the WAL and close the file."""
-        await self._queue.put(None)
-        await self._writer
+        await self._writer.close()
         with contextlib.suppress(sqlite3.Error):
             await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         await self._db.close()
 
     async def run(self, operation: Operation[T]) -> T:
         """Run ``operation`` in the writer's next transaction; return once committed."""
-        if self._writer.done():
-            raise RuntimeError("the store is closed")
-        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Job(operation, done))
-        return await done
+        return await self._writer.run(operation)
 
-    async def _serve(self) -> None:
-        closing = False
-        while not closing:
-            first = await self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            while len(batch) < _MAX_BATCH and not self._queue.empty():
-                job = self._queue.get_nowait()
-                if job is None:
-                    closing = True
-                    break
-                batch.append(job)
-            await self._commit(batch)
-
-    async def _commit(self, batch: list[_Job]) -> None:
-        try:
-            results = await self._transaction(batch)
-        except Exception as error:  # noqa: BLE001 - handed to the caller
-            if len(batch) > 1:
-                # One operation failed: run each alone so that only that one fails.
-                for job in batch:
-                    await self._commit([job])
-            elif not batch[0].done.done():
-                batch[0].done.set_exception(error)
-            return
-        for job, result in zip(batch, results, strict=True):
-            if not job.done.done():
-                job.done.set_result(result)
-
-    async def _transaction(self, batch: list[_Job]) -> list[Any]:
+    async def _transaction(self, operations: list[Operation[Any]]) -> list[Any]:
         await self._db.execute("BEGIN IMMEDIATE")
         try:
-            results = [await job.operation(self._db) for job in batch]
+            results = [await operation(self._db) for operation in operations]
             self.faults.hit("commit")
             await self._db.execute("COMMIT")
         except BaseException:

@@ -113,7 +113,7 @@ export class MessageOutcomeUnknownError extends SessionManagerClientError {
 /**
  * STORAGE_UNAVAILABLE (UNAVAILABLE, 503): the Session Manager's database could
  * not store the change, so it was not made; `storageCause` says why, for the
- * operator (`disk_full`, `locked`, `corrupt`, `read_only`, `io_error`).
+ * operator (`disk_full`, `locked`, `corrupt`, `read_only`, `io_error`, `unreachable`).
  */
 export class StorageUnavailableError extends SessionManagerClientError {
   get storageCause(): string | undefined {

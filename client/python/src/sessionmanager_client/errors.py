@@ -146,7 +146,7 @@ class StorageUnavailableError(SessionManagerClientError):
 
     @property
     def cause(self) -> str | None:
-        """``disk_full``, ``locked``, ``corrupt``, ``read_only`` or ``io_error``."""
+        """``disk_full``, ``locked``, ``corrupt``, ``read_only``, ``io_error``, ``unreachable``."""
         return self.metadata.get("cause")
 
 

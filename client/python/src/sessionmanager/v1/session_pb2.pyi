@@ -161,7 +161,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_STORAGE_UNAVAILABLE: _ErrorReason.ValueType  # 15
     """The database could not read or record the change, so nothing was changed;
     `metadata.cause` says why, for the operator: `disk_full`, `locked`,
-    `corrupt`, `read_only` or `io_error` (UNAVAILABLE, 503).
+    `corrupt`, `read_only`, `io_error` or `unreachable` (a PostgreSQL server
+    that cannot be reached or ended the connection) (UNAVAILABLE, 503).
     """
     ERROR_REASON_MESSAGE_OUTCOME_UNKNOWN: _ErrorReason.ValueType  # 16
     """The message was handed to the engine but whether WhatsApp accepted it is not
@@ -211,7 +212,8 @@ ERROR_REASON_LIMIT_EXCEEDED: ErrorReason.ValueType  # 14
 ERROR_REASON_STORAGE_UNAVAILABLE: ErrorReason.ValueType  # 15
 """The database could not read or record the change, so nothing was changed;
 `metadata.cause` says why, for the operator: `disk_full`, `locked`,
-`corrupt`, `read_only` or `io_error` (UNAVAILABLE, 503).
+`corrupt`, `read_only`, `io_error` or `unreachable` (a PostgreSQL server
+that cannot be reached or ended the connection) (UNAVAILABLE, 503).
 """
 ERROR_REASON_MESSAGE_OUTCOME_UNKNOWN: ErrorReason.ValueType  # 16
 """The message was handed to the engine but whether WhatsApp accepted it is not

@@ -400,7 +400,8 @@ export enum ErrorReason {
   /**
    * The database could not read or record the change, so nothing was changed;
    * `metadata.cause` says why, for the operator: `disk_full`, `locked`,
-   * `corrupt`, `read_only` or `io_error` (UNAVAILABLE, 503).
+   * `corrupt`, `read_only`, `io_error` or `unreachable` (a PostgreSQL server
+   * that cannot be reached or ended the connection) (UNAVAILABLE, 503).
    *
    * @generated from enum value: ERROR_REASON_STORAGE_UNAVAILABLE = 15;
    */
