@@ -85,7 +85,9 @@ class Sending:
             return first
         found = await self._store.find_message(cell.current.id, key)
         if found is None:
-            return None if key not in cell.sends else await self._earlier(cell, key, digest)
+            if key in cell.sends:  # a call with the key started while we looked
+                return await self._earlier(cell, key, digest)
+            return None
         _check_same_request(cell, key, found.request_digest, digest)
         return SendResult(self._unrecorded.get(found.id, found), replayed=True)
 
