@@ -162,7 +162,8 @@ function durationMs(seconds: bigint, nanos: number): number {
  *
  * `signal` is the call's own: a call cancelled although it was not aborted
  * lost its connection (a killed server resets its HTTP/2 streams with
- * CANCEL), which is UNAVAILABLE as far as the caller is concerned.
+ * CANCEL), and so did one aborted by a reset socket (ECONNRESET): both are
+ * UNAVAILABLE as far as the caller is concerned.
  */
 export function fromError(thrown: unknown, signal?: AbortSignal): SessionManagerClientError {
   if (thrown instanceof SessionManagerClientError) {
@@ -182,7 +183,10 @@ export function fromError(thrown: unknown, signal?: AbortSignal): SessionManager
       cause: error,
     });
   }
-  if (error.code === Code.Canceled && !signal?.aborted) {
+  // A reset connection surfaces as Aborted, a killed server's stream as Canceled;
+  // the service itself never answers either, so both mean the connection was lost.
+  const lost = error.code === Code.Aborted || (error.code === Code.Canceled && !signal?.aborted);
+  if (lost) {
     const message = `the connection to the Session Manager was lost (${error.rawMessage})`;
     return new SessionManagerUnavailableError(message, { code: Code.Unavailable, cause: error });
   }

@@ -58,6 +58,9 @@ export class Server {
       `127.0.0.1:${options.port ?? 0}`,
       "--database",
       database,
+      // gRPC only: the HTTP API's default port would be shared by every test server.
+      "--http-address",
+      "",
       ...(options.flags ?? []),
     ];
     const child = spawn(BINARY, args, {
