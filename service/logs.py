@@ -19,7 +19,13 @@ from datetime import UTC, datetime
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 #: The attributes every LogRecord has; anything else was passed as ``extra``.
-_STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+#: ``color_message`` is uvicorn's terminal-coloured copy of the message.
+_STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
+}
 
 
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
