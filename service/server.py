@@ -81,13 +81,16 @@ class RunningServer:
     port: int
     manager: SessionManager
     store: Store
-    engine: Engine
     health: health_aio.HealthServicer
     grace: float
     metrics: Metrics | None = None
     http: HttpServer | None = None
     http_options: Options | None = None
     ownership: Ownership | None = None
+
+    @property
+    def engine(self) -> Engine:
+        return self.manager.engine
 
     @property
     def http_port(self) -> int | None:
@@ -294,7 +297,6 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         port,
         manager,
         store,
-        engine,
         health_servicer,
         settings.shutdown_grace,
         metrics,

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 Mode = Literal["pair", "connect"]
 
-#: Called with each new worker before it is used (the simulated phone arms faults).
+#: Called with each new pairing worker before it is used (the simulated phone arms faults).
 OnSpawn = Callable[[SessionRef, WorkerProcess], Awaitable[None]]
 
 
@@ -297,7 +297,7 @@ class WorkerEngine:
         slot.worker = worker
         self._spawn_task(self._watch(slot, worker))
         self._spawn_task(self._heartbeat(worker))
-        if self.on_spawn is not None:
+        if self.on_spawn is not None and slot.mode == "pair":
             await self.on_spawn(session, worker)
         log.info(
             "worker %d started (%s)",
