@@ -206,7 +206,8 @@ async def test_every_reason_has_its_status_and_body(
         for name in session_pb2.ErrorReason.keys()  # noqa: SIM118 - an enum wrapper
         if name != "ERROR_REASON_UNSPECIFIED"
     }
-    assert seen == every_reason
+    # Only several nodes give SESSION_MOVING: tests/test_cluster_nodes.py checks it over HTTP.
+    assert seen == every_reason - {"SESSION_MOVING"}
 
 
 async def _revision(http: httpx.AsyncClient, iid: str) -> int:

@@ -40,7 +40,7 @@ from service.api.http.routes import ENDPOINTS, Call, Endpoint
 from service.api.metrics import Metrics
 from service.domain import validation
 from service.domain.errors import ContractError
-from service.domain.sessions import SessionManager
+from service.domain.facade import Sessions
 
 log = logging.getLogger("service.api.http")
 
@@ -59,7 +59,7 @@ class Options:
     draining: bool = field(default=False)
 
 
-def build_app(manager: SessionManager, options: Options) -> Starlette:
+def build_app(manager: Sessions, options: Options) -> Starlette:
     document = functools.cache(lambda: openapi.encoded(ENDPOINTS))
     by_path: dict[str, dict[str, Endpoint]] = {}
     for spec in ENDPOINTS:
@@ -96,7 +96,7 @@ def build_app(manager: SessionManager, options: Options) -> Starlette:
 
 def _dispatch(
     specs: dict[str, Endpoint],
-    manager: SessionManager,
+    manager: Sessions,
     options: Options,
     document: Callable[[], bytes],
 ) -> Callable[[Request], Awaitable[Response]]:
