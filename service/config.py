@@ -262,7 +262,6 @@ class Settings:
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise SettingError("tls_client_ca", "needs --tls-cert and --tls-key")
 
-
     @property
     def cors_origin_list(self) -> tuple[str, ...]:
         return _origin_list(self.cors_origins)

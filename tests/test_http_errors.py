@@ -253,7 +253,7 @@ async def test_bad_requests_are_refused_and_change_nothing(
     assert await _revision(http, "sender_5") == before
     listed = ok(await http.get("/sessions"))["sessions"]
     assert [s["instance_id"] for s in listed] == ["sender_5"]
-    assert harness.running.manager.get("sender_5").revision == before
+    assert (await harness.running.manager.get("sender_5")).revision == before
 
 
 _JSON = {"Content-Type": "application/json"}

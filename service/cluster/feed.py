@@ -105,8 +105,8 @@ class Feed:
     def unwatch(self, instance_id: str, watcher: Watcher[Session]) -> None:
         self.hub.unsubscribe(instance_id, watcher)
 
-    def _notified(self, connection: Any, pid: int, channel: str, payload: str) -> None:
-        change = json.loads(payload)
+    def _notified(self, connection: object, pid: int, channel: str, payload: object) -> None:
+        change = json.loads(str(payload))
         instance_id = change["instance_id"]
         if not self.hub.count(instance_id):
             return

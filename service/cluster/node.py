@@ -191,7 +191,7 @@ class Node:
             await asyncio.sleep(self.settings.tick)
             try:
                 await self.tick()
-            except Exception:  # noqa: BLE001 - the next tick tries again
+            except Exception:
                 log.exception("the node's lease round failed")
 
     async def _guard(self) -> None:

@@ -21,10 +21,10 @@ def session_from_message(m: session_pb2.WhatsAppSession) -> Session:
     """The inverse of ``service.api.rpc.session_message``."""
 
     def optional_time(name: str) -> datetime | None:
-        return _time(getattr(m, name)) if m.HasField(name) else None
+        return _time(getattr(m, name)) if m.HasField(name) else None  # type: ignore[arg-type]
 
     def optional_text(name: str) -> str | None:
-        return str(getattr(m, name)) if m.HasField(name) else None
+        return str(getattr(m, name)) if m.HasField(name) else None  # type: ignore[arg-type]
 
     return Session(
         id=m.id,

@@ -75,7 +75,7 @@ class Registry:
 
     def holds(self, instance_id: str) -> bool:
         cell = self._cells.get(instance_id)
-        return cell is not None and (cell.live or cell.creation is not None and not cell.gone)
+        return cell is not None and (cell.live or (cell.creation is not None and not cell.gone))
 
     # Reads.
 

@@ -184,7 +184,9 @@ class Sending:
 
 def _log_lost(message: Message, lost: LeaseLost) -> None:
     """Another node owns the session now: it records the message's outcome as unknown."""
-    log.warning("the outcome of message %s stays with the session's new owner: %s", message.id, lost)
+    log.warning(
+        "the outcome of message %s stays with the session's new owner: %s", message.id, lost
+    )
 
 
 def _check_same_request(cell: SessionCell, key: str, first: str, digest: str) -> None:

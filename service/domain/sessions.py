@@ -108,6 +108,14 @@ class SessionManager:
             await self._resume(self._registry.cell(session.instance_id), session)
         log.info("loaded %d sessions", len(sessions))
 
+    async def start_as_node(self) -> None:
+        """Start empty, as one of several nodes: sessions come as their leases are taken.
+
+        Credentials of deleted sessions are forgotten (what a crash between a
+        deletion and its effect left behind, on any node).
+        """
+        await self.engine.forget_all_but(set())
+
     async def _resume(self, cell: SessionCell, session: Session) -> None:
         """Carry on with a session just loaded: expire or keep its code, reconnect it if paired."""
         if session.qr_status == QR_GENERATED and session.qr_expires_at is not None:

@@ -12,6 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+#: A connection of its own or one lent by a pool.
+Db = asyncpg.Connection | PoolConnectionProxy
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +57,7 @@ def owner_name(node_id: str, incarnation: str) -> str:
     return f"{node_id}/{incarnation}"
 
 
-async def join(db: asyncpg.Connection, node_id: str, incarnation: str, address: str) -> None:
+async def join(db: Db, node_id: str, incarnation: str, address: str) -> None:
     """Announce this node (a new incarnation replaces the row of the node's previous one)."""
     await db.execute(
         "INSERT INTO nodes (node_id, incarnation, address) VALUES ($1, $2, $3) "
@@ -65,14 +69,14 @@ async def join(db: asyncpg.Connection, node_id: str, incarnation: str, address: 
     )
 
 
-async def leave(db: asyncpg.Connection, node_id: str, incarnation: str) -> None:
+async def leave(db: Db, node_id: str, incarnation: str) -> None:
     """Withdraw this node at a clean stop, so the others take its share at once."""
     await db.execute(
         "DELETE FROM nodes WHERE node_id = $1 AND incarnation = $2", node_id, incarnation
     )
 
 
-async def renew(db: asyncpg.Connection, owner: str, ttl: float) -> dict[str, int]:
+async def renew(db: Db, owner: str, ttl: float) -> dict[str, int]:
     """Send the heartbeat and extend every lease ``owner`` still holds; returns them with epochs.
 
     A lease that ran out is not extended: it may already be another node's.
@@ -95,7 +99,7 @@ async def renew(db: asyncpg.Connection, owner: str, ttl: float) -> dict[str, int
     return {row["instance_id"]: row["epoch"] for row in rows}
 
 
-async def live_nodes(db: asyncpg.Connection, ttl: float) -> list[NodeRow]:
+async def live_nodes(db: Db, ttl: float) -> list[NodeRow]:
     """The nodes whose last heartbeat is younger than ``ttl``."""
     rows = await db.fetch(
         "SELECT node_id, incarnation, address FROM nodes "
@@ -105,7 +109,7 @@ async def live_nodes(db: asyncpg.Connection, ttl: float) -> list[NodeRow]:
     return [NodeRow(row["node_id"], row["incarnation"], row["address"]) for row in rows]
 
 
-async def placement_view(db: asyncpg.Connection, grace: float) -> list[SessionLease]:
+async def placement_view(db: Db, grace: float) -> list[SessionLease]:
     """Every stored session with the state of its lease."""
     rows = await db.fetch(
         "SELECT s.instance_id, l.owner, coalesce(l.lease_until > now(), false) AS valid, "
@@ -119,9 +123,7 @@ async def placement_view(db: asyncpg.Connection, grace: float) -> list[SessionLe
     ]
 
 
-async def acquire(
-    db: asyncpg.Connection, instance_id: str, owner: str, ttl: float, grace: float
-) -> int | None:
+async def acquire(db: Db, instance_id: str, owner: str, ttl: float, grace: float) -> int | None:
     """Take the lease if nobody holds it (or its lease ran out ``grace`` ago); the new epoch."""
     epoch: int | None = await db.fetchval(
         "INSERT INTO leases AS l (instance_id, owner, epoch, lease_until) "
@@ -138,7 +140,7 @@ async def acquire(
     return epoch
 
 
-async def release(db: asyncpg.Connection, instance_id: str, owner: str, epoch: int) -> bool:
+async def release(db: Db, instance_id: str, owner: str, epoch: int) -> bool:
     """Hand the lease back (its worker has stopped): the next owner need not wait."""
     status = await db.execute(
         "UPDATE leases SET owner = NULL, lease_until = now() "
@@ -150,7 +152,7 @@ async def release(db: asyncpg.Connection, instance_id: str, owner: str, epoch: i
     return not status.endswith(" 0")
 
 
-async def route(db: asyncpg.Connection, instance_id: str) -> Route:
+async def route(db: Db, instance_id: str) -> Route:
     """Who owns the session now, and where that node listens."""
     row = await db.fetchrow(
         "SELECT l.owner, n.address, l.lease_until > now() AS valid FROM leases l "

@@ -259,8 +259,7 @@ class Store:
         async def operation(db: aiosqlite.Connection) -> Session | None:
             rows = list(
                 await db.execute_fetchall(
-                    f"SELECT {_SESSION_COLUMNS} FROM ll_whatsapp_qr_sessions "
-                    "WHERE instance_id = ?",
+                    f"SELECT {_SESSION_COLUMNS} FROM ll_whatsapp_qr_sessions WHERE instance_id = ?",
                     (instance_id,),
                 )
             )

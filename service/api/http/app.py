@@ -57,6 +57,8 @@ class Options:
     metrics: Metrics | None = None
     #: Set when the server starts to stop: every new request gets 503.
     draining: bool = field(default=False)
+    #: Whether the server can serve: ``/health`` answers 503 ``not_serving`` when not.
+    serving: Callable[[], bool] = field(default=lambda: True)
 
 
 def build_app(manager: Sessions, options: Options) -> Starlette:
@@ -112,7 +114,9 @@ def _dispatch(
             if iid:  # first, as gRPC does: every later error names the session
                 validation.instance_id(iid)
             body = await _input(request, spec, iid)
-            call = Call(request, manager, options.auth, body, options.keepalive, document)
+            call = Call(
+                request, manager, options.auth, body, options.keepalive, document, options.serving
+            )
             return await spec.handler(call)
         except HttpError as failure:
             return _failed(request, failure)

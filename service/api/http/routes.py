@@ -43,6 +43,8 @@ class Call:
     body: BaseModel | None
     keepalive: float
     openapi: Callable[[], bytes]
+    #: Whether this server can serve (a node that lost its database cannot).
+    serving: Callable[[], bool] = lambda: True
 
     def parsed(self, model: type[M]) -> M:
         assert isinstance(self.body, model)
@@ -88,6 +90,8 @@ def _session(session: Session, status: int = 200) -> Response:
 
 
 async def health(call: Call) -> Response:
+    if not call.serving():
+        return _json({"status": "not_serving"}, 503)
     return _json({"status": "serving"})
 
 
