@@ -33,8 +33,14 @@ FORWARD_TIMEOUT = 60.0
 class Peers:
     """One channel per other node, and the one way to call them."""
 
-    def __init__(self, node_id: str, token: bytes | None) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        token: bytes | None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         self._node_id = node_id
+        self._credentials = credentials
         self._metadata: tuple[tuple[str, str], ...] = ((FORWARDED, node_id),)
         if token is not None:
             self._metadata += (("authorization", f"Bearer {token.decode()}"),)
@@ -43,7 +49,11 @@ class Peers:
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+            if self._credentials is None:
+                channel = grpc.aio.insecure_channel(address)
+            else:
+                channel = grpc.aio.secure_channel(address, self._credentials)
+            self._channels[address] = channel
         return channel
 
     async def call(

@@ -90,8 +90,6 @@ class LeaseBook:
     owner: str
     on_rejected: Callable[[str], None]
     epochs: dict[str, int] = field(default_factory=dict)
-    #: When each lease was taken (monotonic): a renewal sent before it cannot include it.
-    taken_at: dict[str, float] = field(default_factory=dict)
 
     def token(self, instance_id: str) -> tuple[str, int]:
         epoch = self.epochs.get(instance_id)
@@ -104,10 +102,8 @@ class LeaseBook:
 
     def hold(self, instance_id: str, epoch: int) -> None:
         self.epochs[instance_id] = epoch
-        self.taken_at[instance_id] = time.monotonic()
 
     def drop(self, instance_id: str) -> int | None:
-        self.taken_at.pop(instance_id, None)
         return self.epochs.pop(instance_id, None)
 
 
@@ -136,6 +132,8 @@ class Node:
         #: Whether the last renewal reached the database (health reports it).
         self.connected = False
         self._locks: dict[str, asyncio.Lock] = {}
+        #: Leases dropped past the deadline: freed (if still ours) once the database answers.
+        self._dropped: dict[str, int] = {}
         self._budget = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.Task[None] | None = None
@@ -216,15 +214,16 @@ class Node:
     # One round: heartbeat and renewals, then placement.
 
     async def tick(self) -> None:
-        assert self._pool is not None
         sent = time.monotonic()
+        if self.deadline is not None and sent >= self.deadline:
+            # Frozen or cut off past the deadline: the workers ended by themselves.
+            await self._drop_all("its lease could not be renewed in time")
+        held = dict(self.book.epochs)
         try:
-            async with self._pool.acquire() as db:
-                renewed = await leases.renew(db, self.owner, self.settings.lease_ttl)
-                live = await leases.live_nodes(db, self.settings.lease_ttl)
-        except _DATABASE_ERRORS as error:
+            renewed, live = await asyncio.wait_for(self._renew(held), self.settings.tick)
+        except (*_DATABASE_ERRORS, TimeoutError) as error:
             self._set_connected(False)
-            log.warning("cannot renew the leases: %s", error)
+            log.warning("cannot renew the leases: %s", error or "no answer in time")
             return
         self._set_connected(True)
         if not any(node.owner == self.owner for node in live):
@@ -236,11 +235,21 @@ class Node:
         self._renewed.set()
         if self._metrics is not None:
             self._metrics.on_renewal(time.monotonic() - sent)
-        for instance_id in list(self.book.epochs):
-            if instance_id not in renewed and self.book.taken_at.get(instance_id, sent) < sent:
+        for instance_id in held:
+            if instance_id not in renewed and instance_id in self.book.epochs:
                 await self.lose(instance_id, "its lease was not renewed")
         self.live = live
         await self._rebalance()
+
+    async def _renew(self, held: dict[str, int]) -> tuple[dict[str, int], list[NodeRow]]:
+        assert self._pool is not None
+        async with self._pool.acquire() as db:
+            for instance_id, epoch in list(self._dropped.items()):
+                await leases.release(db, instance_id, self.owner, epoch)
+                del self._dropped[instance_id]
+            renewed = await leases.renew(db, self.owner, held, self.settings.lease_ttl)
+            live = await leases.live_nodes(db, self.settings.lease_ttl)
+        return renewed, live
 
     def _set_connected(self, connected: bool) -> None:
         if connected != self.connected:
@@ -341,8 +350,10 @@ class Node:
         await self._manager.release(instance_id)
 
     async def _drop_all(self, why: str) -> None:
+        """Drop every session; the next round that reaches the database frees their leases."""
         self.deadline = None
-        for instance_id in list(self.book.epochs):
+        for instance_id, epoch in list(self.book.epochs.items()):
+            self._dropped[instance_id] = epoch
             await self.lose(instance_id, why)
 
     def _rejected(self, instance_id: str) -> None:

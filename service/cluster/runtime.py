@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import grpc
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2
 
@@ -18,6 +19,7 @@ from service.cluster.routing import ClusterSessions
 from service.config import Settings
 from service.domain.limits import Limits
 from service.domain.sessions import SessionManager
+from service.startup import ExitCode, StartupError
 from service.store import postgres
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,11 @@ class ClusterRuntime:
         )
         node = Node(node_settings, store, manager, metrics)
         feed = Feed(store.url, limits)
-        peers = Peers(settings.node_id, tokens.internal[0] if tokens.internal else None)
+        peers = Peers(
+            settings.node_id,
+            tokens.internal[0] if tokens.internal else None,
+            peer_credentials(settings),
+        )
         return cls(node, feed, peers, ClusterSessions(manager, node, store, feed, peers))
 
     async def start(self, health: health_aio.HealthServicer, services: Sequence[str]) -> None:
@@ -79,12 +85,24 @@ class ClusterRuntime:
         await self.peers.close()
 
 
+def peer_credentials(settings: Settings) -> grpc.ChannelCredentials | None:
+    """With TLS, a node calls the others as a client presenting its own certificate."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None,
+        private_key=settings.tls_key.read_bytes(),
+        certificate_chain=settings.tls_cert.read_bytes(),
+    )
+
+
 def advertised(address: str, port: int) -> str:
     """``--address`` with the port it got; a wildcard host is not reachable, so it is refused."""
     host = address.rpartition(":")[0]
     if host in ("0.0.0.0", "[::]", ""):
-        raise ValueError(
-            f"--address {address} is a wildcard: set --node-address to the host:port "
-            "the other nodes reach this node on"
+        raise StartupError(
+            ExitCode.BAD_SETTING,
+            f"--address {address} listens on every interface: set --node-address to the "
+            "host:port where the other nodes reach this node",
         )
     return f"{host}:{port}"

@@ -76,10 +76,11 @@ async def leave(db: Db, node_id: str, incarnation: str) -> None:
     )
 
 
-async def renew(db: Db, owner: str, ttl: float) -> dict[str, int]:
-    """Send the heartbeat and extend every lease ``owner`` still holds; returns them with epochs.
+async def renew(db: Db, owner: str, held: dict[str, int], ttl: float) -> dict[str, int]:
+    """Send the heartbeat and extend the leases of ``held`` (instance_id: epoch) still valid.
 
-    A lease that ran out is not extended: it may already be another node's.
+    Returns the ones extended. A lease that ran out is not extended: it may
+    already be another node's, and so is one whose epoch moved on.
     """
     node_id, _, incarnation = owner.partition("/")
     async with db.transaction():
@@ -91,10 +92,14 @@ async def renew(db: Db, owner: str, ttl: float) -> dict[str, int]:
         if beat.endswith(" 0"):  # our row was replaced by a newer incarnation of this node
             return {}
         rows = await db.fetch(
-            "UPDATE leases SET lease_until = now() + make_interval(secs => $2) "
-            "WHERE owner = $1 AND lease_until > now() RETURNING instance_id, epoch",
+            "UPDATE leases AS l SET lease_until = now() + make_interval(secs => $2) "
+            "FROM unnest($3::text[], $4::bigint[]) AS h (instance_id, epoch) "
+            "WHERE l.instance_id = h.instance_id AND l.epoch = h.epoch "
+            "AND l.owner = $1 AND l.lease_until > now() RETURNING l.instance_id, l.epoch",
             owner,
             ttl,
+            list(held),
+            list(held.values()),
         )
     return {row["instance_id"]: row["epoch"] for row in rows}
 
