@@ -23,6 +23,7 @@ import pytest
 
 from service.cluster import placement
 from service.config import PostgresURL, Settings
+from service.engine.supervisor import WorkerEngine
 from service.server import RunningServer, start
 from service.store import leases, postgres
 from service.store.port import LeaseLost
@@ -180,6 +181,7 @@ async def test_a_node_that_leaves_hands_its_sessions_over_without_a_new_qr(
 ) -> None:
     owner, (survivor, _) = owner_and_others(members, "sender_3")
     await connect(survivor, "sender_3")
+
     _, epoch = await lease_of(postgres_url, "sender_3")
     watch = survivor.sessions.WatchSession(pb.WatchSessionRequest(instance_id="sender_3"))
     assert (await next_state(watch)).status == CONNECTED
@@ -267,3 +269,62 @@ async def test_a_node_id_runs_once_per_database(
     finally:
         await member.stop()
     _ = postgres  # the store module names the lock
+
+
+def owned_by(node_id: str, prefix: str, nodes: tuple[str, ...]) -> str:
+    """An instance_id that ``node_id`` owns while ``nodes`` run."""
+    return next(
+        f"{prefix}_{n}"
+        for n in range(1000)
+        if placement.owner_of(f"{prefix}_{n}", nodes) == node_id
+    )
+
+
+async def test_with_workers_a_moved_session_reconnects_from_stored_credentials(
+    settings: Settings, postgres_url: str, tmp_path: Path
+) -> None:
+    workers = dataclasses.replace(settings, engine="simulated-worker")
+    first = await join(node_settings(workers, postgres_url, "n1", tmp_path))
+    second = await join(node_settings(workers, postgres_url, "n2", tmp_path))
+    running = [first, second]
+    try:
+        for member in (first, second):
+            node = member.running.cluster.node  # type: ignore[union-attr]
+            await eventually(lambda node=node: len(node.live) == 2)  # type: ignore[misc]
+        paired = owned_by("n1", "paired", ("n1", "n2"))
+        pairing = owned_by("n1", "pairing", ("n1", "n2"))
+        await connect(second, paired)  # through n2, run by n1's worker
+        await second.sessions.CreateSession(pb.CreateSessionRequest(instance_id=pairing))
+        shown = await second.sessions.RequestQR(pb.RequestQRRequest(instance_id=pairing))
+        first_engine = first.running.engine
+        assert isinstance(first_engine, WorkerEngine)
+        assert set(first_engine.worker_pids()) == {paired, pairing}
+        running.remove(first)
+        await first.stop()  # hands both over to n2
+        second_engine = second.running.engine
+        assert isinstance(second_engine, WorkerEngine)
+        await eventually(lambda: set(second_engine.worker_pids()) == {paired}, within=15)
+
+        async def status_of(instance_id: str) -> session_pb2.WhatsAppSession:
+            got = await second.sessions.GetSession(pb.GetSessionRequest(instance_id=instance_id))
+            return got.session
+
+        watch = second.sessions.WatchSession(pb.WatchSessionRequest(instance_id=paired))
+        while (await next_state(watch)).status != CONNECTED:
+            pass
+        watch.cancel()
+        moved = await status_of(paired)
+        assert moved.phone_number  # reconnected from its credentials, no QR on the way
+        assert moved.qr_status != session_pb2.QR_STATUS_GENERATED
+        expired = await status_of(pairing)  # its code was shown by a worker that is gone
+        assert expired.qr_status == session_pb2.QR_STATUS_EXPIRED
+        assert expired.qr_string == shown.session.qr_string
+        db = await asyncpg.connect(postgres_url)
+        try:
+            schemas = {row["nspname"] for row in await db.fetch("SELECT nspname FROM pg_namespace")}
+        finally:
+            await db.close()
+        assert f"wa_device_{moved.id}" in schemas  # the credentials live in PostgreSQL
+    finally:
+        for member in running:
+            await member.stop()

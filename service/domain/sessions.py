@@ -117,13 +117,16 @@ class SessionManager:
         await self.engine.forget_all_but(set())
 
     async def _resume(self, cell: SessionCell, session: Session) -> None:
-        """Carry on with a session just loaded: expire or keep its code, reconnect it if paired."""
+        """Carry on with a session just loaded: expire or keep its code, reconnect it if paired.
+
+        A code stays valid only with an engine that can resume its pairing
+        anywhere; a worker's code died with its worker (here or on another node).
+        """
         if session.qr_status == QR_GENERATED and session.qr_expires_at is not None:
             if self.engine.resumes_pairing:
                 self._pairing.expire_later(cell, session.qr_expires_at)
-            else:
-                expired_at = min(session.qr_expires_at, self._clock.now())
-                await self._registry.apply(cell, states.QRExpired(expired_at))
+            else:  # the worker that showed it is gone: the code can no longer be scanned
+                await self._registry.apply(cell, states.QRExpired(session.qr_expires_at))
         elif _was_paired(session):
             self._registry.spawn(self._restore(cell, session))
 
