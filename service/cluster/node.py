@@ -365,11 +365,17 @@ class Node:
 
     # Routing a command.
 
-    async def route(self, instance_id: str) -> Route:
-        """Where a command for ``instance_id`` runs: here (the lease is taken if due) or there."""
+    async def route(self, instance_id: str, *, creating: bool = False) -> Route:
+        """Where a command for ``instance_id`` runs: here (the lease is taken if due) or there.
+
+        SESSION_NOT_FOUND for a session that does not exist, unless it is being
+        created (its lease is taken first, so that its insert is fenced too).
+        """
         assert self._pool is not None
         if instance_id in self.book.epochs:
             return LOCAL
+        if not creating and await self._store.get_session(instance_id) is None:
+            raise errors.session_not_found(instance_id)
         try:
             async with self._pool.acquire() as db:
                 current = await leases.route(db, instance_id)
