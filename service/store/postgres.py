@@ -249,8 +249,6 @@ def session_from_json(row: dict[str, Any]) -> Session:
         value = row[name]
         return None if value is None else datetime.fromisoformat(value)
 
-    created_at, updated_at = time("created_at"), time("updated_at")
-    assert created_at is not None and updated_at is not None
     return Session(
         id=row["id"],
         instance_id=row["instance_id"],
@@ -264,8 +262,8 @@ def session_from_json(row: dict[str, Any]) -> Session:
         disconnected_at=time("disconnected_at"),
         last_error_code=row["last_error_code"],
         last_error_message=row["last_error_message"],
-        created_at=created_at,
-        updated_at=updated_at,
+        created_at=datetime.fromisoformat(row["created_at"]),
+        updated_at=datetime.fromisoformat(row["updated_at"]),
         revision=row["revision"],
     )
 
