@@ -59,10 +59,17 @@ def schema_name(session_id: int) -> str:
 
 
 def schema_url(url: str, schema: str) -> str:
-    """``url`` with ``schema`` selected: ``search_path`` is sent as a run-time parameter."""
+    """``url`` with ``schema`` selected, for a worker's drivers (asyncpg, whatsmeow's lib/pq).
+
+    Both send ``search_path`` as a run-time parameter, so every table goes to the
+    schema. Without an ``sslmode``, the one the server's store uses (asyncpg's
+    and libpq's default, ``prefer``) is made explicit: lib/pq's own is ``require``.
+    """
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
     query = [(key, value) for key, value in query if key != "search_path"]
+    if not any(key == "sslmode" for key, _ in query):
+        query.append(("sslmode", "prefer"))
     query.append(("search_path", schema))
     return urlunsplit(parts._replace(query=urlencode(query)))
 
