@@ -28,7 +28,7 @@ from service.clock import ManualClock, SystemClock
 from service.domain import states
 from service.domain.contract import LOGOUT
 from service.domain.states import EngineEvent, SessionRef, new_session
-from service.engine.credentials import PostgresCredentials, schema_url
+from service.engine.credentials import DROP_BATCH, PostgresCredentials, schema_url
 from service.engine.phone import WorkerPhone
 from service.engine.port import EngineError
 from service.engine.protocol import EXIT_LEASE_EXPIRED
@@ -188,19 +188,24 @@ async def test_cleanup_keeps_live_sessions_credentials_and_drops_deleted_ones(
     for session in (live, deleted):
         await credentials.prepare(session)
     await database.store.delete_session(deleted.id)
+    # Sessions deleted long ago: more than one DROP statement takes.
+    long_gone = {f"wa_device_{1000 + n}" for n in range(DROP_BATCH + 3)}
     other = await asyncpg.connect(database.url)
     try:
         await other.execute("CREATE SCHEMA wa_device_notes")  # not a credentials schema
         await other.execute(f"CREATE TABLE wa_device_{live.id}.device (phone_number text)")
+        for name in long_gone:
+            await other.execute(f"CREATE SCHEMA {name}")
+            await other.execute(f"CREATE TABLE {name}.device (phone_number text)")
     finally:
         await other.close()
 
     dropped = await credentials.forget_deleted()
 
-    assert dropped == [f"wa_device_{deleted.id}"]
+    assert set(dropped) == {f"wa_device_{deleted.id}", *long_gone}
     schemas = await database.schemas()
     assert f"wa_device_{live.id}" in schemas
-    assert f"wa_device_{deleted.id}" not in schemas
+    assert not schemas & set(dropped)
     assert "wa_device_notes" in schemas
     assert await credentials.forget_deleted() == []  # nothing left to drop
 

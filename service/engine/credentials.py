@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 LOCATION_VARIABLE = "SESSION_MANAGER_WORKER_CREDENTIALS"
 #: How long one credentials operation on PostgreSQL may take.
 DATABASE_TIMEOUT = 30.0
+#: How many schemas one ``DROP SCHEMA`` statement drops at the most.
+DROP_BATCH = 16
 
 SCHEMA_PREFIX = "wa_device_"
 _SCHEMA = re.compile(rf"^{SCHEMA_PREFIX}(\d+)$")
@@ -178,22 +180,23 @@ class PostgresCredentials:
         """
 
         async def drop(connection: asyncpg.Connection) -> list[str]:
-            names = await connection.fetch(
+            schemas = await connection.fetch(
                 "SELECT nspname FROM pg_namespace WHERE nspname LIKE $1", SCHEMA_PREFIX + "%"
             )
             ids = {
                 int(match.group(1)): match.group(0)
-                for row in names
+                for row in schemas
                 if (match := _SCHEMA.match(row["nspname"]))
             }
             live = await connection.fetch(
                 "SELECT id FROM ll_whatsapp_qr_sessions WHERE id = ANY($1::bigint[])", list(ids)
             )
             gone = sorted(ids[i] for i in set(ids) - {row["id"] for row in live})
-            if gone:
-                await connection.execute(
-                    "DROP SCHEMA IF EXISTS " + ", ".join(f'"{n}"' for n in gone) + " CASCADE"
-                )
+            # A few schemas per statement: each dropped table, index and sequence
+            # takes a lock, and a transaction's locks are bounded by the server.
+            for start in range(0, len(gone), DROP_BATCH):
+                batch = ", ".join(f'"{name}"' for name in gone[start : start + DROP_BATCH])
+                await connection.execute(f"DROP SCHEMA IF EXISTS {batch} CASCADE")
             return gone
 
         gone = await on_database(self._url, drop)
