@@ -25,7 +25,7 @@ from service.domain.states import EngineEvent, SessionRef
 from service.engine.phone import WorkerPhone
 from service.engine.supervisor import WorkerEngine, WorkerOptions
 
-LEASE = 1.0
+LEASE = 2.0
 RENEW_EVERY = 0.2
 RESTART_INITIAL = 0.2
 SESSION = SessionRef("frozen-node", 1)
