@@ -93,7 +93,7 @@ class Database:
 
 @pytest.fixture
 async def database(postgres_url: str) -> AsyncIterator[Database]:
-    store = await postgres.Store.open(postgres_url)  # the sessions' table, migrated
+    store = await postgres.Store.open(postgres_url, "n1")  # the sessions' table, migrated
     try:
         yield Database(postgres_url, store)
     finally:
@@ -189,7 +189,7 @@ async def test_cleanup_keeps_live_sessions_credentials_and_drops_deleted_ones(
     deleted = await database.create("deleted")
     for session in (live, deleted):
         await credentials.prepare(session)
-    await database.store.delete_session(deleted.id)
+    await database.store.delete_session(deleted)
     # Sessions deleted long ago: more than one DROP statement takes.
     long_gone = {f"wa_device_{1000 + n}" for n in range(DROP_BATCH + 3)}
     other = await asyncpg.connect(database.url)
