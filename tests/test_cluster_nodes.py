@@ -31,6 +31,7 @@ from sessionmanager.v1 import session_pb2, session_service_pb2_grpc, simulator_s
 from sessionmanager.v1 import session_service_pb2 as pb
 from sessionmanager.v1 import simulator_service_pb2 as sim_pb
 from tests.flows import eventually
+from tests.processes import alive
 from tests.status_details import error_info
 from tests.test_http_api import API
 from tests.test_http_sse import events
@@ -379,3 +380,42 @@ async def test_an_event_stream_on_another_node_follows_the_owner(
     finally:
         await second.stop()
         await first.stop()
+
+
+async def test_a_renewal_that_comes_after_the_deadline_reconnects_the_sessions(
+    settings: Settings, postgres_url: str, tmp_path: Path
+) -> None:
+    workers = dataclasses.replace(settings, engine="simulated-worker")
+    member = await join(node_settings(workers, postgres_url, "n1", tmp_path))
+    try:
+        await connect(member, "late_1")
+        engine = member.running.engine
+        assert isinstance(engine, WorkerEngine)
+        first_pid = engine.worker_pids()["late_1"]
+        _, epoch = await lease_of(postgres_url, "late_1")
+        node = member.running.cluster.node  # type: ignore[union-attr]
+        renew = node._renew
+        stalled = asyncio.Event()
+
+        async def late(held: dict[str, int]) -> Any:
+            if not stalled.is_set():  # one renewal stalls past the deadline (a starved machine)
+                stalled.set()
+                await asyncio.sleep(node.settings.lease_ttl)
+            return await renew(held)
+
+        node._renew = late  # type: ignore[method-assign]
+        # On a starved machine the watchdog may not run before the late renewal lands: the
+        # renewal itself must notice that the deadline passed (the workers ended meanwhile).
+        assert node._watchdog is not None
+        node._watchdog.cancel()
+        await eventually(lambda: not alive(first_pid), within=10)  # it ended itself (Hold)
+        await eventually(lambda: "late_1" in engine.worker_pids(), within=15)
+        watch = member.sessions.WatchSession(pb.WatchSessionRequest(instance_id="late_1"))
+        while (await next_state(watch)).status != CONNECTED:
+            pass
+        watch.cancel()
+        assert engine.worker_pids()["late_1"] != first_pid
+        _, retaken = await lease_of(postgres_url, "late_1")
+        assert retaken > epoch  # given back and taken again, not kept with no worker
+    finally:
+        await member.stop()
