@@ -25,8 +25,10 @@ from service.cluster import placement
 from service.config import PostgresURL, Settings
 from service.engine.supervisor import WorkerEngine
 from service.server import RunningServer, start
+from service.startup import StartupError
 from service.store import leases, postgres
 from service.store.port import LeaseLost
+from sessionmanager.v1 import node_service_pb2 as node_pb
 from sessionmanager.v1 import session_pb2, session_service_pb2_grpc, simulator_service_pb2_grpc
 from sessionmanager.v1 import session_service_pb2 as pb
 from sessionmanager.v1 import simulator_service_pb2 as sim_pb
@@ -419,3 +421,37 @@ async def test_a_renewal_that_comes_after_the_deadline_reconnects_the_sessions(
         assert retaken > epoch  # given back and taken again, not kept with no worker
     finally:
         await member.stop()
+
+
+async def test_nodes_forward_with_the_internal_token(
+    settings: Settings, postgres_url: str, tmp_path: Path
+) -> None:
+    secured = dataclasses.replace(settings, public_tokens=(b"hub",), internal_tokens=(b"inside",))
+    first = await join(node_settings(secured, postgres_url, "n1", tmp_path))
+    second = await join(node_settings(secured, postgres_url, "n2", tmp_path))
+    try:
+        for member in (first, second):
+            node = member.running.cluster.node  # type: ignore[union-attr]
+            await eventually(lambda node=node: len(node.live) == 2)  # type: ignore[misc]
+        iid = owned_by("n1", "secured", ("n1", "n2"))
+        hub = (("authorization", "Bearer hub"),)
+        created = await second.sessions.CreateSession(
+            pb.CreateSessionRequest(instance_id=iid), metadata=hub
+        )  # Central Hub's token on n2; n2 forwards to n1 with the internal one
+        assert created.session.revision == 1
+        with pytest.raises(grpc.aio.AioRpcError) as refused:  # the public token cannot do that
+            await second.channel.unary_unary(
+                "/sessionmanager.v1.NodeService/CreateSession",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=lambda b: b,
+            )(node_pb.NodeServiceCreateSessionRequest(), metadata=hub)
+        assert error_info(refused.value).reason == "PERMISSION_DENIED"
+    finally:
+        await second.stop()
+        await first.stop()
+    with pytest.raises(StartupError, match="SESSION_MANAGER_INTERNAL_TOKEN"):
+        await start(
+            node_settings(
+                dataclasses.replace(settings, public_tokens=(b"hub",)), postgres_url, "n3", tmp_path
+            )
+        )
