@@ -3,7 +3,8 @@
 ``python -m tests.lease_node DEVICES_DIR`` runs a ``WorkerEngine`` with
 simulated workers, pairs and connects one session, then extends the engine's
 Hold every ``RENEW_EVERY`` seconds to ``LEASE`` seconds ahead, as a node's
-lease loop does. It prints one JSON line on standard output, ``{"worker":
+lease loop does, and, as a node does, gives the session up once a round comes
+after the deadline (it was frozen). It prints one JSON line on standard output, ``{"worker":
 pid}``, once the session is connected; then, when it reads ``ended`` on
 standard input, it waits for that worker to end, gives the supervisor longer
 than a restart's backoff to act on it, and prints ``{"exit": code, "workers":
@@ -37,9 +38,14 @@ def say(fact: dict[str, object]) -> None:
 
 
 async def renew(engine: WorkerEngine) -> None:
-    while True:
-        engine.hold_until(time.monotonic() + LEASE)
+    """Extend the Hold; once a round comes after the deadline (frozen), the lease is lost:
+    the session is released, as ``service.cluster.node`` does, and nothing is renewed."""
+    deadline = time.monotonic() + LEASE
+    while time.monotonic() < deadline:
+        engine.hold_until(deadline)
         await asyncio.sleep(RENEW_EVERY)
+        deadline = time.monotonic() + LEASE if time.monotonic() < deadline else deadline
+    await engine.release(SESSION)
 
 
 async def main(devices: Path) -> None:

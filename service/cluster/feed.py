@@ -167,5 +167,11 @@ class Feed:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
             log.warning("the change feed could not read %s: %s", instance_id, error)
             return
+        # A watcher of an incarnation that is gone (deleted before it subscribed) ends.
+        self.hub.close_where(
+            instance_id,
+            lambda seen: session is None or seen.id != session.id,
+            WatchClosed(f"session {instance_id!r} was deleted", deleted=True),
+        )
         if session is not None:
             self.hub.publish_if(instance_id, session, newer)

@@ -26,6 +26,8 @@ R = TypeVar("R", bound=ProtoMessage)
 
 #: Metadata that marks a call as forwarded by another node: it is never forwarded again.
 FORWARDED = FORWARDED_BY
+#: What gRPC says of a call that never reached its server.
+_NOT_CONNECTED = "failed to connect"
 #: How long a forwarded command may take (a Send waits for WhatsApp).
 FORWARD_TIMEOUT = 60.0
 
@@ -88,9 +90,16 @@ def _contract_error(error: grpc.aio.AioRpcError, instance_id: str, address: str)
     """The owner's contract error as it sent it; a node out of reach is SESSION_MOVING."""
     failure = from_rpc_error(error)
     if failure.reason is None:
-        log.warning("forwarding to %s failed: %s %s", address, error.code().name, error.details())
-        return errors.session_moving(
-            instance_id, f"is owned by a node that cannot be reached now ({address})"
+        details = error.details() or ""
+        log.warning("forwarding to %s failed: %s %s", address, error.code().name, details)
+        if error.code() == grpc.StatusCode.UNAVAILABLE and _NOT_CONNECTED in details:
+            # The call never reached the owner: nothing was changed.
+            return errors.session_moving(
+                instance_id, f"is owned by a node that cannot be reached now ({address})"
+            )
+        return errors.internal(
+            f"the node that owns session {instance_id!r} ({address}) did not answer "
+            f"({error.code().name}): the command may or may not have been carried out"
         )
     reason = session_pb2.ErrorReason.Value(f"ERROR_REASON_{failure.reason}")
     return errors.ContractError(

@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 
 #: The share of the TTL kept as a margin: workers end this long before the lease does.
 MARGIN = 0.25
+#: Connections a node uses for routing and moves (renewals have one of their own).
+POOL_SIZE = 4
+#: How many times a renewal chosen as a deadlock's victim is run again within one round.
+RENEW_ATTEMPTS = 3
 _DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
@@ -126,6 +130,7 @@ class Node:
         self.book = LeaseBook(self.owner, self._rejected)
         store.fence = self.book
         self._pool: asyncpg.Pool | None = None
+        self._beat: asyncpg.Pool | None = None
         self.live: list[NodeRow] = []
         #: Until when (monotonic) this node may act on its leases; None before the first renewal.
         self.deadline: float | None = None
@@ -151,23 +156,28 @@ class Node:
 
     async def start(self) -> None:
         """Join the cluster and take this node's share of the sessions."""
-        self._pool = await asyncpg.create_pool(
-            self._store.url,
-            min_size=1,
-            max_size=4,
-            timeout=10.0,
-            command_timeout=self.settings.tick * 2,
-            server_settings={
-                "application_name": f"session-manager {self.node_id}",
-                **postgres.stall_settings(self._store.stall_limit),
-            },
-        )
+        self._pool = await self._connections(POOL_SIZE)
+        # Renewals have a connection of their own: routing and moves never queue ahead of them.
+        self._beat = await self._connections(1)
         async with self._pool.acquire() as db:
             await leases.join(db, self.node_id, self.incarnation, self.settings.address)
         log.info("joined as node %s (%s)", self.node_id, self.settings.address)
         await self.tick()
         self._loop = asyncio.create_task(self._run(), name="node-leases")
         self._watchdog = asyncio.create_task(self._guard(), name="node-watchdog")
+
+    async def _connections(self, size: int) -> asyncpg.Pool:
+        return await asyncpg.create_pool(
+            self._store.url,
+            min_size=1,
+            max_size=size,
+            timeout=10.0,
+            command_timeout=self.settings.lease_ttl / 2,
+            server_settings={
+                "application_name": f"session-manager {self.node_id}",
+                **postgres.stall_settings(self._store.stall_limit),
+            },
+        )
 
     async def stop(self) -> None:
         """Hand every session over and leave, so the other nodes take them at once."""
@@ -186,6 +196,8 @@ class Node:
             async with self._pool.acquire() as db:
                 await leases.leave(db, self.node_id, self.incarnation)
         self._pool.terminate()
+        if self._beat is not None:
+            self._beat.terminate()
 
     async def _hand_over_quietly(self, instance_id: str) -> None:
         with contextlib.suppress(*_DATABASE_ERRORS):
@@ -247,21 +259,32 @@ class Node:
         self._renewed.set()
         if self._metrics is not None:
             self._metrics.on_renewal(time.monotonic() - sent)
-        for instance_id in held:
-            if instance_id not in renewed and instance_id in self.book.epochs:
+        for instance_id, epoch in held.items():
+            if instance_id not in renewed and self.book.epochs.get(instance_id) == epoch:
                 self._spawn(self.lose(instance_id, "its lease was not renewed"))
         self.live = live
         await self._rebalance()
 
     async def _renew(self, held: dict[str, int]) -> tuple[dict[str, int], list[NodeRow]]:
-        assert self._pool is not None
-        async with self._pool.acquire() as db:
+        assert self._beat is not None
+        async with self._beat.acquire() as db:
             for instance_id, epoch in list(self._dropped.items()):
                 await leases.release(db, instance_id, self.owner, epoch)
                 del self._dropped[instance_id]
-            renewed = await leases.renew(db, self.owner, held, self.settings.lease_ttl)
+            renewed = await self._renew_on(db, held)
             live = await leases.live_nodes(db, self.settings.lease_ttl)
         return renewed, live
+
+    async def _renew_on(self, db: leases.Db, held: dict[str, int]) -> dict[str, int]:
+        """Renew; PostgreSQL may pick the renewal as a deadlock's victim against this node's
+        own writes (they share-lock lease rows in their order): then it is simply run again."""
+        for attempt in range(RENEW_ATTEMPTS):
+            try:
+                return await leases.renew(db, self.owner, held, self.settings.lease_ttl)
+            except asyncpg.DeadlockDetectedError:
+                if attempt == RENEW_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def _set_connected(self, connected: bool) -> None:
         if connected != self.connected:
@@ -315,6 +338,10 @@ class Node:
     def _lock(self, instance_id: str) -> asyncio.Lock:
         return self._locks.setdefault(instance_id, asyncio.Lock())
 
+    def session_lock(self, instance_id: str) -> asyncio.Lock:
+        """Held while the session's lease is taken, handed over or freed (and by creations)."""
+        return self._lock(instance_id)
+
     def may_act(self) -> bool:
         return self.deadline is not None and time.monotonic() < self.deadline
 
@@ -327,7 +354,7 @@ class Node:
             if not self.may_act():
                 return False
             try:
-                async with self._pool.acquire() as db:
+                async with self._pool.acquire(timeout=self.settings.lease_ttl / 2) as db:
                     epoch = await leases.acquire(
                         db,
                         instance_id,
@@ -338,13 +365,24 @@ class Node:
             except asyncpg.LockNotAvailableError:  # a stalled owner's write still holds the row
                 log.warning("could not take session %s yet: its lease row is locked", instance_id)
                 return False
+            except (OSError, TimeoutError, asyncpg.InterfaceError) as error:
+                raise postgres.DatabaseUnreachable(
+                    f"cannot take session {instance_id!r}: {error or 'no answer in time'}"
+                ) from error
             if epoch is None:
+                return False
+            if not self.may_act():  # the deadline passed while it was taken: give it back
+                self._dropped[instance_id] = epoch
                 return False
             self.book.hold(instance_id, epoch)
             try:
                 session = await self._store.get_session(instance_id)
                 if session is not None:
                     await self._manager.adopt(session)
+                if not self.may_act():
+                    raise postgres.DatabaseUnreachable(
+                        f"this node's lease ran out while it took session {instance_id!r}"
+                    )
             except BaseException:  # given back (the next round frees it), and the caller told why
                 self.book.drop(instance_id)
                 self._dropped[instance_id] = epoch
@@ -365,25 +403,40 @@ class Node:
                 return
             await self._manager.release(instance_id)
             self.book.drop(instance_id)
-            async with self._pool.acquire() as db:
-                await leases.release(db, instance_id, self.owner, epoch)
+            await self._release_lease(instance_id, epoch)
             log.info("handed session %s over", instance_id)
             if self._metrics is not None:
                 self._metrics.on_move("out")
 
     async def forget(self, instance_id: str) -> None:
-        """The session was deleted here: free its lease (its epoch stays for the next one)."""
+        """The session was deleted here: free its lease (its epoch stays for the next one).
+
+        The caller holds ``session_lock``, so that no creation of the same
+        instance_id runs here between the deletion and this.
+        """
+        epoch = self.book.drop(instance_id)
+        if epoch is not None:
+            await self._release_lease(instance_id, epoch)
+
+    async def _release_lease(self, instance_id: str, epoch: int) -> None:
+        """Free a lease in the database; if that fails, the next round frees it."""
         assert self._pool is not None
-        async with self._lock(instance_id):
-            epoch = self.book.drop(instance_id)
-            if epoch is not None:
-                async with self._pool.acquire() as db:
-                    await leases.release(db, instance_id, self.owner, epoch)
+        try:
+            async with self._pool.acquire(timeout=self.settings.tick) as db:
+                await leases.release(db, instance_id, self.owner, epoch)
+        except (*_DATABASE_ERRORS, TimeoutError) as error:
+            log.warning("could not free the lease of %s now: %s", instance_id, error)
+            self._dropped[instance_id] = epoch
 
     async def lose(self, instance_id: str, why: str) -> None:
-        """The lease is gone (another node may own the session): stop it here, write nothing."""
-        if self.book.drop(instance_id) is None:
+        """The lease is gone (another node may own the session): stop it here, write nothing.
+
+        The database is asked to free it too, should it still be this node's.
+        """
+        epoch = self.book.drop(instance_id)
+        if epoch is None:
             return
+        self._dropped.setdefault(instance_id, epoch)
         log.warning("lost session %s: %s", instance_id, why)
         await self._manager.release(instance_id)
 
@@ -398,7 +451,10 @@ class Node:
     def _rejected(self, instance_id: str) -> None:
         if self._metrics is not None:
             self._metrics.on_fencing_rejection()
-        self._spawn(self.lose(instance_id, "the database refused a stale write"))
+        if self.book.drop(instance_id) is None:  # at once: a retried command routes elsewhere
+            return
+        log.warning("lost session %s: the database refused a stale write", instance_id)
+        self._spawn(self._manager.release(instance_id))
 
     # Routing a command.
 
@@ -409,16 +465,20 @@ class Node:
         created (its lease is taken first, so that its insert is fenced too).
         """
         assert self._pool is not None
+        lock = self._locks.get(instance_id)
+        if lock is not None and lock.locked():  # a take-over or hand-over is under way
+            async with lock:
+                pass
         if instance_id in self.book.epochs:
             return LOCAL
         if not creating and await self._store.get_session(instance_id) is None:
             raise errors.session_not_found(instance_id)
         try:
-            async with self._pool.acquire() as db:
+            async with self._pool.acquire(timeout=self.settings.lease_ttl / 2) as db:
                 current = await leases.route(db, instance_id)
-        except _DATABASE_ERRORS as error:
-            raise errors.session_moving(
-                instance_id, f"cannot be located: the database is unreachable ({error})"
+        except (*_DATABASE_ERRORS, TimeoutError) as error:
+            raise postgres.DatabaseUnreachable(
+                f"cannot locate session {instance_id!r}: {error or 'no answer in time'}"
             ) from error
         if current.valid and current.owner is not None and current.owner != self.owner:
             if current.address is None:
@@ -426,7 +486,8 @@ class Node:
             return Remote(current.address)
         winner = placement.owner_of(instance_id, [node.node_id for node in self.live])
         if winner is None or winner == self.node_id or current.owner == self.owner:
-            if await self.take(instance_id):
+            # Shielded: a caller that gives up must not leave a lease taken but unrecorded.
+            if await asyncio.shield(asyncio.ensure_future(self.take(instance_id))):
                 return LOCAL
             raise errors.session_moving(instance_id, "is waiting for its previous owner's lease")
         address = next(node.address for node in self.live if node.node_id == winner)

@@ -113,7 +113,7 @@ class ClusterSessions:
         request = pb.CreateSessionRequest(instance_id=instance_id)
         response = await self._command(
             instance_id,
-            lambda: self._manager.create(instance_id),
+            lambda: self._create_here(instance_id),
             "CreateSession",
             node_pb.NodeServiceCreateSessionRequest(request=request),
             node_pb.NodeServiceCreateSessionResponse,
@@ -134,8 +134,18 @@ class ClusterSessions:
         )
 
     async def _delete_here(self, instance_id: str) -> None:
-        await self._manager.delete(instance_id)
-        await self._node.forget(instance_id)
+        async with self._node.session_lock(instance_id):  # no creation in between
+            await self._manager.delete(instance_id)
+            await self._node.forget(instance_id)
+
+    async def _create_here(self, instance_id: str) -> Session:
+        async with self._node.session_lock(instance_id):
+            try:
+                return await self._manager.create(instance_id)
+            except BaseException:
+                if not self._manager.holds(instance_id):  # no session: its lease goes too
+                    await self._node.forget(instance_id)
+                raise
 
     async def request_qr(self, instance_id: str) -> Session:
         request = pb.RequestQRRequest(instance_id=instance_id)

@@ -59,6 +59,10 @@ class Registry:
         """Hold ``session`` from now on (loaded at start, or taken over from another node)."""
         self._moved.discard(session.instance_id)
         cell = self._cells.get(session.instance_id)
+        if cell is not None and cell.live and cell.session != session:
+            cell.gone = True  # what this node held is older than what is stored
+            cell.stop_timer()
+            cell = None
         if cell is None or not cell.live:
             cell = self._cells[session.instance_id] = SessionCell(
                 session.instance_id, self._limits, session=session

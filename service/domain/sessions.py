@@ -165,6 +165,8 @@ class SessionManager:
     async def _restore(self, cell: SessionCell, session: Session) -> None:
         try:
             await self._registry.apply(cell, states.Reconnecting())
+            if not cell.live:  # handed over meanwhile: its next owner reconnects it
+                return
             await self.engine.restore(session.ref, session.phone_number)
         except (errors.ContractError, EngineError) as error:
             log.warning("restoring %s failed: %s", session.instance_id, error)

@@ -431,10 +431,17 @@ class WorkerEngine:
 
     async def _exited(self, slot: _Slot, worker: WorkerProcess, returncode: int) -> None:
         session = slot.session
-        if returncode == EXIT_LEASE_EXPIRED or self._lease_expired():
+        if self._lease_expired():
             # No report, no restart: the node has lost the right to commit anything
             # about the session (another node may already run it).
             log.warning("the lease ran out: the worker ended (%d)", returncode, extra=_about(slot))
+            return
+        if returncode == EXIT_LEASE_EXPIRED:
+            # It read a deadline the node has extended since (it read its Holds late):
+            # the node still holds the lease, so the session goes on in a new worker.
+            log.warning("the worker ended on a passed deadline; the lease runs on: restarting it")
+            if slot.paired and self._keeps(slot):
+                self._schedule_restart(slot, 0.0)
             return
         if slot.paired:
             slot.mode = "connect"  # whatever comes next reconnects the paired device
