@@ -63,10 +63,6 @@ class ClusterSessions:
         self._peers = peers
         self._forward = forward
 
-    @property
-    def engine(self) -> object:
-        return self._manager.engine
-
     def owner_only(self) -> ClusterSessions:
         """The same sessions for NodeService: commands run here or not at all."""
         return ClusterSessions(

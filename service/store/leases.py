@@ -38,8 +38,6 @@ class SessionLease:
     instance_id: str
     #: The current owner (``node/incarnation``), or None when nobody holds the lease.
     owner: str | None
-    #: Whether the owner's lease still runs.
-    valid: bool
     #: Whether a new owner may take it now (free, or expired for longer than the grace).
     free: bool
 
@@ -117,15 +115,13 @@ async def live_nodes(db: Db, ttl: float) -> list[NodeRow]:
 async def placement_view(db: Db, grace: float) -> list[SessionLease]:
     """Every stored session with the state of its lease."""
     rows = await db.fetch(
-        "SELECT s.instance_id, l.owner, coalesce(l.lease_until > now(), false) AS valid, "
+        "SELECT s.instance_id, l.owner, "
         "(l.instance_id IS NULL OR l.owner IS NULL "
         " OR l.lease_until + make_interval(secs => $1) < now()) AS free "
         "FROM ll_whatsapp_qr_sessions s LEFT JOIN leases l USING (instance_id)",
         grace,
     )
-    return [
-        SessionLease(row["instance_id"], row["owner"], row["valid"], row["free"]) for row in rows
-    ]
+    return [SessionLease(row["instance_id"], row["owner"], row["free"]) for row in rows]
 
 
 async def acquire(db: Db, instance_id: str, owner: str, ttl: float, grace: float) -> int | None:
