@@ -1,0 +1,289 @@
+"""Three Session Manager nodes over one PostgreSQL database, and the faults a deployment meets.
+
+``ClusterHarness`` starts N nodes (``session-manager serve`` subprocesses on
+port 0, the simulated engine in worker processes, short leases) on one
+database. Each node reaches PostgreSQL through a ``NetProxy`` of its own, so
+that one node can be cut off from the database while the others are not.
+
+The faults: ``kill9`` (the node gets no chance to clean up), ``sigstop`` /
+``sigcont`` (the node freezes; its workers keep running), ``restart`` (a
+graceful stop, then a new incarnation), ``partition`` / ``heal`` (the node's
+database traffic hangs, then its connections are closed).
+
+What the tests observe comes from outside the nodes: the ``leases``, ``nodes``,
+``ll_whatsapp_qr_sessions`` and ``messages`` tables (read directly, never
+through a proxy, never written), each node's ``/metrics``, and the worker
+processes in /proc (tests/census.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import grpc
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from sessionmanager.v1 import session_service_pb2_grpc, simulator_service_pb2_grpc
+from tests.netproxy import NetProxy
+from tests.servers import ServerProcess
+
+LEASE_TTL = 2.0
+LEASE_GRACE = 1.0
+MOVES_PER_SECOND = 20
+POLL = 0.1
+_METRICS_PORT = re.compile(r"metrics on port (\d+)")
+
+
+def node_flags(name: str, lease_ttl: float, lease_grace: float, moves: int) -> list[str]:
+    """The command line flags of one node of a cluster, besides its database."""
+    return [
+        "--engine=simulated-worker",
+        f"--node-id={name}",
+        f"--lease-ttl={lease_ttl:g}",
+        f"--lease-grace={lease_grace:g}",
+        f"--moves-per-second={moves}",
+        "--http-address=",
+        "--metrics-address=127.0.0.1:0",
+        "--log-level=info",  # the metrics port is in the log
+        "--send-rate=0",
+    ]
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A row of the ``leases`` table."""
+
+    instance_id: str
+    owner: str  # "<node_id>/<incarnation>"
+    epoch: int
+    valid: bool  # lease_until is still ahead of the database's clock
+
+    @property
+    def node(self) -> str:
+        return self.owner.split("/", 1)[0]
+
+
+@dataclass
+class Node:
+    """One node: its proxy to PostgreSQL, its process while it runs, a channel to it."""
+
+    name: str
+    proxy: NetProxy
+    flags: list[str]
+    process: ServerProcess | None = None
+    metrics_port: int | None = None
+    channel: grpc.aio.Channel | None = None
+    frozen: bool = False
+    incarnations: int = 0
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.process.poll() is None
+
+    @property
+    def healthy(self) -> bool:
+        """Running, not frozen and not cut off from the database."""
+        return self.running and not self.frozen and not self.proxy.partitioned
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, f"{self.name} is not running"
+        return self.process.pid
+
+    @property
+    def address(self) -> str:
+        assert self.process is not None, f"{self.name} is not running"
+        return self.process.address
+
+    @property
+    def sessions(self) -> session_service_pb2_grpc.SessionServiceAsyncStub:
+        assert self.channel is not None, f"{self.name} is not running"
+        return session_service_pb2_grpc.SessionServiceStub(self.channel)
+
+    @property
+    def simulator(self) -> simulator_service_pb2_grpc.SimulatorServiceAsyncStub:
+        assert self.channel is not None, f"{self.name} is not running"
+        return simulator_service_pb2_grpc.SimulatorServiceStub(self.channel)
+
+    def stderr(self) -> str:
+        return self.process.stderr() if self.process is not None else ""
+
+
+@dataclass
+class ClusterHarness:
+    """N nodes over the database at ``database_url``; an async context manager."""
+
+    database_url: str
+    size: int = 3
+    lease_ttl: float = LEASE_TTL
+    lease_grace: float = LEASE_GRACE
+    moves_per_second: int = MOVES_PER_SECOND
+    extra_flags: Sequence[str] = ()
+    nodes: list[Node] = field(default_factory=list)
+    _db: asyncpg.Connection | None = None
+    _http: httpx.AsyncClient | None = None
+
+    async def __aenter__(self) -> ClusterHarness:
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Start every node at once; return when each one listens."""
+        self._db = await asyncpg.connect(self.database_url)
+        self._http = httpx.AsyncClient(timeout=5)
+        for n in range(1, self.size + 1):
+            name = f"n{n}"
+            flags = node_flags(name, self.lease_ttl, self.lease_grace, self.moves_per_second)
+            proxy = NetProxy.for_url(self.database_url)
+            self.nodes.append(Node(name, proxy, [*flags, *self.extra_flags]))
+        await asyncio.gather(*(self.launch(node) for node in self.nodes))
+
+    async def close(self) -> None:
+        """Kill every node (a frozen one too) and close the proxies."""
+        for node in self.nodes:
+            if node.running and node.frozen:
+                node.process.signal(signal.SIGCONT)  # type: ignore[union-attr]
+            await self._forget(node, kill=True)
+            node.proxy.close()
+        if self._http is not None:
+            await self._http.aclose()
+        if self._db is not None:
+            await self._db.close()
+
+    def node(self, name: str) -> Node:
+        return next(node for node in self.nodes if node.name == name)
+
+    def healthy(self) -> list[Node]:
+        """The nodes that run, are not frozen and reach the database."""
+        return [node for node in self.nodes if node.healthy]
+
+    def by_pid(self) -> dict[int, Node]:
+        return {node.pid: node for node in self.nodes if node.running}
+
+    # The faults.
+
+    async def launch(self, node: Node) -> None:
+        """Start ``node`` (again): a new incarnation under the same node id."""
+        assert not node.running, f"{node.name} already runs"
+        url = node.proxy.url(self.database_url)
+        node.process = await asyncio.to_thread(ServerProcess.start, url, *node.flags)
+        node.incarnations += 1
+        node.frozen = False
+        node.metrics_port = _metrics_port(node.process.stderr())
+        node.channel = grpc.aio.insecure_channel(node.address)
+
+    async def kill9(self, node: Node) -> None:
+        """SIGKILL: the node and, through PDEATHSIG, its workers die at once."""
+        await self._forget(node, kill=True)
+
+    async def restart(self, node: Node) -> None:
+        """SIGTERM, wait for the graceful exit, start a new incarnation."""
+        await self._forget(node, kill=False)
+        await self.launch(node)
+
+    def sigstop(self, node: Node) -> None:
+        assert node.process is not None
+        node.process.signal(signal.SIGSTOP)
+        node.frozen = True
+
+    def sigcont(self, node: Node) -> None:
+        assert node.process is not None
+        node.process.signal(signal.SIGCONT)
+        node.frozen = False
+
+    def partition(self, node: Node) -> None:
+        node.proxy.partition()
+
+    def heal(self, node: Node) -> None:
+        node.proxy.heal()
+
+    async def _forget(self, node: Node, kill: bool) -> None:
+        if node.channel is not None:
+            await node.channel.close(None)
+            node.channel = None
+        if node.process is not None:
+            process = node.process
+            if kill:
+                await asyncio.to_thread(process.kill)
+            else:
+                code = await asyncio.to_thread(process.stop)
+                assert code == 0, f"{node.name} exited with {code}: {process.stderr()[-2000:]}"
+            process.close()
+        node.frozen = False
+
+    # What the tests observe.
+
+    async def leases(self) -> dict[str, Lease]:
+        rows = await self._query(
+            "SELECT instance_id, owner, epoch, lease_until > now() AS valid FROM leases"
+        )
+        return {row["instance_id"]: Lease(**dict(row)) for row in rows}
+
+    async def node_rows(self) -> list[dict[str, Any]]:
+        rows = await self._query(
+            "SELECT node_id, incarnation, address, heartbeat_at, started_at FROM nodes"
+        )
+        return [dict(row) for row in rows]
+
+    async def stored_sessions(self) -> dict[str, dict[str, Any]]:
+        """Every row of ``ll_whatsapp_qr_sessions``, by instance id."""
+        rows = await self._query("SELECT * FROM ll_whatsapp_qr_sessions")
+        return {row["instance_id"]: dict(row) for row in rows}
+
+    async def stored_messages(self) -> dict[str, dict[str, Any]]:
+        """Every row of ``messages``, by message id."""
+        rows = await self._query("SELECT * FROM messages")
+        return {row["id"]: dict(row) for row in rows}
+
+    async def metric(self, node: Node, name: str) -> float:
+        """The sum of every sample called ``name`` on the node's ``/metrics``."""
+        assert self._http is not None, "the harness is not started"
+        assert node.metrics_port is not None, f"{node.name} logged no metrics port"
+        answer = await self._http.get(f"http://127.0.0.1:{node.metrics_port}/metrics")
+        answer.raise_for_status()
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(answer.text)
+            for sample in family.samples
+            if sample.name == name
+        )
+
+    async def _query(self, sql: str) -> list[asyncpg.Record]:
+        assert self._db is not None, "the harness is not started"
+        return list(await self._db.fetch(sql))
+
+
+async def wait_until(check: Callable[[], Awaitable[str | None]], within: float, what: str) -> float:
+    """Poll ``check`` until it returns None (nothing wrong left); the seconds it took.
+
+    ``check`` returns a description of what is still wrong; after ``within``
+    seconds the last one fails the test, prefixed by ``what``.
+    """
+    started = time.monotonic()
+    while True:
+        wrong = await check()
+        if wrong is None:
+            return time.monotonic() - started
+        if time.monotonic() - started > within:
+            raise AssertionError(f"{what}, not within {within:g} s: {wrong}")
+        await asyncio.sleep(POLL)  # the polling interval; the wait is bounded by ``within``
+
+
+def _metrics_port(log: str) -> int | None:
+    found = _METRICS_PORT.search(log)
+    return int(found.group(1)) if found else None

@@ -1,0 +1,527 @@
+"""Three nodes over one PostgreSQL under mixed load: kill -9, freeze, restart, partition.
+
+Each fault hits the healthy node that owns the most sessions, while load runs
+on the others: sessions created, paired through the simulated phone, messages
+sent with idempotency keys, networks dropped, sessions disconnected and
+deleted, and watchers on a node that survives follow every session. After each
+fault, and sampled throughout:
+
+- no session ever has two live workers (tests/census.py, every ~15 ms);
+- none is lost: every acknowledged, undeleted session exists; each one paired
+  and not disconnected since ends CONNECTED without a new QR, leased by a
+  healthy node, with exactly one worker, a child of that node;
+- every acknowledged change is present: each acknowledged send is in
+  ``messages`` under its key, each create, disconnect and delete is reflected;
+- every watcher on a surviving node ends on the stored state, in revision order;
+- a frozen or cut-off owner that comes back finds its writes refused by the
+  epoch (its fencing rejections metric).
+
+An operation whose call failed or timed out is not acknowledged: the session
+it touched is "uncertain" and only has to exist and be consistent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import random
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sessionmanager.v1 import session_pb2 as s
+from sessionmanager.v1 import session_service_pb2 as pb
+from sessionmanager.v1 import simulator_service_pb2 as sim
+from tests.census import WorkerCensus
+from tests.cluster import ClusterHarness, Node, wait_until
+
+CALL_TIMEOUT = 3.0
+SETTLE = 20.0  # seconds for every session to be back on a healthy node after a fault
+FIRST_SESSIONS = 12
+MAX_SESSIONS = 24
+PACE = 0.04  # seconds between two steps of one load worker
+FENCING = "session_manager_fencing_rejections_total"
+PHONE = "+5491100000000"
+STORED_STATUS = {
+    s.SESSION_STATUS_INIT: "init",
+    s.SESSION_STATUS_QR_REQUIRED: "qr_required",
+    s.SESSION_STATUS_CONNECTING: "connecting",
+    s.SESSION_STATUS_CONNECTED: "connected",
+    s.SESSION_STATUS_DISCONNECTED: "disconnected",
+    s.SESSION_STATUS_ERROR: "error",
+}
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@dataclass(frozen=True)
+class Sent:
+    """An acknowledged Send."""
+
+    instance_id: str
+    key: str
+    message_id: str
+    status: int
+
+
+@dataclass
+class Acknowledged:
+    """What the cluster acknowledged, and what it may or may not have done."""
+
+    created: set[str] = field(default_factory=set)
+    deleted: set[str] = field(default_factory=set)
+    paired: set[str] = field(default_factory=set)  # connected, not disconnected since
+    disconnected: set[str] = field(default_factory=set)
+    uncertain: set[str] = field(default_factory=set)
+    sends: dict[str, Sent] = field(default_factory=dict)  # by idempotency key
+    unanswered_keys: dict[str, str] = field(default_factory=dict)  # key -> instance id
+
+    def live(self) -> set[str]:
+        return self.created - self.deleted
+
+    def connected(self) -> set[str]:
+        return self.paired - self.uncertain
+
+
+class Load:
+    """Mixed load on the healthy nodes; records what was acknowledged."""
+
+    def __init__(self, cluster: ClusterHarness, prefix: str, seed: int) -> None:
+        self.cluster = cluster
+        self.prefix = prefix
+        self.acked = Acknowledged()
+        self.calls = 0
+        self.failures = 0
+        self._random = random.Random(seed)
+        self._names = itertools.count()
+        self._keys = itertools.count()
+
+    def node(self) -> Node:
+        healthy = self.cluster.healthy()
+        assert healthy, "no healthy node to load"
+        return self._random.choice(healthy)
+
+    async def call(self, instance_id: str, method: Callable[[Node], Awaitable[Any]]) -> Any:
+        """One call on a healthy node; None, and the session uncertain, if it failed."""
+        self.calls += 1
+        try:
+            return await method(self.node())
+        except grpc.aio.AioRpcError as error:
+            self.failures += 1
+            if error.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                self.acked.uncertain.add(instance_id)
+            return None
+
+    async def pair_new(self) -> str | None:
+        """Create a session, ask for its QR, have the phone scan it."""
+        iid = f"{self.prefix}{next(self._names)}"
+        made = await self.call(
+            iid,
+            lambda n: n.sessions.CreateSession(
+                pb.CreateSessionRequest(instance_id=iid), timeout=CALL_TIMEOUT
+            ),
+        )
+        if made is None:
+            return None
+        self.acked.created.add(iid)
+        qr = await self.call(
+            iid,
+            lambda n: n.sessions.RequestQR(
+                pb.RequestQRRequest(instance_id=iid), timeout=CALL_TIMEOUT
+            ),
+        )
+        if qr is None:
+            return None
+        scanned = await self.call(
+            iid,
+            lambda n: n.simulator.ScanQR(
+                sim.ScanQRRequest(instance_id=iid, phone_number=PHONE), timeout=CALL_TIMEOUT
+            ),
+        )
+        if scanned is not None and scanned.session.status == s.SESSION_STATUS_CONNECTED:
+            self.acked.paired.add(iid)
+        return iid
+
+    async def create_then_delete(self) -> None:
+        iid = f"{self.prefix}{next(self._names)}"
+        request = pb.CreateSessionRequest(instance_id=iid)
+        made = await self.call(
+            iid, lambda n: n.sessions.CreateSession(request, timeout=CALL_TIMEOUT)
+        )
+        if made is None:
+            return
+        self.acked.created.add(iid)
+        gone = pb.DeleteSessionRequest(instance_id=iid)
+        if await self.call(iid, lambda n: n.sessions.DeleteSession(gone, timeout=CALL_TIMEOUT)):
+            self.acked.deleted.add(iid)
+
+    async def send(self, iid: str, key: str | None = None) -> None:
+        """Send with an idempotency key (a new one unless retrying ``key``)."""
+        key = key or f"k{next(self._keys)}"
+        self.acked.unanswered_keys[key] = iid
+        request = pb.SendRequest(instance_id=iid, to=PHONE, text=key, idempotency_key=key)
+        self.calls += 1
+        try:
+            sent = await self.node().sessions.Send(request, timeout=CALL_TIMEOUT)
+        except grpc.aio.AioRpcError:
+            self.failures += 1
+            return  # unanswered (or refused): tried again with the same key
+        self.record_send(iid, key, sent)
+
+    def record_send(self, iid: str, key: str, sent: pb.SendResponse) -> None:
+        self.acked.unanswered_keys.pop(key, None)
+        self.acked.sends[key] = Sent(iid, key, sent.message_id, sent.status)
+
+    async def disconnect(self, iid: str) -> None:
+        request = pb.DisconnectRequest(instance_id=iid)
+        self.acked.paired.discard(iid)
+        if await self.call(iid, lambda n: n.sessions.Disconnect(request, timeout=CALL_TIMEOUT)):
+            self.acked.disconnected.add(iid)
+
+    async def drop_network(self, iid: str) -> None:
+        """The phone's network drops; the engine reconnects by itself."""
+        request = sim.DropNetworkRequest(instance_id=iid)
+        await self.call(iid, lambda n: n.simulator.DropNetwork(request, timeout=CALL_TIMEOUT))
+
+    async def pair_again(self, iid: str) -> None:
+        """A disconnected session asks for a new QR and the phone scans it."""
+        self.acked.disconnected.discard(iid)
+        qr = pb.RequestQRRequest(instance_id=iid)
+        if await self.call(iid, lambda n: n.sessions.RequestQR(qr, timeout=CALL_TIMEOUT)) is None:
+            return
+        scan = sim.ScanQRRequest(instance_id=iid, phone_number=PHONE)
+        scanned = await self.call(iid, lambda n: n.simulator.ScanQR(scan, timeout=CALL_TIMEOUT))
+        if scanned is not None and scanned.session.status == s.SESSION_STATUS_CONNECTED:
+            self.acked.paired.add(iid)
+
+    async def step(self, n: int) -> None:
+        connected = sorted(self.acked.connected())
+        disconnected = sorted(self.acked.disconnected - self.acked.uncertain)
+        if n % 4 == 0 and len(self.acked.live()) < MAX_SESSIONS:
+            await self.pair_new()
+        elif n % 4 == 0 and disconnected:
+            await self.pair_again(self._random.choice(disconnected))
+        elif n % 17 == 5:
+            await self.create_then_delete()
+        elif n % 13 == 7 and len(connected) > FIRST_SESSIONS // 2:
+            await self.disconnect(self._random.choice(connected))
+        elif n % 6 == 3 and connected:
+            await self.drop_network(self._random.choice(connected))
+        elif connected:
+            await self.send(self._random.choice(connected))
+        for key, iid in list(self.acked.unanswered_keys.items())[:2]:
+            if iid in self.acked.connected():
+                await self.send(iid, key)
+
+    async def run(self, stop: asyncio.Event, worker: int, workers: int) -> None:
+        for n in itertools.count(worker, workers):
+            if stop.is_set():
+                return
+            await self.step(n)
+            # Pacing, not waiting: a steady load that leaves the 2 cores to the nodes.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), PACE)
+
+    @contextlib.asynccontextmanager
+    async def running(self, workers: int = 2) -> AsyncIterator[None]:
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(self.run(stop, w, workers)) for w in range(workers)]
+        try:
+            yield
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
+
+    async def answer_every_key(self) -> None:
+        """Send again each key without an answer whose session is still connected."""
+        for key, iid in list(self.acked.unanswered_keys.items()):
+            if iid in self.acked.connected():
+                await self.send(iid, key)
+            else:
+                del self.acked.unanswered_keys[key]
+
+
+class Watchers:
+    """WatchSession streams on one node, one per session, each keeping its latest state."""
+
+    def __init__(self, node: Node, instance_ids: set[str]) -> None:
+        self.node = node
+        self.latest: dict[str, s.WhatsAppSession] = {}
+        self.disorder: list[str] = []
+        self.ended: dict[str, str] = {}
+        self._tasks = [asyncio.create_task(self._follow(iid)) for iid in sorted(instance_ids)]
+
+    async def _follow(self, iid: str) -> None:
+        call = self.node.sessions.WatchSession(pb.WatchSessionRequest(instance_id=iid))
+        try:
+            async for response in call:
+                state, before = response.session, self.latest.get(iid)
+                if before is not None and (state.id, state.revision) <= (
+                    before.id,
+                    before.revision,
+                ):
+                    self.disorder.append(f"{iid}: {before.revision} then {state.revision}")
+                self.latest[iid] = state
+            self.ended[iid] = "the stream ended"
+        except grpc.aio.AioRpcError as error:
+            self.ended[iid] = f"{error.code().name}: {error.details()}"
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def off_truth(self, stored: dict[str, dict[str, Any]], deleted: set[str]) -> str | None:
+        """What a watcher still shows differently from the store, or None."""
+        assert not self.disorder, f"watchers on {self.node.name} out of order: {self.disorder}"
+        for iid in sorted(set(self.latest) | set(self.ended)):
+            if iid in deleted:
+                continue
+            if iid in self.ended:
+                return f"the watch of {iid} on {self.node.name} ended: {self.ended[iid]}"
+            row, seen = stored[iid], self.latest[iid]
+            if (seen.id, seen.revision, STORED_STATUS[seen.status]) != (
+                row["id"], row["revision"], row["status"]
+            ):  # fmt: skip
+                return (
+                    f"the watcher of {iid} on {self.node.name} shows revision {seen.revision} "
+                    f"({STORED_STATUS[seen.status]}), the store {row['revision']} ({row['status']})"
+                )
+        return None
+
+
+@contextlib.asynccontextmanager
+async def watching(node: Node, instance_ids: set[str]) -> AsyncIterator[Watchers]:
+    watchers = Watchers(node, instance_ids)
+    try:
+        yield watchers
+    finally:
+        await watchers.close()
+
+
+async def wrong_placement(
+    cluster: ClusterHarness, census: WorkerCensus, acked: Acknowledged
+) -> str | None:
+    """What is not (yet) as it must be after a fault has settled, or None."""
+    stored = await cluster.stored_sessions()
+    leases = await cluster.leases()
+    workers = census.sample()
+    healthy = {node.name: node for node in cluster.healthy()}
+    for iid in sorted(acked.live()):
+        if iid not in stored:
+            return f"{iid} was created and never deleted, and is lost"
+    for iid in sorted(acked.deleted & set(stored)):
+        return f"{iid} was deleted, and is still stored"
+    for iid in sorted(acked.connected()):
+        row = stored[iid]
+        if (row["status"], row["qr_status"], row["qr_string"]) != ("connected", "none", None):
+            return f"{iid} was paired and is {row['status']} / QR {row['qr_status']}"
+    for iid in sorted(acked.disconnected - acked.uncertain):
+        if stored[iid]["status"] != "disconnected":
+            return f"{iid} was disconnected and is {stored[iid]['status']}"
+    for iid, row in sorted(stored.items()):
+        if row["status"] != "connected":
+            continue
+        lease = leases.get(iid)
+        if lease is None or not lease.valid or lease.node not in healthy:
+            return f"{iid} is connected, its lease is {lease} (healthy: {sorted(healthy)})"
+        owner = healthy[lease.node]
+        running = workers.get(iid, [])
+        if [w.parent for w in running] != [owner.pid]:
+            parents = [cluster.by_pid().get(w.parent, w.parent) for w in running]
+            return f"{iid} is leased by {owner.name} and its live workers are children of {parents}"
+    return None
+
+
+async def settle(
+    cluster: ClusterHarness, census: WorkerCensus, load: Load, watchers: Watchers, what: str
+) -> None:
+    """Wait until the fault is behind (the load stopped): every check of the module docstring."""
+    took = await wait_until(
+        lambda: wrong_placement(cluster, census, load.acked), SETTLE, f"after {what}"
+    )
+    await load.answer_every_key()
+    await check_messages(cluster, load.acked)
+    await wait_until(
+        lambda: _watchers_off(cluster, watchers, load.acked), 10, f"watchers after {what}"
+    )
+    census.assert_never_twice()
+    print(
+        f"{what}: settled in {took:.1f} s; {load.calls} calls, {load.failures} failed, "
+        f"{len(load.acked.uncertain)} sessions uncertain"
+    )
+
+
+async def _watchers_off(
+    cluster: ClusterHarness, watchers: Watchers, acked: Acknowledged
+) -> str | None:
+    return watchers.off_truth(await cluster.stored_sessions(), acked.deleted)
+
+
+async def check_messages(cluster: ClusterHarness, acked: Acknowledged) -> None:
+    """Each acknowledged send is in ``messages``, under its key and session, with its id."""
+    stored = await cluster.stored_messages()
+    sessions = {row["id"]: iid for iid, row in (await cluster.stored_sessions()).items()}
+    for key, sent in acked.sends.items():
+        row = stored.get(sent.message_id)
+        assert row is not None, f"the acknowledged send {key} ({sent.message_id}) is not stored"
+        assert (row["idempotency_key"], sessions.get(row["session_id"])) == (key, sent.instance_id)
+        if sent.status == pb.MESSAGE_STATUS_SENT:
+            assert row["status"] == "sent", f"{key} was acknowledged as sent, is {row['status']}"
+
+
+def busiest(cluster: ClusterHarness, leases: dict[str, Any]) -> Node:
+    """The healthy node holding the most valid leases."""
+    held = {node.name: 0 for node in cluster.healthy()}
+    for lease in leases.values():
+        if lease.valid and lease.node in held:
+            held[lease.node] += 1
+    return cluster.node(max(held, key=lambda name: held[name]))
+
+
+def other_than(cluster: ClusterHarness, victim: Node) -> Node:
+    return next(node for node in cluster.healthy() if node is not victim)
+
+
+@dataclass
+class StaleCalls:
+    """Calls sent to a node while it cannot act (frozen or cut off); served when it comes back."""
+
+    sends: dict[str, tuple[str, asyncio.Future[pb.SendResponse]]] = field(default_factory=dict)
+    drops: list[asyncio.Future[Any]] = field(default_factory=list)
+
+    @classmethod
+    def send_to(cls, victim: Node, owned: list[str]) -> StaleCalls:
+        calls = cls()
+        for iid in owned[:3]:
+            key = f"stale-{victim.name}-{iid}"
+            send = pb.SendRequest(instance_id=iid, to=PHONE, text=key, idempotency_key=key)
+            calls.sends[key] = (iid, asyncio.ensure_future(victim.sessions.Send(send, timeout=30)))
+            drop = sim.DropNetworkRequest(instance_id=iid)
+            calls.drops.append(
+                asyncio.ensure_future(victim.simulator.DropNetwork(drop, timeout=30))
+            )
+        return calls
+
+    async def collect(self, load: Load) -> None:
+        """Record each acknowledged send; an unanswered one is tried again like any other."""
+        await asyncio.gather(*self.drops, return_exceptions=True)
+        for key, (iid, call) in self.sends.items():
+            try:
+                load.record_send(iid, key, await call)
+            except grpc.aio.AioRpcError:
+                load.acked.unanswered_keys[key] = iid
+
+
+async def moved_away(cluster: ClusterHarness, victim: Node, owned: list[str]) -> str | None:
+    """Whether every session ``victim`` held is connected on another healthy node."""
+    leases, stored = await cluster.leases(), await cluster.stored_sessions()
+    healthy = {node.name for node in cluster.healthy()}
+    for iid in owned:
+        lease = leases.get(iid)
+        if lease is None or lease.node not in healthy or not lease.valid:
+            return f"{iid} is leased as {lease}"
+        if stored[iid]["status"] != "connected":
+            return f"{iid} is {stored[iid]['status']} on {lease.node}"
+    return None
+
+
+async def health(node: Node) -> int:
+    probe = health_pb2_grpc.HealthStub(node.channel)
+    answer = await probe.Check(health_pb2.HealthCheckRequest(service=""), timeout=CALL_TIMEOUT)
+    return int(answer.status)
+
+
+async def owned_by(cluster: ClusterHarness, node: Node, acked: Acknowledged) -> list[str]:
+    leases = await cluster.leases()
+    return sorted(i for i in acked.connected() if i in leases and leases[i].node == node.name)
+
+
+async def test_three_nodes_survive_kill_freeze_restart_and_partition(postgres_url: str) -> None:
+    prefix = f"chaos_{uuid.uuid4().hex[:6]}_"
+    census = WorkerCensus(prefix)
+    async with ClusterHarness(postgres_url) as cluster:
+        census.start()
+        try:
+            load = Load(cluster, prefix, seed=14)
+            await asyncio.gather(*(load.pair_new() for _ in range(FIRST_SESSIONS)))
+            assert len(load.acked.connected()) == FIRST_SESSIONS, load.acked
+            await kill9_under_load(cluster, census, load)
+            await freeze_under_load(cluster, census, load)
+            await restart_under_load(cluster, census, load)
+            await partition_under_load(cluster, census, load)
+        finally:
+            census.stop()
+        census.assert_never_twice()
+        assert load.acked.sends, "no send was acknowledged"
+        assert census.samples > 100, census.samples
+
+
+async def kill9_under_load(cluster: ClusterHarness, census: WorkerCensus, load: Load) -> None:
+    """kill -9: the node and its workers die at once; its sessions move; it comes back."""
+    victim = busiest(cluster, await cluster.leases())
+    owned = await owned_by(cluster, victim, load.acked)
+    assert owned, f"{victim.name} owns nothing to move"
+    async with watching(other_than(cluster, victim), load.acked.live()) as watchers:
+        async with load.running():
+            await cluster.kill9(victim)
+            await wait_until(lambda: moved_away(cluster, victim, owned), SETTLE, "kill -9")
+        await settle(cluster, census, load, watchers, f"kill -9 of {victim.name}")
+    await cluster.launch(victim)
+
+
+async def freeze_under_load(cluster: ClusterHarness, census: WorkerCensus, load: Load) -> None:
+    """SIGSTOP past the lease: its workers end by themselves, others take over; then SIGCONT."""
+    victim = busiest(cluster, await cluster.leases())
+    owned = await owned_by(cluster, victim, load.acked)
+    async with watching(other_than(cluster, victim), load.acked.live()) as watchers:
+        async with load.running():
+            cluster.sigstop(victim)
+            stale = StaleCalls.send_to(victim, owned)
+            await wait_until(lambda: moved_away(cluster, victim, owned), SETTLE, "SIGSTOP")
+            cluster.sigcont(victim)
+            await stale.collect(load)
+            await wait_until(lambda: _positive(cluster, victim, FENCING), 10, "after SIGCONT")
+        await settle(cluster, census, load, watchers, f"SIGSTOP of {victim.name}")
+
+
+async def restart_under_load(cluster: ClusterHarness, census: WorkerCensus, load: Load) -> None:
+    """A graceful restart: the node hands its sessions over, then takes its share back."""
+    victim = busiest(cluster, await cluster.leases())
+    async with watching(other_than(cluster, victim), load.acked.live()) as watchers:
+        async with load.running():
+            await cluster.restart(victim)
+        await settle(cluster, census, load, watchers, f"restart of {victim.name}")
+
+
+async def partition_under_load(cluster: ClusterHarness, census: WorkerCensus, load: Load) -> None:
+    """Cut from PostgreSQL: the node stops its workers in time and reports not serving;
+    healed, its stale writes are refused by the epoch."""
+    victim = busiest(cluster, await cluster.leases())
+    owned = await owned_by(cluster, victim, load.acked)
+    async with watching(other_than(cluster, victim), load.acked.live()) as watchers:
+        async with load.running():
+            cluster.partition(victim)
+            stale = StaleCalls.send_to(victim, owned)
+            await wait_until(lambda: moved_away(cluster, victim, owned), SETTLE, "partition")
+            await wait_until(lambda: _not_serving(victim), 10, "health of the cut-off node")
+            cluster.heal(victim)
+            await stale.collect(load)
+            await wait_until(lambda: _positive(cluster, victim, FENCING), 10, "after the heal")
+        await settle(cluster, census, load, watchers, f"partition of {victim.name}")
+
+
+async def _positive(cluster: ClusterHarness, node: Node, metric: str) -> str | None:
+    value = await cluster.metric(node, metric)
+    return None if value > 0 else f"{metric} on {node.name} is {value}"
+
+
+async def _not_serving(node: Node) -> str | None:
+    status = await health(node)
+    return None if status == health_pb2.HealthCheckResponse.NOT_SERVING else f"health {status}"
