@@ -22,7 +22,7 @@ import asyncio
 import re
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -263,12 +263,34 @@ class ClusterHarness:
             if sample.name == name
         )
 
+    async def busiest(self) -> Node:
+        """The healthy node holding the most valid leases."""
+        held = {node.name: 0 for node in self.healthy()}
+        for lease in (await self.leases()).values():
+            if lease.valid and lease.node in held:
+                held[lease.node] += 1
+        return self.node(max(held, key=lambda name: held[name]))
+
+    async def not_moved(self, node: Node, instance_ids: Collection[str]) -> str | None:
+        """Which of ``instance_ids`` is not yet connected on a healthy node other than ``node``."""
+        leases, stored = await self.leases(), await self.stored_sessions()
+        others = {other.name for other in self.healthy() if other is not node}
+        for iid in sorted(instance_ids):
+            lease = leases.get(iid)
+            if lease is None or lease.node not in others or not lease.valid:
+                return f"{iid} is leased as {lease}"
+            if stored[iid]["status"] != "connected":
+                return f"{iid} is {stored[iid]['status']} on {lease.node}"
+        return None
+
     async def _query(self, sql: str) -> list[asyncpg.Record]:
         assert self._db is not None, "the harness is not started"
         return list(await self._db.fetch(sql))
 
 
-async def wait_until(check: Callable[[], Awaitable[str | None]], within: float, what: str) -> float:
+async def wait_until(
+    check: Callable[[], Awaitable[str | None]], within: float, what: str, poll: float = POLL
+) -> float:
     """Poll ``check`` until it returns None (nothing wrong left); the seconds it took.
 
     ``check`` returns a description of what is still wrong; after ``within``
@@ -281,7 +303,7 @@ async def wait_until(check: Callable[[], Awaitable[str | None]], within: float, 
             return time.monotonic() - started
         if time.monotonic() - started > within:
             raise AssertionError(f"{what}, not within {within:g} s: {wrong}")
-        await asyncio.sleep(POLL)  # the polling interval; the wait is bounded by ``within``
+        await asyncio.sleep(poll)  # the polling interval; the wait is bounded by ``within``
 
 
 def _metrics_port(log: str) -> int | None:

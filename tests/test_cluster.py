@@ -376,15 +376,6 @@ async def check_messages(cluster: ClusterHarness, acked: Acknowledged) -> None:
             assert row["status"] == "sent", f"{key} was acknowledged as sent, is {row['status']}"
 
 
-def busiest(cluster: ClusterHarness, leases: dict[str, Any]) -> Node:
-    """The healthy node holding the most valid leases."""
-    held = {node.name: 0 for node in cluster.healthy()}
-    for lease in leases.values():
-        if lease.valid and lease.node in held:
-            held[lease.node] += 1
-    return cluster.node(max(held, key=lambda name: held[name]))
-
-
 def other_than(cluster: ClusterHarness, victim: Node) -> Node:
     return next(node for node in cluster.healthy() if node is not victim)
 
@@ -417,19 +408,6 @@ class StaleCalls:
                 load.record_send(iid, key, await call)
             except grpc.aio.AioRpcError:
                 load.acked.unanswered_keys[key] = iid
-
-
-async def moved_away(cluster: ClusterHarness, victim: Node, owned: list[str]) -> str | None:
-    """Whether every session ``victim`` held is connected on another healthy node."""
-    leases, stored = await cluster.leases(), await cluster.stored_sessions()
-    healthy = {node.name for node in cluster.healthy()}
-    for iid in owned:
-        lease = leases.get(iid)
-        if lease is None or lease.node not in healthy or not lease.valid:
-            return f"{iid} is leased as {lease}"
-        if stored[iid]["status"] != "connected":
-            return f"{iid} is {stored[iid]['status']} on {lease.node}"
-    return None
 
 
 async def health(node: Node) -> int:
@@ -465,26 +443,26 @@ async def test_three_nodes_survive_kill_freeze_restart_and_partition(postgres_ur
 
 async def kill9_under_load(cluster: ClusterHarness, census: WorkerCensus, load: Load) -> None:
     """kill -9: the node and its workers die at once; its sessions move; it comes back."""
-    victim = busiest(cluster, await cluster.leases())
+    victim = await cluster.busiest()
     owned = await owned_by(cluster, victim, load.acked)
     assert owned, f"{victim.name} owns nothing to move"
     async with watching(other_than(cluster, victim), load.acked.live()) as watchers:
         async with load.running():
             await cluster.kill9(victim)
-            await wait_until(lambda: moved_away(cluster, victim, owned), SETTLE, "kill -9")
+            await wait_until(lambda: cluster.not_moved(victim, owned), SETTLE, "kill -9")
         await settle(cluster, census, load, watchers, f"kill -9 of {victim.name}")
     await cluster.launch(victim)
 
 
 async def freeze_under_load(cluster: ClusterHarness, census: WorkerCensus, load: Load) -> None:
     """SIGSTOP past the lease: its workers end by themselves, others take over; then SIGCONT."""
-    victim = busiest(cluster, await cluster.leases())
+    victim = await cluster.busiest()
     owned = await owned_by(cluster, victim, load.acked)
     async with watching(other_than(cluster, victim), load.acked.live()) as watchers:
         async with load.running():
             cluster.sigstop(victim)
             stale = StaleCalls.send_to(victim, owned)
-            await wait_until(lambda: moved_away(cluster, victim, owned), SETTLE, "SIGSTOP")
+            await wait_until(lambda: cluster.not_moved(victim, owned), SETTLE, "SIGSTOP")
             cluster.sigcont(victim)
             await stale.collect(load)
             await wait_until(lambda: _positive(cluster, victim, FENCING), 10, "after SIGCONT")
@@ -493,7 +471,7 @@ async def freeze_under_load(cluster: ClusterHarness, census: WorkerCensus, load:
 
 async def restart_under_load(cluster: ClusterHarness, census: WorkerCensus, load: Load) -> None:
     """A graceful restart: the node hands its sessions over, then takes its share back."""
-    victim = busiest(cluster, await cluster.leases())
+    victim = await cluster.busiest()
     async with watching(other_than(cluster, victim), load.acked.live()) as watchers:
         async with load.running():
             await cluster.restart(victim)
@@ -503,13 +481,13 @@ async def restart_under_load(cluster: ClusterHarness, census: WorkerCensus, load
 async def partition_under_load(cluster: ClusterHarness, census: WorkerCensus, load: Load) -> None:
     """Cut from PostgreSQL: the node stops its workers in time and reports not serving;
     healed, its stale writes are refused by the epoch."""
-    victim = busiest(cluster, await cluster.leases())
+    victim = await cluster.busiest()
     owned = await owned_by(cluster, victim, load.acked)
     async with watching(other_than(cluster, victim), load.acked.live()) as watchers:
         async with load.running():
             cluster.partition(victim)
             stale = StaleCalls.send_to(victim, owned)
-            await wait_until(lambda: moved_away(cluster, victim, owned), SETTLE, "partition")
+            await wait_until(lambda: cluster.not_moved(victim, owned), SETTLE, "partition")
             await wait_until(lambda: _not_serving(victim), 10, "health of the cut-off node")
             cluster.heal(victim)
             await stale.collect(load)
