@@ -23,6 +23,7 @@ it touched is "uncertain" and only has to exist and be consistent.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import random
@@ -47,6 +48,8 @@ FIRST_SESSIONS = 12
 MAX_SESSIONS = 24
 PACE = 0.04  # seconds between two steps of one load worker
 FENCING = "session_manager_fencing_rejections_total"
+# Errors no call of the load may get, whatever the fault: its sessions exist and its input is valid.
+NEVER = ("NOT_FOUND", "INVALID_ARGUMENT", "ALREADY_EXISTS", "UNAUTHENTICATED", "PERMISSION_DENIED")
 PHONE = "+5491100000000"
 STORED_STATUS = {
     s.SESSION_STATUS_INIT: "init",
@@ -76,6 +79,7 @@ class Acknowledged:
 
     created: set[str] = field(default_factory=set)
     deleted: set[str] = field(default_factory=set)
+    maybe_deleted: set[str] = field(default_factory=set)  # a delete without an answer
     paired: set[str] = field(default_factory=set)  # connected, not disconnected since
     disconnected: set[str] = field(default_factory=set)
     uncertain: set[str] = field(default_factory=set)
@@ -83,7 +87,8 @@ class Acknowledged:
     unanswered_keys: dict[str, str] = field(default_factory=dict)  # key -> instance id
 
     def live(self) -> set[str]:
-        return self.created - self.deleted
+        """Created and not deleted (nor perhaps deleted)."""
+        return self.created - self.deleted - self.maybe_deleted
 
     def connected(self) -> set[str]:
         return self.paired - self.uncertain
@@ -98,6 +103,7 @@ class Load:
         self.acked = Acknowledged()
         self.calls = 0
         self.failures = 0
+        self.errors: collections.Counter[str] = collections.Counter()
         self._random = random.Random(seed)
         self._names = itertools.count()
         self._keys = itertools.count()
@@ -113,10 +119,19 @@ class Load:
         try:
             return await method(self.node())
         except grpc.aio.AioRpcError as error:
-            self.failures += 1
+            self.failed(error)
             if error.code() != grpc.StatusCode.FAILED_PRECONDITION:
                 self.acked.uncertain.add(instance_id)
             return None
+
+    def failed(self, error: grpc.aio.AioRpcError) -> None:
+        self.failures += 1
+        self.errors[error.code().name] += 1
+
+    def assert_no_contract_violation(self) -> None:
+        """No call on a session the load created was refused as unknown or invalid."""
+        wrong = {code: self.errors[code] for code in NEVER if self.errors[code]}
+        assert not wrong, f"calls refused with {wrong}; all failures: {dict(self.errors)}"
 
     async def pair_new(self) -> str | None:
         """Create a session, ask for its QR, have the phone scan it."""
@@ -160,6 +175,8 @@ class Load:
         gone = pb.DeleteSessionRequest(instance_id=iid)
         if await self.call(iid, lambda n: n.sessions.DeleteSession(gone, timeout=CALL_TIMEOUT)):
             self.acked.deleted.add(iid)
+        else:
+            self.acked.maybe_deleted.add(iid)
 
     async def send(self, iid: str, key: str | None = None) -> None:
         """Send with an idempotency key (a new one unless retrying ``key``)."""
@@ -169,8 +186,8 @@ class Load:
         self.calls += 1
         try:
             sent = await self.node().sessions.Send(request, timeout=CALL_TIMEOUT)
-        except grpc.aio.AioRpcError:
-            self.failures += 1
+        except grpc.aio.AioRpcError as error:
+            self.failed(error)
             return  # unanswered (or refused): tried again with the same key
         self.record_send(iid, key, sent)
 
@@ -281,11 +298,14 @@ class Watchers:
         """What a watcher still shows differently from the store, or None."""
         assert not self.disorder, f"watchers on {self.node.name} out of order: {self.disorder}"
         for iid in sorted(set(self.latest) | set(self.ended)):
-            if iid in deleted:
+            row = stored.get(iid)
+            if iid in deleted or (row is None and self.ended.get(iid, "").startswith("NOT_FOUND")):
                 continue
             if iid in self.ended:
                 return f"the watch of {iid} on {self.node.name} ended: {self.ended[iid]}"
-            row, seen = stored[iid], self.latest[iid]
+            if row is None:
+                return f"{iid} is gone from the store and its watcher on {self.node.name} goes on"
+            seen = self.latest[iid]
             if (seen.id, seen.revision, STORED_STATUS[seen.status]) != (
                 row["id"], row["revision"], row["status"]
             ):  # fmt: skip
@@ -318,7 +338,7 @@ async def wrong_placement(
             return f"{iid} was created and never deleted, and is lost"
     for iid in sorted(acked.deleted & set(stored)):
         return f"{iid} was deleted, and is still stored"
-    for iid in sorted(acked.connected()):
+    for iid in sorted(acked.connected() & acked.live()):
         row = stored[iid]
         if (row["status"], row["qr_status"], row["qr_string"]) != ("connected", "none", None):
             return f"{iid} was paired and is {row['status']} / QR {row['qr_status']}"
@@ -352,9 +372,10 @@ async def settle(
         lambda: _watchers_off(cluster, watchers, load.acked), 10, f"watchers after {what}"
     )
     census.assert_never_twice()
+    load.assert_no_contract_violation()
     print(
         f"{what}: settled in {took:.1f} s; {load.calls} calls, {load.failures} failed, "
-        f"{len(load.acked.uncertain)} sessions uncertain"
+        f"{len(load.acked.uncertain)} sessions uncertain; errors {dict(load.errors)}"
     )
 
 
@@ -437,6 +458,7 @@ async def test_three_nodes_survive_kill_freeze_restart_and_partition(postgres_ur
         finally:
             census.stop()
         census.assert_never_twice()
+        load.assert_no_contract_violation()
         assert load.acked.sends, "no send was acknowledged"
         assert census.samples > 100, census.samples
 
