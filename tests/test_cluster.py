@@ -47,7 +47,7 @@ SETTLE = 20.0  # seconds for every session to be back on a healthy node after a 
 FIRST_SESSIONS = 12
 MAX_SESSIONS = 24
 PACE = 0.04  # seconds between two steps of one load worker
-FENCING = "session_manager_fencing_rejections_total"
+FENCING = "sessionmanager_fencing_rejections_total"
 # Errors no call of the load may get, whatever the fault: its sessions exist and its input is valid.
 NEVER = ("NOT_FOUND", "INVALID_ARGUMENT", "ALREADY_EXISTS", "UNAUTHENTICATED", "PERMISSION_DENIED")
 PHONE = "+5491100000000"
