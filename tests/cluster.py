@@ -62,13 +62,14 @@ class Lease:
     """A row of the ``leases`` table."""
 
     instance_id: str
-    owner: str  # "<node_id>/<incarnation>"
+    owner: str | None  # "<node_id>/<incarnation>"; None once handed back
     epoch: int
     valid: bool  # lease_until is still ahead of the database's clock
 
     @property
     def node(self) -> str:
-        return self.owner.split("/", 1)[0]
+        """The owner's node id; empty when nobody holds the lease."""
+        return (self.owner or "").split("/", 1)[0]
 
 
 @dataclass
@@ -230,7 +231,8 @@ class ClusterHarness:
 
     async def leases(self) -> dict[str, Lease]:
         rows = await self._query(
-            "SELECT instance_id, owner, epoch, lease_until > now() AS valid FROM leases"
+            "SELECT instance_id, owner, epoch, coalesce(lease_until > now(), false) AS valid "
+            "FROM leases"
         )
         return {row["instance_id"]: Lease(**dict(row)) for row in rows}
 
