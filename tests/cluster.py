@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -131,6 +132,7 @@ class ClusterHarness:
     nodes: list[Node] = field(default_factory=list)
     _db: asyncpg.Connection | None = None
     _http: httpx.AsyncClient | None = None
+    _folders: tempfile.TemporaryDirectory[str] | None = None
 
     async def __aenter__(self) -> ClusterHarness:
         try:
@@ -147,9 +149,13 @@ class ClusterHarness:
         """Start every node at once; return when each one listens."""
         self._db = await asyncpg.connect(self.database_url)
         self._http = httpx.AsyncClient(timeout=5)
+        self._folders = tempfile.TemporaryDirectory(prefix="session-manager-nodes-")
         for n in range(1, self.size + 1):
             name = f"n{n}"
             flags = node_flags(name, self.lease_ttl, self.lease_grace, self.moves_per_second)
+            # A folder of its own, as on separate machines: nothing passes between nodes
+            # but through PostgreSQL.
+            flags.append(f"--devices-dir={self._folders.name}/{name}")
             proxy = NetProxy.for_url(self.database_url)
             self.nodes.append(Node(name, proxy, [*flags, *self.extra_flags]))
         await asyncio.gather(*(self.launch(node) for node in self.nodes))
@@ -165,6 +171,8 @@ class ClusterHarness:
             await self._http.aclose()
         if self._db is not None:
             await self._db.close()
+        if self._folders is not None:
+            self._folders.cleanup()
 
     def node(self, name: str) -> Node:
         return next(node for node in self.nodes if node.name == name)
