@@ -84,6 +84,7 @@ class Node:
     metrics_port: int | None = None
     channel: grpc.aio.Channel | None = None
     frozen: bool = False
+    going: bool = False  # being stopped or killed: no new call goes to it
     incarnations: int = 0
 
     @property
@@ -92,8 +93,8 @@ class Node:
 
     @property
     def healthy(self) -> bool:
-        """Running, not frozen and not cut off from the database."""
-        return self.running and not self.frozen and not self.proxy.partitioned
+        """Running, not frozen, not being stopped and not cut off from the database."""
+        return self.running and not (self.frozen or self.going or self.proxy.partitioned)
 
     @property
     def pid(self) -> int:
@@ -222,9 +223,8 @@ class ClusterHarness:
         node.proxy.heal()
 
     async def _forget(self, node: Node, kill: bool) -> None:
-        if node.channel is not None:
-            await node.channel.close(None)
-            node.channel = None
+        """Kill or stop the node's process, then close the channel to it."""
+        node.going = True
         if node.process is not None:
             process = node.process
             if kill:
@@ -233,7 +233,10 @@ class ClusterHarness:
                 code = await asyncio.to_thread(process.stop)
                 assert code == 0, f"{node.name} exited with {code}: {process.stderr()[-2000:]}"
             process.close()
-        node.frozen = False
+        if node.channel is not None:
+            await node.channel.close(None)
+            node.channel = None
+        node.frozen = node.going = False
 
     # What the tests observe.
 
