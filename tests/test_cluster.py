@@ -34,18 +34,22 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from sessionmanager.v1 import session_pb2 as s
 from sessionmanager.v1 import session_service_pb2 as pb
 from sessionmanager.v1 import simulator_service_pb2 as sim
 from tests.census import WorkerCensus
 from tests.cluster import ClusterHarness, Node, wait_until
+from tests.status_details import retry_delay
 
 CALL_TIMEOUT = 3.0
 SETTLE = 20.0  # seconds for every session to be back on a healthy node after a fault
 FIRST_SESSIONS = 12
 MAX_SESSIONS = 24
+MOVING_ATTEMPTS = 5  # tries of a call refused with SESSION_MOVING (RetryInfo: about 1 s)
 PACE = 0.04  # seconds between two steps of one load worker
 FENCING = "sessionmanager_fencing_rejections_total"
 # Errors no call of the load may get, whatever the fault: its sessions exist and its input is valid.
@@ -94,6 +98,22 @@ class Acknowledged:
         return self.paired - self.uncertain
 
 
+def reason(error: grpc.aio.AioRpcError) -> str:
+    """The contract reason (ErrorInfo) of a failed call; empty when it carries none."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return str(info.reason)
+    return ""
+
+
+def nothing_changed(error: grpc.aio.AioRpcError) -> bool:
+    """Whether the contract says the refused call changed nothing."""
+    return error.code() == grpc.StatusCode.FAILED_PRECONDITION or reason(error) == "SESSION_MOVING"
+
+
 class Load:
     """Mixed load on the healthy nodes; records what was acknowledged."""
 
@@ -114,14 +134,29 @@ class Load:
         assert healthy, "no healthy node to load"
         return self._random.choice(healthy)
 
+    async def attempt(self, method: Callable[[Node], Awaitable[Any]]) -> Any:
+        """One call on a healthy node, tried again as SESSION_MOVING's RetryInfo says."""
+        for attempt in itertools.count(1):
+            self.calls += 1
+            try:
+                return await method(self.node())
+            except grpc.aio.AioRpcError as error:
+                self.failed(error)
+                if reason(error) != "SESSION_MOVING" or attempt == MOVING_ATTEMPTS:
+                    raise
+                await asyncio.sleep(retry_delay(error))  # the wait the contract asks for
+        raise AssertionError("unreachable")
+
     async def call(self, instance_id: str, method: Callable[[Node], Awaitable[Any]]) -> Any:
-        """One call on a healthy node; None, and the session uncertain, if it failed."""
-        self.calls += 1
+        """The answer of ``method``, or None if it failed.
+
+        A refusal that changed nothing by contract (a precondition, SESSION_MOVING)
+        leaves the session as it was; any other failure makes it uncertain.
+        """
         try:
-            return await method(self.node())
+            return await self.attempt(method)
         except grpc.aio.AioRpcError as error:
-            self.failed(error)
-            if error.code() != grpc.StatusCode.FAILED_PRECONDITION:
+            if not nothing_changed(error):
                 self.acked.uncertain.add(instance_id)
             return None
 
@@ -185,11 +220,9 @@ class Load:
         key = key or f"k{next(self._keys)}"
         self.acked.unanswered_keys[key] = iid
         request = pb.SendRequest(instance_id=iid, to=PHONE, text=key, idempotency_key=key)
-        self.calls += 1
         try:
-            sent = await self.node().sessions.Send(request, timeout=CALL_TIMEOUT)
-        except grpc.aio.AioRpcError as error:
-            self.failed(error)
+            sent = await self.attempt(lambda n: n.sessions.Send(request, timeout=CALL_TIMEOUT))
+        except grpc.aio.AioRpcError:
             return  # unanswered (or refused): tried again with the same key
         self.record_send(iid, key, sent)
 
@@ -202,6 +235,8 @@ class Load:
         self.acked.paired.discard(iid)
         if await self.call(iid, lambda n: n.sessions.Disconnect(request, timeout=CALL_TIMEOUT)):
             self.acked.disconnected.add(iid)
+        elif iid not in self.acked.uncertain:
+            self.acked.paired.add(iid)  # refused: by contract it is still connected
 
     async def drop_network(self, iid: str) -> None:
         """The phone's network drops; the engine reconnects by itself."""
@@ -213,6 +248,8 @@ class Load:
         self.acked.disconnected.discard(iid)
         qr = pb.RequestQRRequest(instance_id=iid)
         if await self.call(iid, lambda n: n.sessions.RequestQR(qr, timeout=CALL_TIMEOUT)) is None:
+            if iid not in self.acked.uncertain:
+                self.acked.disconnected.add(iid)  # refused: by contract it is still disconnected
             return
         scan = sim.ScanQRRequest(instance_id=iid, phone_number=PHONE)
         scanned = await self.call(iid, lambda n: n.simulator.ScanQR(scan, timeout=CALL_TIMEOUT))
