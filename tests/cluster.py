@@ -86,6 +86,8 @@ class Node:
     frozen: bool = False
     going: bool = False  # being stopped or killed: no new call goes to it
     incarnations: int = 0
+    #: What each earlier incarnation wrote on stderr.
+    past_logs: list[str] = field(default_factory=list)
 
     @property
     def running(self) -> bool:
@@ -119,6 +121,14 @@ class Node:
     def stderr(self) -> str:
         return self.process.stderr() if self.process is not None else ""
 
+    def log_tail(self, lines: int) -> str:
+        """The last ``lines`` lines of every incarnation's log, the earliest first."""
+        return "\n".join(
+            f"--- {self.name}, incarnation {n + 1}:\n" + "\n".join(log.splitlines()[-lines:])
+            for n, log in enumerate([*self.past_logs, self.stderr()])
+            if log
+        )
+
 
 @dataclass
 class ClusterHarness:
@@ -143,7 +153,9 @@ class ClusterHarness:
             raise
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(self, kind: type[BaseException] | None, *exc_info: object) -> None:
+        if kind is not None:  # shown by pytest with the failure
+            print(*(node.log_tail(40) for node in self.nodes), sep="\n")
         await self.close()
 
     async def start(self) -> None:
@@ -232,6 +244,7 @@ class ClusterHarness:
             else:
                 code = await asyncio.to_thread(process.stop)
                 assert code == 0, f"{node.name} exited with {code}: {process.stderr()[-2000:]}"
+            node.past_logs.append(process.stderr())
             process.close()
         if node.channel is not None:
             await node.channel.close(None)
