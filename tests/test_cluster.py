@@ -48,6 +48,7 @@ from tests.status_details import retry_delay
 CALL_TIMEOUT = 3.0
 SETTLE = 20.0  # seconds for every session to be back on a healthy node after a fault
 FIRST_SESSIONS = 12
+PAIRING_AT_ONCE = 3
 MAX_SESSIONS = 24
 MOVING_ATTEMPTS = 5  # tries of a call refused with SESSION_MOVING (RetryInfo: about 1 s)
 PACE = 0.04  # seconds between two steps of one load worker
@@ -488,7 +489,8 @@ async def test_three_nodes_survive_kill_freeze_restart_and_partition(postgres_ur
         census.start()
         try:
             load = Load(cluster, prefix, seed=14)
-            await asyncio.gather(*(load.pair_new() for _ in range(FIRST_SESSIONS)))
+            for _ in range(FIRST_SESSIONS // PAIRING_AT_ONCE):  # as users scan, a few at a time
+                await asyncio.gather(*(load.pair_new() for _ in range(PAIRING_AT_ONCE)))
             assert len(load.acked.connected()) == FIRST_SESSIONS, load.said
             await kill9_under_load(cluster, census, load)
             await freeze_under_load(cluster, census, load)
