@@ -246,6 +246,7 @@ class ClusterHarness:
                 assert code == 0, f"{node.name} exited with {code}: {process.stderr()[-2000:]}"
             node.past_logs.append(process.stderr())
             process.close()
+            node.process = None
         if node.channel is not None:
             await node.channel.close(None)
             node.channel = None
