@@ -208,7 +208,8 @@ async def cluster_run(
     """Kill the busiest of ``survivors + 1`` nodes, time the move, then read CPU on a survivor."""
     noop, sqlite = baseline
     async with cluster_of(postgres, survivors + 1, moves) as cluster:
-        ids = await prepare(cluster.nodes[0].address, sizes.sessions, connect=True, qr=False)
+        ids = [f"load_{n}" for n in range(sizes.sessions)]
+        await cluster.pair(ids)
         await wait_until(lambda: _not_placed(cluster, ids), 60, "placement", POLL)
         victim = await cluster.busiest()
         owned = sorted(

@@ -19,6 +19,7 @@ processes in /proc (tests/census.py).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import signal
 import tempfile
@@ -30,9 +31,13 @@ from typing import Any
 import asyncpg
 import grpc
 import httpx
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
 
+from sessionmanager.v1 import session_service_pb2 as pb
 from sessionmanager.v1 import session_service_pb2_grpc, simulator_service_pb2_grpc
+from sessionmanager.v1 import simulator_service_pb2 as sim
 from tests.netproxy import NetProxy
 from tests.servers import ServerProcess
 
@@ -40,7 +45,32 @@ LEASE_TTL = 2.0
 LEASE_GRACE = 1.0
 MOVES_PER_SECOND = 20
 POLL = 0.1
+MOVING_ATTEMPTS = 5  # tries of a call refused with SESSION_MOVING (RetryInfo: about 1 s)
 _METRICS_PORT = re.compile(r"metrics on port (\d+)")
+
+
+def reason(error: grpc.aio.AioRpcError) -> str:
+    """The contract reason (ErrorInfo) of a failed call; empty when it carries none."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return str(info.reason)
+    return ""
+
+
+def retry_after(error: grpc.aio.AioRpcError) -> float | None:
+    """The delay a SESSION_MOVING refusal asks for (its RetryInfo), or None for other errors."""
+    if reason(error) != "SESSION_MOVING":
+        return None
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            return float(retry.retry_delay.ToTimedelta().total_seconds())
+    raise AssertionError(f"SESSION_MOVING without the RetryInfo the contract promises: {error}")
 
 
 def node_flags(name: str, lease_ttl: float, lease_grace: float, moves: int) -> list[str]:
@@ -309,6 +339,32 @@ class ClusterHarness:
             if stored[iid]["status"] != "connected":
                 return f"{iid} is {stored[iid]['status']} on {lease.node}"
         return None
+
+    async def pair(self, instance_ids: Sequence[str], at_once: int = 3) -> None:
+        """Create and pair each session (QR, then the phone scans it), ``at_once`` at a time,
+        each call on the next healthy node, following SESSION_MOVING's RetryInfo."""
+        turn = itertools.count()
+
+        async def call(method: Callable[[Node], Awaitable[Any]]) -> None:
+            for _ in range(MOVING_ATTEMPTS - 1):
+                healthy = self.healthy()
+                try:
+                    await method(healthy[next(turn) % len(healthy)])
+                    return
+                except grpc.aio.AioRpcError as error:
+                    delay = retry_after(error)
+                    if delay is None:
+                        raise
+                    await asyncio.sleep(delay)  # the wait the contract asks for
+            await method(self.healthy()[0])
+
+        async def one(iid: str) -> None:
+            await call(lambda n: n.sessions.CreateSession(pb.CreateSessionRequest(instance_id=iid)))
+            await call(lambda n: n.sessions.RequestQR(pb.RequestQRRequest(instance_id=iid)))
+            await call(lambda n: n.simulator.ScanQR(sim.ScanQRRequest(instance_id=iid)))
+
+        for start in range(0, len(instance_ids), at_once):
+            await asyncio.gather(*(one(iid) for iid in instance_ids[start : start + at_once]))
 
     async def _query(self, sql: str) -> list[asyncpg.Record]:
         assert self._db is not None, "the harness is not started"

@@ -34,23 +34,26 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
 
 from sessionmanager.v1 import session_pb2 as s
 from sessionmanager.v1 import session_service_pb2 as pb
 from sessionmanager.v1 import simulator_service_pb2 as sim
 from tests.census import WorkerCensus
-from tests.cluster import ClusterHarness, Node, wait_until
-from tests.status_details import retry_delay
+from tests.cluster import (
+    MOVING_ATTEMPTS,
+    ClusterHarness,
+    Node,
+    reason,
+    retry_after,
+    wait_until,
+)
 
 CALL_TIMEOUT = 3.0
 SETTLE = 20.0  # seconds for every session to be back on a healthy node after a fault
 FIRST_SESSIONS = 12
 PAIRING_AT_ONCE = 3
 MAX_SESSIONS = 24
-MOVING_ATTEMPTS = 5  # tries of a call refused with SESSION_MOVING (RetryInfo: about 1 s)
 PACE = 0.04  # seconds between two steps of one load worker
 FENCING = "sessionmanager_fencing_rejections_total"
 # Errors no call of the load may get, whatever the fault: its sessions exist and its input is valid.
@@ -99,17 +102,6 @@ class Acknowledged:
         return self.paired - self.uncertain
 
 
-def reason(error: grpc.aio.AioRpcError) -> str:
-    """The contract reason (ErrorInfo) of a failed call; empty when it carries none."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return str(info.reason)
-    return ""
-
-
 def nothing_changed(error: grpc.aio.AioRpcError) -> bool:
     """Whether the contract says the refused call changed nothing."""
     return error.code() == grpc.StatusCode.FAILED_PRECONDITION or reason(error) == "SESSION_MOVING"
@@ -143,9 +135,10 @@ class Load:
                 return await method(self.node())
             except grpc.aio.AioRpcError as error:
                 self.failed(error)
-                if reason(error) != "SESSION_MOVING" or attempt == MOVING_ATTEMPTS:
+                delay = retry_after(error)
+                if delay is None or attempt == MOVING_ATTEMPTS:
                     raise
-                await asyncio.sleep(retry_delay(error))  # the wait the contract asks for
+                await asyncio.sleep(delay)  # the wait the contract asks for
         raise AssertionError("unreachable")
 
     async def call(self, instance_id: str, method: Callable[[Node], Awaitable[Any]]) -> Any:
