@@ -455,12 +455,16 @@ class StaleCalls:
         return calls
 
     async def collect(self, load: Load) -> None:
-        """Record each acknowledged send; an unanswered one is tried again like any other."""
-        await asyncio.gather(*self.drops, return_exceptions=True)
+        """Record each acknowledged send (an unanswered one is tried again like any other),
+        and each refusal among the load's errors."""
+        for dropped in await asyncio.gather(*self.drops, return_exceptions=True):
+            if isinstance(dropped, grpc.aio.AioRpcError):
+                load.failed(dropped)
         for key, (iid, call) in self.sends.items():
             try:
                 load.record_send(iid, key, await call)
-            except grpc.aio.AioRpcError:
+            except grpc.aio.AioRpcError as error:
+                load.failed(error)
                 load.acked.unanswered_keys[key] = iid
 
 
