@@ -91,6 +91,7 @@ class Acknowledged:
     paired: set[str] = field(default_factory=set)  # connected, not disconnected since
     disconnected: set[str] = field(default_factory=set)
     uncertain: set[str] = field(default_factory=set)
+    qr_requested: set[str] = field(default_factory=set)  # the load asked for a QR code
     sends: dict[str, Sent] = field(default_factory=dict)  # by idempotency key
     unanswered_keys: dict[str, str] = field(default_factory=dict)  # key -> instance id
 
@@ -176,6 +177,7 @@ class Load:
         if made is None:
             return None
         self.acked.created.add(iid)
+        self.acked.qr_requested.add(iid)
         qr = await self.call(
             iid,
             lambda n: n.sessions.RequestQR(
@@ -240,6 +242,7 @@ class Load:
     async def pair_again(self, iid: str) -> None:
         """A disconnected session asks for a new QR and the phone scans it."""
         self.acked.disconnected.discard(iid)
+        self.acked.qr_requested.add(iid)
         qr = pb.RequestQRRequest(instance_id=iid)
         if await self.call(iid, lambda n: n.sessions.RequestQR(qr, timeout=CALL_TIMEOUT)) is None:
             if iid not in self.acked.uncertain:
@@ -298,14 +301,25 @@ class Load:
 
 
 class Watchers:
-    """WatchSession streams on one node, one per session, each keeping its latest state."""
+    """WatchSession streams on one node, one per live session, each keeping its latest state
+    and whether it saw a new QR code."""
 
-    def __init__(self, node: Node, instance_ids: set[str]) -> None:
+    def __init__(self, node: Node, acked: Acknowledged) -> None:
         self.node = node
+        self.acked = acked
+        self.paired_at_start = acked.connected()
+        self.qr_requested_before = set(acked.qr_requested)
         self.latest: dict[str, s.WhatsAppSession] = {}
+        self.new_qr: set[str] = set()
         self.disorder: list[str] = []
         self.ended: dict[str, str] = {}
-        self._tasks = [asyncio.create_task(self._follow(iid)) for iid in sorted(instance_ids)]
+        self._tasks = [asyncio.create_task(self._follow(iid)) for iid in sorted(acked.live())]
+
+    def assert_no_new_qr(self, what: str) -> None:
+        """No session paired before the fault showed a new QR, unless the load asked for one."""
+        asked = self.acked.qr_requested - self.qr_requested_before
+        shown = (self.new_qr & self.paired_at_start) - asked
+        assert not shown, f"paired sessions showed a new QR code after {what}: {sorted(shown)}"
 
     async def _follow(self, iid: str) -> None:
         call = self.node.sessions.WatchSession(pb.WatchSessionRequest(instance_id=iid))
@@ -317,6 +331,8 @@ class Watchers:
                     before.revision,
                 ):
                     self.disorder.append(f"{iid}: {before.revision} then {state.revision}")
+                if before is not None and state.qr_status == s.QR_STATUS_GENERATED:
+                    self.new_qr.add(iid)
                 self.latest[iid] = state
             self.ended[iid] = "the stream ended"
         except grpc.aio.AioRpcError as error:
@@ -350,8 +366,8 @@ class Watchers:
 
 
 @contextlib.asynccontextmanager
-async def watching(node: Node, instance_ids: set[str]) -> AsyncIterator[Watchers]:
-    watchers = Watchers(node, instance_ids)
+async def watching(node: Node, acked: Acknowledged) -> AsyncIterator[Watchers]:
+    watchers = Watchers(node, acked)
     try:
         yield watchers
     finally:
@@ -404,6 +420,7 @@ async def settle(
     await wait_until(
         lambda: _watchers_off(cluster, watchers, load.acked), 10, f"watchers after {what}"
     )
+    watchers.assert_no_new_qr(what)
     census.assert_never_twice()
     load.assert_no_contract_violation()
     print(
@@ -506,7 +523,7 @@ async def kill9_under_load(cluster: ClusterHarness, census: WorkerCensus, load: 
     victim = await cluster.busiest()
     owned = await owned_by(cluster, victim, load.acked)
     assert owned, f"{victim.name} owns nothing to move"
-    async with watching(other_than(cluster, victim), load.acked.live()) as watchers:
+    async with watching(other_than(cluster, victim), load.acked) as watchers:
         async with load.running():
             await cluster.kill9(victim)
             await wait_until(lambda: cluster.not_moved(victim, owned), SETTLE, "kill -9")
@@ -518,7 +535,7 @@ async def freeze_under_load(cluster: ClusterHarness, census: WorkerCensus, load:
     """SIGSTOP past the lease: its workers end by themselves, others take over; then SIGCONT."""
     victim = await cluster.busiest()
     owned = await owned_by(cluster, victim, load.acked)
-    async with watching(other_than(cluster, victim), load.acked.live()) as watchers:
+    async with watching(other_than(cluster, victim), load.acked) as watchers:
         async with load.running():
             cluster.sigstop(victim)
             stale = StaleCalls.send_to(victim, owned)
@@ -532,7 +549,7 @@ async def freeze_under_load(cluster: ClusterHarness, census: WorkerCensus, load:
 async def restart_under_load(cluster: ClusterHarness, census: WorkerCensus, load: Load) -> None:
     """A graceful restart: the node hands its sessions over, then takes its share back."""
     victim = await cluster.busiest()
-    async with watching(other_than(cluster, victim), load.acked.live()) as watchers:
+    async with watching(other_than(cluster, victim), load.acked) as watchers:
         async with load.running():
             await cluster.restart(victim)
         await settle(cluster, census, load, watchers, f"restart of {victim.name}")
@@ -543,7 +560,7 @@ async def partition_under_load(cluster: ClusterHarness, census: WorkerCensus, lo
     healed, its stale writes are refused by the epoch."""
     victim = await cluster.busiest()
     owned = await owned_by(cluster, victim, load.acked)
-    async with watching(other_than(cluster, victim), load.acked.live()) as watchers:
+    async with watching(other_than(cluster, victim), load.acked) as watchers:
         async with load.running():
             cluster.partition(victim)
             stale = StaleCalls.send_to(victim, owned)
