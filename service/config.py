@@ -14,6 +14,7 @@ import functools
 import math
 import os
 import re
+import socket
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import Field, dataclass, field, fields
@@ -34,6 +35,7 @@ MAX_SECONDS = 365 * 24 * 3600.0
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"", "0", "false", "no", "off"})
 _ORIGIN = re.compile(r"https?://[^/\s]+")
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})")
 
 #: The credentials' folder when the database is a server: where the default SQLite file keeps them.
@@ -74,6 +76,16 @@ def seconds(value: float) -> str | None:
 def rate(value: float) -> str | None:
     """A rate where 0 means "no limit"."""
     return None if value >= 0 else f"must be 0 (no limit) or more, got {value}"
+
+
+def positive(value: float) -> str | None:
+    return None if value > 0 else f"must be above 0, got {value}"
+
+
+def node_name(value: str) -> str | None:
+    if not _NODE_ID.fullmatch(value):
+        return f"must be 1-63 letters, digits, '.', '_' or '-', got {value!r}"
+    return None
 
 
 def count(value: int) -> str | None:
@@ -212,6 +224,27 @@ class Settings:
     )
     sse_keepalive: float = setting(
         15.0, "seconds between keep-alive comments on an idle event stream", seconds
+    )
+    # Several nodes over one PostgreSQL database (README, Running several nodes).
+    node_id: str = setting(
+        socket.gethostname(),
+        "with PostgreSQL: this node's name, unique among the nodes of one database",
+        node_name,
+    )
+    node_address: str = setting(
+        "",
+        "with PostgreSQL: host:port where the other nodes reach this node's gRPC server "
+        "(default: --address, with the port it got)",
+        optional_host_port,
+    )
+    lease_ttl: float = setting(
+        15.0, "with PostgreSQL: seconds a node's lease on its sessions lasts unrenewed", seconds
+    )
+    lease_grace: float = setting(
+        5.0, "with PostgreSQL: seconds a new owner waits past an expired lease", seconds
+    )
+    moves_per_second: float = setting(
+        10.0, "with PostgreSQL: sessions a node takes over or hands over per second", positive
     )
 
     def __post_init__(self) -> None:

@@ -16,11 +16,15 @@ from grpc_reflection.v1alpha import reflection
 from service.api.auth import TokenInterceptor, Tokens
 from service.api.http import HttpServer, Options, start_http
 from service.api.metrics import Metrics, MetricsInterceptor
-from service.api.rpc import EngineService, SessionService, SimulatorService
+from service.api.rpc import EngineService, NodeService, SessionService, SimulatorService
 from service.clock import Clock, SystemClock
+from service.cluster.routing import ClusterSessions
+from service.cluster.runtime import ClusterRuntime
 from service.config import PostgresURL, Settings, is_loopback
+from service.domain.facade import Sessions
 from service.domain.limits import Limits
 from service.domain.sessions import SessionManager
+from service.engine.credentials import PostgresCredentials
 from service.engine.phone import WorkerPhone
 from service.engine.port import Engine, EngineFactory, Phone
 from service.engine.simulated import PairingTimes, SimulatedEngine
@@ -39,6 +43,8 @@ from service.store.port import Store
 from sessionmanager.v1 import (
     engine_service_pb2,
     engine_service_pb2_grpc,
+    node_service_pb2,
+    node_service_pb2_grpc,
     session_service_pb2,
     session_service_pb2_grpc,
     simulator_service_pb2,
@@ -49,6 +55,7 @@ log = logging.getLogger(__name__)
 
 SESSION_SERVICE = session_service_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name
 ENGINE_SERVICE = engine_service_pb2.DESCRIPTOR.services_by_name["EngineService"].full_name
+NODE_SERVICE = node_service_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name
 SIMULATOR_SERVICE = simulator_service_pb2.DESCRIPTOR.services_by_name["SimulatorService"].full_name
 
 MAX_MESSAGE_BYTES = 1 << 20
@@ -87,10 +94,17 @@ class RunningServer:
     http: HttpServer | None = None
     http_options: Options | None = None
     ownership: Ownership | None = None
+    #: With PostgreSQL: this node's leases, change feed and channels to the other nodes.
+    cluster: ClusterRuntime | None = None
 
     @property
     def engine(self) -> Engine:
         return self.manager.engine
+
+    @property
+    def sessions(self) -> Sessions:
+        """What the transports answer from: this node's view when there are several."""
+        return self.manager if self.cluster is None else self.cluster.sessions
 
     @property
     def http_port(self) -> int | None:
@@ -102,10 +116,12 @@ class RunningServer:
             self.http_options.draining = True  # new HTTP requests get 503
             self.http.stop_accepting()
         # Every watch stream, gRPC or SSE, ends now (SSE with its final event).
-        self.manager.close_watches()
+        self.sessions.close_watches()
         await self.server.stop(self.grace if grace is None else grace)
         if self.http is not None:
             await self.http.close()
+        if self.cluster is not None:  # its sessions go to the other nodes at once
+            await self.cluster.close()
         await self.manager.close()
         await self.store.close()
         if self.metrics is not None:
@@ -133,8 +149,25 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
+def _listen(server: grpc.aio.Server, settings: Settings) -> int:
+    """Bind ``--address``; the port it got."""
+    credentials = _server_credentials(settings)
+    try:
+        if credentials is None:
+            return server.add_insecure_port(settings.address)
+        return server.add_secure_port(settings.address, credentials)
+    except RuntimeError as error:  # "Failed to bind"; check_address names the usual causes
+        raise StartupError(
+            ExitCode.ADDRESS_UNUSABLE, f"cannot listen on {settings.address}: {error}"
+        ) from error
+
+
 def build_engine(settings: Settings, clock: Clock) -> EngineFactory:
-    """The engine ``--engine`` names: in process (simulated) or in worker processes."""
+    """The engine ``--engine`` names: in process (simulated) or in worker processes.
+
+    With PostgreSQL, workers keep their credentials in the sessions' database,
+    so that a session moving to another node reconnects there without a new QR.
+    """
     if settings.engine == "simulated":
         times = PairingTimes(
             first=settings.qr_first_seconds,
@@ -155,6 +188,11 @@ def build_engine(settings: Settings, clock: Clock) -> EngineFactory:
     options = WorkerOptions(
         engine="simulated" if simulated else "whatsmeow",
         devices_dir=settings.devices_path.resolve(),
+        credentials=(
+            PostgresCredentials(settings.database)
+            if isinstance(settings.database, PostgresURL)
+            else None
+        ),
         dial_timeout=settings.dial_timeout,
         heartbeat_interval=settings.worker_heartbeat,
         heartbeat_timeout=2 * settings.worker_heartbeat,
@@ -198,7 +236,7 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
     store: Store | None = None
     try:
         if isinstance(database, PostgresURL):
-            store = await postgres.Store.open(database)
+            store = await postgres.Store.open(database, settings.node_id)
         check_address(settings.address, "--address")
         if settings.metrics_address:
             check_address(settings.metrics_address, "--metrics-address", ExitCode.METRICS_ADDRESS)
@@ -231,8 +269,12 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
     if metrics is not None and isinstance(engine, WorkerEngine):
         engine.on_restart = metrics.worker_restarts.inc
     server: grpc.aio.Server | None = None
+    cluster: ClusterRuntime | None = None
     try:
-        await manager.start()
+        if isinstance(store, postgres.Store):
+            await manager.start_as_node()
+        else:
+            await manager.start()
         store.faults.arm(FaultPoints.from_environment())  # tests only: after recovery
         interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
         if metrics is not None:
@@ -240,15 +282,26 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         if tokens.enabled:
             interceptors.append(TokenInterceptor(tokens))
         server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors or None)
+        port = _listen(server, settings)
+        sessions: Sessions = manager
+        forwarding: ClusterSessions | None = None
+        if isinstance(store, postgres.Store):
+            cluster = ClusterRuntime.build(settings, port, store, manager, limits, tokens, metrics)
+            sessions = forwarding = cluster.sessions
+            node_service_pb2_grpc.add_NodeServiceServicer_to_server(
+                NodeService(cluster.sessions.owner_only()), server
+            )
         session_service_pb2_grpc.add_SessionServiceServicer_to_server(
-            SessionService(manager), server
+            SessionService(sessions), server
         )
-        engine_service_pb2_grpc.add_EngineServiceServicer_to_server(EngineService(manager), server)
+        engine_service_pb2_grpc.add_EngineServiceServicer_to_server(EngineService(sessions), server)
         services = [SESSION_SERVICE, ENGINE_SERVICE]
+        if cluster is not None:
+            services.append(NODE_SERVICE)
         phone = simulated_phone(engine)
         if phone is not None:
             simulator_service_pb2_grpc.add_SimulatorServiceServicer_to_server(
-                SimulatorService(manager, phone), server
+                SimulatorService(sessions, phone, forwarding), server
             )
             services.append(SIMULATOR_SERVICE)
         health_servicer = health_aio.HealthServicer()
@@ -256,38 +309,35 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         reflection.enable_server_reflection(
             [*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
-        credentials = _server_credentials(settings)
-        try:
-            if credentials is None:
-                port = server.add_insecure_port(settings.address)
-            else:
-                port = server.add_secure_port(settings.address, credentials)
-        except RuntimeError as error:  # "Failed to bind"; check_address names the usual causes
-            raise StartupError(
-                ExitCode.ADDRESS_UNUSABLE, f"cannot listen on {settings.address}: {error}"
-            ) from error
         await server.start()
+        if cluster is not None:
+            await cluster.start(health_servicer, services)
         if ownership is not None:
             ownership.record(f"{settings.address.rpartition(':')[0]}:{port}")
         if metrics is not None:
-            metrics.watch(manager)
+            metrics.watch(sessions)
             metrics_port = metrics.serve(settings.metrics_address)
             log.info("metrics on port %d, path /metrics", metrics_port)
         http, http_options = None, None
         if settings.http_address:
-            http, http_options = start_http(settings, manager, tokens, metrics)
+            http, http_options = start_http(settings, sessions, tokens, metrics)
+            if cluster is not None:
+                http_options.serving = cluster.serving
     except BaseException:
         if server is not None:
             await server.stop(0)
         if metrics is not None:
             metrics.close()
+        if cluster is not None:
+            await cluster.close()
         await manager.close()
         await store.close()
         if ownership is not None:
             ownership.release()
         raise
-    for name in ("", *services):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if cluster is None or cluster.serving():
+        for name in ("", *services):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     shown = postgres.display(database) if isinstance(database, PostgresURL) else database
     log.info("listening on %s (port %d), database %s", settings.address, port, shown)
     if http is not None:
@@ -303,6 +353,7 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         http,
         http_options,
         ownership,
+        cluster,
     )
 
 

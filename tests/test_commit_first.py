@@ -71,7 +71,7 @@ def _message_status(database: Path, message_id: str) -> str:
 async def test_a_disconnect_whose_commit_fails_changes_nothing(workers: Harness) -> None:
     engine = _engine(workers)
     await connected(workers, "keep")
-    device = engine.device_dir(workers.running.manager.ref("keep"))
+    device = engine.device_dir(await workers.running.manager.ref("keep"))
     pid = engine.worker_pids()["keep"]
 
     workers.running.store.faults.fail_next("commit")
@@ -97,7 +97,7 @@ async def test_a_disconnect_whose_commit_fails_changes_nothing(workers: Harness)
 async def test_a_delete_whose_commit_fails_changes_nothing(workers: Harness) -> None:
     engine = _engine(workers)
     await connected(workers, "stay")
-    device = engine.device_dir(workers.running.manager.ref("stay"))
+    device = engine.device_dir(await workers.running.manager.ref("stay"))
     pid = engine.worker_pids()["stay"]
 
     workers.running.store.faults.fail_next("commit")

@@ -53,7 +53,7 @@ def settings(settings: Settings) -> Settings:
 async def committed(harness: Harness, iid: str, done: Callable[[Session], bool]) -> None:
     """Wait until the session's committed state satisfies ``done`` (bounded)."""
     manager = harness.running.manager
-    watcher = manager.watch(iid)
+    watcher = await manager.watch(iid)
     try:
         async with asyncio.timeout(5):
             while not done(await watcher.next()):

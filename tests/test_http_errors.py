@@ -206,7 +206,8 @@ async def test_every_reason_has_its_status_and_body(
         for name in session_pb2.ErrorReason.keys()  # noqa: SIM118 - an enum wrapper
         if name != "ERROR_REASON_UNSPECIFIED"
     }
-    assert seen == every_reason
+    # Only several nodes give SESSION_MOVING: tests/test_cluster_nodes.py checks it over HTTP.
+    assert seen == every_reason - {"SESSION_MOVING"}
 
 
 async def _revision(http: httpx.AsyncClient, iid: str) -> int:
@@ -252,7 +253,7 @@ async def test_bad_requests_are_refused_and_change_nothing(
     assert await _revision(http, "sender_5") == before
     listed = ok(await http.get("/sessions"))["sessions"]
     assert [s["instance_id"] for s in listed] == ["sender_5"]
-    assert harness.running.manager.get("sender_5").revision == before
+    assert (await harness.running.manager.get("sender_5")).revision == before
 
 
 _JSON = {"Content-Type": "application/json"}

@@ -106,7 +106,9 @@ async def test_database_failures_are_named_and_change_nothing(
     await _cut(postgres_cluster, database)
     usurper = await asyncpg.connect(postgres_url)
     try:  # another server took the database while the connection was down
-        await usurper.execute("SELECT pg_advisory_lock($1)", postgres.LOCK_KEY)
+        await usurper.execute(
+            "SELECT pg_advisory_lock($1)", postgres.lock_key(harness.settings.node_id)
+        )
         assert await _refused_cause(harness, "while_taken") == "locked"
     finally:
         await usurper.close()
@@ -134,7 +136,7 @@ async def test_database_failures_are_named_and_change_nothing(
         (asyncpg.ConnectionFailureError("connection failure"), failures.Cause.UNREACHABLE),
         (asyncpg.ConnectionDoesNotExistError("connection was closed"), failures.Cause.UNREACHABLE),
         (postgres.DatabaseUnreachable("lost the connection"), failures.Cause.UNREACHABLE),
-        (postgres.DatabaseInUse("postgresql://sm@db/s"), failures.Cause.LOCKED),
+        (postgres.DatabaseInUse("postgresql://sm@db/s", "n1"), failures.Cause.LOCKED),
     ],
 )
 def test_postgresql_failures_have_the_causes_of_sqlite_ones(
@@ -182,8 +184,8 @@ def test_one_server_process_per_postgresql_database(postgres_url: str, tmp_path:
         refusal = failed_start(postgres_url, devices)
         assert refusal.code == ExitCode.DATABASE_IN_USE, refusal.lines
         assert refusal.lines == [
-            f"session-manager: the database {postgres_url} is in use by another server; "
-            "one server per database"
+            f"session-manager: the database {postgres_url} is in use by another server "
+            f"as node {socket.gethostname()!r}; give each node its own --node-id"
         ]
         assert _get(first.address, "kept").revision == 1  # the first one goes on serving
         assert first.stop() == 0

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from service.domain.states import SessionRef
 from service.store import sqlite as store
 
 INSERT = (
@@ -74,7 +75,7 @@ async def test_a_version_1_file_migrates_and_keeps_its_messages(tmp_path: Path) 
         )
     opened = await store.Store.open(database)
     try:
-        found = await opened.find_message(1, "k1")
+        found = await opened.find_message(SessionRef("sender_1", 1), "k1")
         assert found is not None
         assert (found.id, found.text, found.request_digest) == ("m1", "hola", "")
         assert await opened.mark_pending_unknown("OUTCOME_UNKNOWN", "unknown", found.accepted_at)

@@ -22,7 +22,7 @@ import asyncpg
 import pytest
 
 from service.domain import contract
-from service.domain.states import Session, new_session
+from service.domain.states import Session, SessionRef, new_session
 from service.store import postgres, sqlite
 from service.store.messages import Message
 from service.store.port import SchemaTooNew, StaleRevision, Store
@@ -76,7 +76,7 @@ def _postgres_backend(url: str) -> Backend:
 
     return Backend(
         "postgresql",
-        lambda: postgres.Store.open(url),
+        lambda: postgres.Store.open(url, "n1"),
         sql,
         asyncpg.IntegrityConstraintViolationError,
         schema_from_the_future,
@@ -102,10 +102,19 @@ def a_session(instance_id: str, at: datetime = T0) -> Session:
     return new_session(instance_id, at)
 
 
+#: The instance_id the messages of these tests carry (the stores key messages by session id).
+SENDER = "sender"
+
+
+def ref(session_id: int) -> SessionRef:
+    return SessionRef(SENDER, session_id)
+
+
 def a_message(session_id: int, key: str | None, number: int = 0) -> Message:
     return Message(
         id=f"m-{session_id}-{key}-{number}",
         session_id=session_id,
+        instance_id=SENDER,
         idempotency_key=key,
         recipient="+5491100000000",
         text=f"hola {number}",
@@ -176,10 +185,10 @@ async def test_delete_removes_the_session_and_its_messages(backend: Backend, sto
     await store.insert_message(a_message(kept, "k1"))
     await store.insert_message(a_message(gone, "k1"))
     await store.insert_message(a_message(gone, None, 1))
-    await store.delete_session(gone)
+    await store.delete_session(ref(gone))
     assert [s.id for s in await store.load_sessions()] == [kept]
-    assert await store.find_message(gone, "k1") is None
-    assert await store.find_message(kept, "k1") is not None
+    assert await store.find_message(ref(gone), "k1") is None
+    assert await store.find_message(ref(kept), "k1") is not None
     assert await backend.sql("SELECT session_id FROM messages") == [(kept,)]
 
 
@@ -208,16 +217,16 @@ async def test_a_message_is_found_by_its_key_and_keeps_its_outcome(store: Store)
     session_id = await store.insert_session(a_session("sender_1"))
     message = a_message(session_id, "k1")
     await store.insert_message(message)
-    assert await store.find_message(session_id, "k1") == message
+    assert await store.find_message(ref(session_id), "k1") == message
     sent = dataclasses.replace(message, status=contract.SENT, whatsapp_message_id="3EB0")
     await store.finish_message(sent, T0 + timedelta(seconds=2))
-    assert await store.find_message(session_id, "k1") == sent
+    assert await store.find_message(ref(session_id), "k1") == sent
     failed = dataclasses.replace(
         message, status=contract.FAILED, error_code="WHATSAPP_ERROR", error_message="no"
     )
     await store.finish_message(failed, T0 + timedelta(seconds=3))
-    assert await store.find_message(session_id, "k1") == failed
-    assert await store.find_message(session_id, "k2") is None
+    assert await store.find_message(ref(session_id), "k1") == failed
+    assert await store.find_message(ref(session_id), "k2") is None
 
 
 async def test_an_idempotency_key_is_unique_within_its_session(
@@ -231,7 +240,7 @@ async def test_an_idempotency_key_is_unique_within_its_session(
     await store.insert_message(a_message(first, None, 2))
     with pytest.raises(backend.integrity_error):
         await store.insert_message(a_message(first, "k1", 3))
-    found = await store.find_message(first, "k1")
+    found = await store.find_message(ref(first), "k1")
     assert found is not None
     assert found.text == "hola 0"
     assert await backend.sql("SELECT count(*) FROM messages") == [(4,)]
@@ -249,7 +258,7 @@ async def test_pending_messages_are_marked_unknown_once(store: Store) -> None:
     assert await store.mark_pending_unknown("OUTCOME_UNKNOWN", "restarted", T0) == 0
     statuses = {}
     for key in ["k1", "k2", "k3"]:
-        found = await store.find_message(session_id, key)
+        found = await store.find_message(ref(session_id), key)
         assert found is not None
         statuses[key] = (found.status, found.error_code)
     assert statuses == {
@@ -396,7 +405,7 @@ async def test_a_new_database_migrates_and_reopens_with_its_data(backend: Backen
     reopened = await backend.open()
     try:
         assert [s.instance_id for s in await reopened.load_sessions()] == ["sender_1"]
-        assert await reopened.find_message(session_id, "k1") is not None
+        assert await reopened.find_message(ref(session_id), "k1") is not None
     finally:
         await reopened.close()
 

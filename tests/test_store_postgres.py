@@ -43,24 +43,26 @@ def test_a_url_selects_postgresql_and_its_password_is_never_shown() -> None:
     assert postgres.display("postgresql://sm@db/sessions") == "postgresql://sm@db/sessions"
 
 
-async def test_one_server_per_database(postgres_cluster: Cluster) -> None:
+async def test_one_server_per_node_and_database(postgres_cluster: Cluster) -> None:
     url = await postgres_cluster.create_database()
-    first = await postgres.Store.open(url)
+    first = await postgres.Store.open(url, "n1")
     try:
-        with pytest.raises(postgres.DatabaseInUse, match=f"the database {url} is in use"):
-            await postgres.Store.open(url)
-        other = await postgres.Store.open(await postgres_cluster.create_database())
+        with pytest.raises(postgres.DatabaseInUse, match=f"the database {url} is in use .* 'n1'"):
+            await postgres.Store.open(url, "n1")
+        beside = await postgres.Store.open(url, "n2")  # another node of the same database
+        await beside.close()
+        other = await postgres.Store.open(await postgres_cluster.create_database(), "n1")
         await other.close()  # another database of the same cluster is another owner's
     finally:
         await first.close()
-    second = await postgres.Store.open(url)  # closing gave the database up
+    second = await postgres.Store.open(url, "n1")  # closing gave the database up
     await second.close()
 
 
 async def test_commits_are_synchronous_whatever_the_database_default(postgres_url: str) -> None:
     database = postgres_url.rpartition("/")[2]
     await _admin(postgres_url, f"ALTER DATABASE {database} SET synchronous_commit = off")
-    store = await postgres.Store.open(postgres_url)
+    store = await postgres.Store.open(postgres_url, "n1")
     try:
         setting = await store.run(lambda db: db.fetchval("SHOW synchronous_commit"))
         assert setting == "on"
@@ -69,7 +71,7 @@ async def test_commits_are_synchronous_whatever_the_database_default(postgres_ur
 
 
 async def test_a_lost_connection_is_taken_up_again(postgres_url: str) -> None:
-    store = await postgres.Store.open(postgres_url)
+    store = await postgres.Store.open(postgres_url, "n1")
     try:
         session_id = await store.insert_session(new_session("sender_1", T0))
         assert await _cut_connections(postgres_url) == 1
@@ -88,11 +90,11 @@ async def test_a_lost_connection_is_taken_up_again(postgres_url: str) -> None:
 
 
 async def test_a_store_whose_database_was_taken_over_writes_nothing(postgres_url: str) -> None:
-    store = await postgres.Store.open(postgres_url)
+    store = await postgres.Store.open(postgres_url, "n1")
     try:
         await store.insert_session(new_session("sender_1", T0))
         await _cut_connections(postgres_url)
-        usurper = await postgres.Store.open(postgres_url)  # the lock was free for a moment
+        usurper = await postgres.Store.open(postgres_url, "n1")  # the lock was free for a moment
         try:
             refusals = []
             for instance_id in ("sender_2", "sender_3"):

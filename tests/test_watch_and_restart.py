@@ -44,7 +44,7 @@ async def test_a_slow_watcher_skips_to_the_latest_state(harness: Harness) -> Non
     # The slow watcher is subscribed on the server but its stream is not
     # served while the changes are committed: it holds at most a bounded
     # queue, cleared to the latest state when full.
-    slow = harness.running.manager.watch("slow")
+    slow = await harness.running.manager.watch("slow")
     assert (await slow.next()).revision == start
 
     changes = 200

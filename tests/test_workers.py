@@ -67,7 +67,7 @@ async def test_a_session_lives_in_its_own_worker(workers: Harness) -> None:
     pid = engine.worker_pids()["own"]
     assert pid != os.getpid()
     assert alive(pid)
-    assert engine.device_dir(workers.running.manager.ref("own")).is_dir()
+    assert engine.device_dir(await workers.running.manager.ref("own")).is_dir()
 
     scanned = await workers.simulator.ScanQR(
         sim.ScanQRRequest(instance_id="own", phone_number=PHONE)
@@ -89,7 +89,7 @@ async def test_a_session_lives_in_its_own_worker(workers: Harness) -> None:
     assert "own" not in engine.worker_pids()
     await eventually(lambda: not alive(pid))
     assert not engine.device_dir(
-        workers.running.manager.ref("own")
+        await workers.running.manager.ref("own")
     ).exists()  # credentials are wiped on logout
 
 
@@ -229,7 +229,7 @@ async def test_delete_stops_the_worker_and_wipes_credentials(workers: Harness) -
     engine = _engine(workers)
     await connected(workers, "gone")
     pid = engine.worker_pids()["gone"]
-    device = engine.device_dir(workers.running.manager.ref("gone"))
+    device = engine.device_dir(await workers.running.manager.ref("gone"))
     assert device.is_dir()
     await workers.sessions.DeleteSession(pb.DeleteSessionRequest(instance_id="gone"))
     await eventually(lambda: not alive(pid))

@@ -1,8 +1,8 @@
 """Access control: bearer tokens per service, checked before any handler runs.
 
 Central Hub gets the public token (``SessionService``); the engine side gets
-the internal one (``EngineService`` and, with the simulated engine,
-``SimulatorService``). Health checking stays open to probes; reflection
+the internal one (``EngineService``, ``NodeService`` between nodes and, with
+the simulated engine, ``SimulatorService``). Health checking stays open to probes; reflection
 accepts either token. Tokens are compared in constant time and never logged.
 """
 
@@ -35,6 +35,7 @@ _REFLECTION_PREFIXES = (
 _ROLE_BY_SERVICE = {
     "/sessionmanager.v1.SessionService/": PUBLIC,
     "/sessionmanager.v1.EngineService/": INTERNAL,
+    "/sessionmanager.v1.NodeService/": INTERNAL,
     "/sessionmanager.v1.SimulatorService/": INTERNAL,
 }
 

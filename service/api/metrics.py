@@ -76,6 +76,34 @@ class Metrics:
             registry=self.registry,
         )
 
+        # Several nodes (each node serves its own; the scraper labels them by target).
+        self.lease_renew_seconds = Histogram(
+            "sessionmanager_lease_renew_seconds",
+            "Time for one heartbeat and renewal of every lease this node holds.",
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.session_moves = Counter(
+            "sessionmanager_session_moves",
+            "Sessions this node took over (in) or handed to another node (out).",
+            ["direction"],
+            registry=self.registry,
+        )
+        self.fencing_rejections = Counter(
+            "sessionmanager_fencing_rejections",
+            "Writes the database refused because this node's lease epoch was stale.",
+            registry=self.registry,
+        )
+
+    def on_renewal(self, seconds: float) -> None:
+        self.lease_renew_seconds.observe(seconds)
+
+    def on_move(self, direction: str) -> None:
+        self.session_moves.labels(direction).inc()
+
+    def on_fencing_rejection(self) -> None:
+        self.fencing_rejections.inc()
+
     def on_qr_code(self) -> None:
         self.qr_codes.inc()
 
@@ -109,12 +137,19 @@ class _SessionCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         by_status = GaugeMetricFamily(
-            "sessionmanager_sessions", "Sessions, by status.", labels=["status"]
+            "sessionmanager_sessions",
+            "Sessions this node holds, by status (one node holds them all).",
+            labels=["status"],
         )
         counts = self._sessions.status_counts()
         for status in STATUS_TEXTS:
             by_status.add_metric([status], counts.get(status, 0))
         yield by_status
+        yield GaugeMetricFamily(
+            "sessionmanager_sessions_owned",
+            "Sessions this node holds (with several nodes, its share).",
+            value=sum(counts.values()),
+        )
         yield GaugeMetricFamily(
             "sessionmanager_watchers",
             "Open WatchSession streams.",

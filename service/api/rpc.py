@@ -10,7 +10,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -18,7 +18,8 @@ from google.protobuf import timestamp_pb2
 from service.api.aborts import abort
 from service.domain import errors, states, validation
 from service.domain.contract import Status
-from service.domain.sessions import SendResult, SessionManager
+from service.domain.facade import Sessions
+from service.domain.sending import SendResult
 from service.domain.states import EngineEvent, Session, SessionRef
 from service.domain.watch import WatchClosed
 from service.engine.port import Phone
@@ -28,9 +29,13 @@ from sessionmanager.v1 import (
 )
 from sessionmanager.v1 import (
     engine_service_pb2_grpc,
+    node_service_pb2_grpc,
     session_pb2,
     session_service_pb2_grpc,
     simulator_service_pb2_grpc,
+)
+from sessionmanager.v1 import (
+    node_service_pb2 as node_pb,
 )
 from sessionmanager.v1 import (
     session_service_pb2 as pb,
@@ -120,14 +125,14 @@ def unary(
 
 
 class SessionService(session_service_pb2_grpc.SessionServiceServicer):
-    def __init__(self, manager: SessionManager) -> None:
+    def __init__(self, manager: Sessions) -> None:
         self._manager = manager
 
     @unary
     async def GetSession(
         self, request: pb.GetSessionRequest, context: Context
     ) -> pb.GetSessionResponse:
-        session = self._manager.get(validation.instance_id(request.instance_id))
+        session = await self._manager.get(validation.instance_id(request.instance_id))
         return pb.GetSessionResponse(session=session_message(session))
 
     @unary
@@ -176,7 +181,7 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
     ) -> AsyncIterator[pb.WatchSessionResponse]:
         try:
             iid = validation.instance_id(request.instance_id)
-            watcher = self._manager.watch(iid)
+            watcher = await self._manager.watch(iid)
         except errors.ContractError as error:
             await abort(context, error)
             return
@@ -235,10 +240,57 @@ def _send_response(result: SendResult) -> pb.SendResponse:
     return response
 
 
+class NodeService(node_service_pb2_grpc.NodeServiceServicer):
+    """Commands forwarded by the other nodes: run here, by the session's owner, or refused.
+
+    Each one is the public call it wraps, answered by ``SessionService`` over
+    sessions that never forward (``ClusterSessions.owner_only``).
+    """
+
+    def __init__(self, owner_only: Sessions) -> None:
+        self._public = SessionService(owner_only)
+
+    async def CreateSession(
+        self, request: node_pb.NodeServiceCreateSessionRequest, context: Context
+    ) -> node_pb.NodeServiceCreateSessionResponse:
+        response = await self._public.CreateSession(request.request, context)
+        return node_pb.NodeServiceCreateSessionResponse(response=response)
+
+    async def DeleteSession(
+        self, request: node_pb.NodeServiceDeleteSessionRequest, context: Context
+    ) -> node_pb.NodeServiceDeleteSessionResponse:
+        response = await self._public.DeleteSession(request.request, context)
+        return node_pb.NodeServiceDeleteSessionResponse(response=response)
+
+    async def RequestQR(
+        self, request: node_pb.NodeServiceRequestQRRequest, context: Context
+    ) -> node_pb.NodeServiceRequestQRResponse:
+        response = await self._public.RequestQR(request.request, context)
+        return node_pb.NodeServiceRequestQRResponse(response=response)
+
+    async def PairPhone(
+        self, request: node_pb.NodeServicePairPhoneRequest, context: Context
+    ) -> node_pb.NodeServicePairPhoneResponse:
+        response = await self._public.PairPhone(request.request, context)
+        return node_pb.NodeServicePairPhoneResponse(response=response)
+
+    async def Send(
+        self, request: node_pb.NodeServiceSendRequest, context: Context
+    ) -> node_pb.NodeServiceSendResponse:
+        response = await self._public.Send(request.request, context)
+        return node_pb.NodeServiceSendResponse(response=response)
+
+    async def Disconnect(
+        self, request: node_pb.NodeServiceDisconnectRequest, context: Context
+    ) -> node_pb.NodeServiceDisconnectResponse:
+        response = await self._public.Disconnect(request.request, context)
+        return node_pb.NodeServiceDisconnectResponse(response=response)
+
+
 class EngineService(engine_service_pb2_grpc.EngineServiceServicer):
     """The internal reports of the engine side, over gRPC: each one is an engine event."""
 
-    def __init__(self, manager: SessionManager) -> None:
+    def __init__(self, manager: Sessions) -> None:
         self._manager = manager
 
     async def _report(self, instance_id: str, event: EngineEvent) -> session_pb2.WhatsAppSession:
@@ -312,73 +364,113 @@ _FAULT_MESSAGES = {
 }
 
 
+class SimulatorForwarding(Protocol):
+    """Several nodes: the simulated phone of a session is in its owner's workers."""
+
+    def owner_only(self) -> SimulatorForwarding: ...
+
+    async def forward_simulator(
+        self, instance_id: str, method: str, request: Any, response: type[Any]
+    ) -> Any | None: ...
+
+
+#: Metadata set by a node that forwards a call (``service.cluster.forwarding.FORWARDED``).
+FORWARDED_BY = "x-session-manager-forwarded-by"
+
+
+def simulated(
+    method: Callable[[Any, Request, Context], Awaitable[Response]],
+) -> Callable[[Any, Request, Context], Awaitable[Response]]:
+    """A SimulatorService call, forwarded to the node whose worker holds the session's phone."""
+    path = f"/sessionmanager.v1.SimulatorService/{method.__name__}"
+    answer = getattr(sim_pb, f"{method.__name__}Response")
+
+    @functools.wraps(method)
+    async def handler(self: SimulatorService, request: Request, context: Context) -> Response:
+        forwarding = self._forwarding
+        if forwarding is not None:
+            metadata = context.invocation_metadata() or ()
+            if any(key == FORWARDED_BY for key, _ in metadata):
+                forwarding = forwarding.owner_only()
+            iid = validation.instance_id(request.instance_id)  # type: ignore[attr-defined]
+            forwarded = await forwarding.forward_simulator(iid, path, request, answer)
+            if forwarded is not None:
+                return forwarded  # type: ignore[no-any-return]
+        return await method(self, request, context)
+
+    return unary(handler)
+
+
 class SimulatorService(simulator_service_pb2_grpc.SimulatorServiceServicer):
     """Commands to the simulated phone; served only with the simulated engine."""
 
-    def __init__(self, manager: SessionManager, phone: Phone) -> None:
+    def __init__(
+        self, manager: Sessions, phone: Phone, forwarding: SimulatorForwarding | None = None
+    ) -> None:
         self._manager = manager
         self._engine = phone
+        self._forwarding = forwarding
 
-    def _existing(self, instance_id: str) -> SessionRef:
-        return self._manager.ref(validation.instance_id(instance_id))
+    async def _existing(self, instance_id: str) -> SessionRef:
+        return await self._manager.ref(validation.instance_id(instance_id))
 
-    def _current(self, session: SessionRef) -> session_pb2.WhatsAppSession:
-        return session_message(self._manager.get(session.instance_id))
+    async def _current(self, session: SessionRef) -> session_pb2.WhatsAppSession:
+        return session_message(await self._manager.get(session.instance_id))
 
-    @unary
+    @simulated
     async def ScanQR(
         self, request: sim_pb.ScanQRRequest, context: Context
     ) -> sim_pb.ScanQRResponse:
-        session = self._existing(request.instance_id)
+        session = await self._existing(request.instance_id)
         phone = (
             validation.phone_number(request.phone_number, iid=session.instance_id)
             if request.phone_number
             else ""
         )
         await self._engine.scan(session, phone, request.hold_handshake)
-        return sim_pb.ScanQRResponse(session=self._current(session))
+        return sim_pb.ScanQRResponse(session=await self._current(session))
 
-    @unary
+    @simulated
     async def CompleteHandshake(
         self, request: sim_pb.CompleteHandshakeRequest, context: Context
     ) -> sim_pb.CompleteHandshakeResponse:
-        session = self._existing(request.instance_id)
+        session = await self._existing(request.instance_id)
         await self._engine.complete_handshake(session)
-        return sim_pb.CompleteHandshakeResponse(session=self._current(session))
+        return sim_pb.CompleteHandshakeResponse(session=await self._current(session))
 
-    @unary
+    @simulated
     async def DropNetwork(
         self, request: sim_pb.DropNetworkRequest, context: Context
     ) -> sim_pb.DropNetworkResponse:
-        session = self._existing(request.instance_id)
+        session = await self._existing(request.instance_id)
         await self._engine.drop_network(session, request.hold_reconnect)
-        return sim_pb.DropNetworkResponse(session=self._current(session))
+        return sim_pb.DropNetworkResponse(session=await self._current(session))
 
-    @unary
+    @simulated
     async def UnlinkDevice(
         self, request: sim_pb.UnlinkDeviceRequest, context: Context
     ) -> sim_pb.UnlinkDeviceResponse:
-        session = self._existing(request.instance_id)
+        session = await self._existing(request.instance_id)
         await self._engine.unlink(session)
-        return sim_pb.UnlinkDeviceResponse(session=self._current(session))
+        return sim_pb.UnlinkDeviceResponse(session=await self._current(session))
 
-    @unary
+    @simulated
     async def FailSession(
         self, request: sim_pb.FailSessionRequest, context: Context
     ) -> sim_pb.FailSessionResponse:
-        session = self._existing(request.instance_id)
+        session = await self._existing(request.instance_id)
         code = validation.error_code(request.code or "TEMPORARY_BAN", session.instance_id)
         message = request.message or _FAULT_MESSAGES.get(code, f"The session failed: {code}")
         await self._engine.fail(
             session, code, validation.error_message(message, session.instance_id)
         )
-        return sim_pb.FailSessionResponse(session=self._current(session))
+        return sim_pb.FailSessionResponse(session=await self._current(session))
 
-    @unary
+    @simulated
     async def InjectFault(
         self, request: sim_pb.InjectFaultRequest, context: Context
     ) -> sim_pb.InjectFaultResponse:
-        session = self._existing(request.instance_id)
+        session = await self._existing(request.instance_id)
         fault = validation.enum_value(request.fault, set(_FAULTS), "fault", session.instance_id)
         await self._engine.inject_fault(session, _FAULTS[fault])  # type: ignore[index]
         return sim_pb.InjectFaultResponse()

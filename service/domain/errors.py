@@ -35,6 +35,7 @@ _STATUS: dict[Reason, tuple[int, int]] = {
     session_pb2.ERROR_REASON_LIMIT_EXCEEDED: (code_pb2.RESOURCE_EXHAUSTED, 429),
     session_pb2.ERROR_REASON_STORAGE_UNAVAILABLE: (code_pb2.UNAVAILABLE, 503),
     session_pb2.ERROR_REASON_MESSAGE_OUTCOME_UNKNOWN: (code_pb2.UNKNOWN, 500),
+    session_pb2.ERROR_REASON_SESSION_MOVING: (code_pb2.UNAVAILABLE, 503),
 }
 
 
@@ -85,6 +86,16 @@ def invalid_argument(field: str, message: str, instance_id: str = "") -> Contrac
 def in_status(reason: Reason, message: str, instance_id: str, status: Status) -> ContractError:
     """An error that depends on the session's status, which travels in the metadata."""
     return ContractError(reason, message, instance_id=instance_id, status=status_text(status))
+
+
+def session_moving(instance_id: str, why: str, retry_after: float = 1.0) -> ContractError:
+    """Several nodes: the session is changing owner, or its owner cannot be reached."""
+    return ContractError(
+        session_pb2.ERROR_REASON_SESSION_MOVING,
+        f"session {instance_id!r} {why}; nothing was changed, retry in {retry_after:g} s",
+        retry_after=retry_after,
+        instance_id=instance_id,
+    )
 
 
 def internal(message: str) -> ContractError:

@@ -23,7 +23,7 @@ from service.domain.contract import ERROR, Status, qr_status_text, status_text
 from service.domain.limits import Limits
 from service.domain.states import Session, SessionRef
 from service.domain.watch import WatchClosed, WatchHub
-from service.store.port import Store
+from service.store.port import LeaseLost, Store
 from sessionmanager.v1 import session_pb2
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,31 @@ class Registry:
 
     async def load(self) -> None:
         for session in await self._store.load_sessions():
-            self._cells[session.instance_id] = SessionCell(
+            self.adopt(session)
+
+    def adopt(self, session: Session) -> SessionCell:
+        """Hold ``session`` from now on (loaded at start, or taken over from another node)."""
+        cell = self._cells.get(session.instance_id)
+        if cell is None or not cell.live:
+            cell = self._cells[session.instance_id] = SessionCell(
                 session.instance_id, self._limits, session=session
             )
+        return cell
+
+    async def drop(self, instance_id: str) -> SessionCell | None:
+        """Stop holding a session (it moves to another node); nothing is written."""
+        cell = self._cells.get(instance_id)
+        if cell is None:
+            return None
+        async with cell.lock:  # a commit under way finishes first
+            cell.gone = True
+            self._forget(cell)
+            cell.stop_timer()
+        return cell
+
+    def holds(self, instance_id: str) -> bool:
+        cell = self._cells.get(instance_id)
+        return cell is not None and (cell.live or (cell.creation is not None and not cell.gone))
 
     # Reads.
 
@@ -105,7 +127,10 @@ class Registry:
         # Registered at once, so that a second creation waits for this one's commit.
         cell = self._cells[instance_id] = SessionCell(instance_id, self._limits)
         cell.creation = self.spawn(self._create(cell))
-        return await asyncio.shield(cell.creation)
+        try:
+            return await asyncio.shield(cell.creation)
+        except LeaseLost as lost:
+            raise _moving(lost) from lost
 
     async def _create(self, cell: SessionCell) -> Session:
         session = states.new_session(cell.instance_id, self._clock.now())
@@ -127,7 +152,7 @@ class Registry:
     async def _delete(self, cell: SessionCell) -> SessionCell:
         async with cell.lock:
             session = cell.current
-            await self._store.delete_session(session.id)
+            await self._store.delete_session(session.ref)
             cell.gone = True
             self._forget(cell)
             cell.stop_timer()
@@ -180,8 +205,15 @@ class Registry:
     # Tasks that must finish, and background ones.
 
     async def shielded(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        """Run to the end even if the caller is cancelled, so no commit is half done."""
-        return await asyncio.shield(self.spawn(coroutine))
+        """Run to the end even if the caller is cancelled, so no commit is half done.
+
+        A write the database refused because another node now owns the session
+        is the contract's SESSION_MOVING: nothing was changed.
+        """
+        try:
+            return await asyncio.shield(self.spawn(coroutine))
+        except LeaseLost as lost:
+            raise _moving(lost) from lost
 
     def spawn(self, coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = asyncio.create_task(coroutine)
@@ -194,7 +226,9 @@ class Registry:
         if task.cancelled():
             return
         error = task.exception()
-        if error is not None and not isinstance(error, errors.ContractError):
+        if isinstance(error, LeaseLost):
+            log.warning("%s", error)
+        elif error is not None and not isinstance(error, errors.ContractError):
             log.error("background task failed", exc_info=error)
 
     async def close(self) -> None:
@@ -203,6 +237,10 @@ class Registry:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _moving(lost: LeaseLost) -> errors.ContractError:
+    return errors.session_moving(lost.instance_id, "has moved to another node")
 
 
 def _log_commit(session: Session, event: states.Event) -> None:

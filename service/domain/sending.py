@@ -25,7 +25,7 @@ from service.domain.registry import Registry
 from service.engine.port import Engine, EngineError
 from service.faults import FaultPoints
 from service.store.messages import Message, request_digest
-from service.store.port import Store
+from service.store.port import LeaseLost, Store
 from sessionmanager.v1 import session_pb2
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,10 @@ class Sending:
         if key is not None:
             cell.sends[key] = (digest, future)
         self._registry.spawn(self._send(cell, to, text, key, digest, future))
-        return _answer(await asyncio.shield(future), instance_id)
+        try:
+            return _answer(await asyncio.shield(future), instance_id)
+        except LeaseLost as lost:  # the intent was refused: nothing was sent
+            raise errors.session_moving(instance_id, "has moved to another node") from lost
 
     async def _earlier(self, cell: SessionCell, key: str, digest: str) -> SendResult | None:
         """The result of an earlier call with ``key``, which must have asked the same."""
@@ -83,7 +86,7 @@ class Sending:
             _check_same_request(cell, key, running[0], digest)
             first: SendResult = await asyncio.shield(running[1])
             return first
-        found = await self._store.find_message(cell.current.id, key)
+        found = await self._store.find_message(cell.ref, key)
         if found is None:
             if key in cell.sends:  # a call with the key started while we looked
                 return await self._earlier(cell, key, digest)
@@ -130,6 +133,7 @@ class Sending:
         message = Message(
             id=str(uuid.uuid4()),
             session_id=session.id,
+            instance_id=session.instance_id,
             idempotency_key=key,
             request_digest=digest,
             recipient=to,
@@ -156,6 +160,8 @@ class Sending:
         """Commit the outcome; if that fails, keep it and commit it again until it lands."""
         try:
             await self._store.finish_message(message, self._clock.now())
+        except LeaseLost as lost:
+            _log_lost(message, lost)
         except Exception as error:  # noqa: BLE001 - the outcome is known: it must not be lost
             log.error("could not record the outcome of message %s: %s", message.id, error)
             self._unrecorded[message.id] = message
@@ -166,11 +172,21 @@ class Sending:
             await asyncio.sleep(RECORD_RETRY)
             try:
                 await self._store.finish_message(message, self._clock.now())
+            except LeaseLost as lost:
+                _log_lost(message, lost)
+                del self._unrecorded[message.id]
             except Exception as error:  # noqa: BLE001 - tried again after a pause
                 log.warning("still cannot record message %s: %s", message.id, error)
             else:
                 del self._unrecorded[message.id]
                 log.info("recorded the outcome of message %s", message.id)
+
+
+def _log_lost(message: Message, lost: LeaseLost) -> None:
+    """Another node owns the session now: it records the message's outcome as unknown."""
+    log.warning(
+        "the outcome of message %s stays with the session's new owner: %s", message.id, lost
+    )
 
 
 def _check_same_request(cell: SessionCell, key: str, first: str, digest: str) -> None:

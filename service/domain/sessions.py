@@ -9,6 +9,7 @@ commit and its effect is completed at the next start (``start``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Protocol
 
@@ -48,6 +49,8 @@ class DomainMetrics(Protocol):
 
 
 DEFAULT_QR_TIMEOUT = 30.0
+#: How long a session handed to another node waits for its sends under way.
+RELEASE_SEND_WAIT = 5.0
 DISCONNECT_BY_REQUEST = "Disconnected by request; scan a new QR code to connect"
 OUTCOME_UNKNOWN = (
     "OUTCOME_UNKNOWN",
@@ -88,7 +91,7 @@ class SessionManager:
     # Life cycle.
 
     async def start(self) -> None:
-        """Load every session and finish what a crash interrupted.
+        """Load every session and finish what a crash interrupted (one node).
 
         Messages whose outcome was never recorded become unknown; credentials
         of sessions deleted or logged out are forgotten; codes are expired or
@@ -102,15 +105,62 @@ class SessionManager:
         sessions = list(self._registry.sessions())
         await self.engine.forget_all_but({s.ref for s in sessions if _was_paired(s)})
         for session in sessions:
-            cell = self._registry.cell(session.instance_id)
-            if session.qr_status == QR_GENERATED and session.qr_expires_at is not None:
-                if self.engine.resumes_pairing:
-                    self._pairing.expire_later(cell, session.qr_expires_at)
-                else:
-                    await self._registry.apply(cell, states.QRExpired(session.qr_expires_at))
-            elif _was_paired(session):
-                self._registry.spawn(self._restore(cell, session))
+            await self._resume(self._registry.cell(session.instance_id), session)
         log.info("loaded %d sessions", len(sessions))
+
+    async def start_as_node(self) -> None:
+        """Start empty, as one of several nodes: sessions come as their leases are taken.
+
+        Credentials of deleted sessions are forgotten (what a crash between a
+        deletion and its effect left behind, on any node).
+        """
+        await self.engine.forget_all_but(set())
+
+    async def _resume(self, cell: SessionCell, session: Session) -> None:
+        """Carry on with a session just loaded: expire or keep its code, reconnect it if paired.
+
+        A code stays valid only with an engine that can resume its pairing
+        anywhere; a worker's code died with its worker (here or on another node).
+        """
+        if session.qr_status == QR_GENERATED and session.qr_expires_at is not None:
+            if self.engine.resumes_pairing:
+                self._pairing.expire_later(cell, session.qr_expires_at)
+            else:  # the worker that showed it is gone: the code can no longer be scanned
+                await self._registry.apply(cell, states.QRExpired(session.qr_expires_at))
+        elif _was_paired(session):
+            self._registry.spawn(self._restore(cell, session))
+
+    # Several nodes: sessions come and go as their leases do.
+
+    def holds(self, instance_id: str) -> bool:
+        """Whether this node holds the session now."""
+        return self._registry.holds(instance_id)
+
+    async def adopt(self, session: Session) -> None:
+        """Take over a session (its lease was just taken) and finish what its last owner left.
+
+        Its messages without an outcome become unknown, a pairing under way on
+        the old owner shows its code as expired, and a paired device reconnects
+        from its stored credentials.
+        """
+        cell = self._registry.adopt(session)
+        code, message = OUTCOME_UNKNOWN
+        await self._store.mark_pending_unknown(code, message, self._clock.now(), session.ref)
+        await self._resume(cell, session)
+
+    async def release(self, instance_id: str) -> None:
+        """Stop holding a session: its connection stops, its credentials stay for the next owner.
+
+        Nothing is written: the session is either handed over (the caller then
+        releases the lease) or already another node's.
+        """
+        cell = await self._registry.drop(instance_id)
+        if cell is None or cell.session is None:
+            return
+        sends = [future for _, future in cell.sends.values()]
+        await self.engine.release(cell.session.ref)
+        if sends:  # their outcomes are recorded (or left unknown) before the lease goes
+            await asyncio.wait(sends, timeout=RELEASE_SEND_WAIT)
 
     async def _restore(self, cell: SessionCell, session: Session) -> None:
         try:
@@ -131,10 +181,10 @@ class SessionManager:
 
     # Reads.
 
-    def get(self, instance_id: str) -> Session:
+    async def get(self, instance_id: str) -> Session:
         return self._registry.get(instance_id)
 
-    def ref(self, instance_id: str) -> SessionRef:
+    async def ref(self, instance_id: str) -> SessionRef:
         """The current incarnation of ``instance_id``."""
         return self._registry.get(instance_id).ref
 
@@ -153,9 +203,9 @@ class SessionManager:
     def watcher_count(self) -> int:
         return self.hub.count()
 
-    def watch(self, instance_id: str) -> Watcher[Session]:
+    async def watch(self, instance_id: str) -> Watcher[Session]:
         """A watcher that yields the current state first, then every committed change."""
-        session = self.get(instance_id)
+        session = self._registry.get(instance_id)
         limits = self._limits
         if self.hub.count(instance_id) >= limits.watchers_per_session:
             raise errors.limit_exceeded(
@@ -236,7 +286,7 @@ class SessionManager:
 
     async def report_current(self, instance_id: str, event: EngineEvent) -> Session:
         """Commit a report of the engine side's internal API about the current incarnation."""
-        return await self.report(self.ref(instance_id), event)
+        return await self.report(await self.ref(instance_id), event)
 
     def _after_commit(self, cell: SessionCell, session: Session, event: states.Event) -> None:
         if isinstance(event, states.Disconnected) and event.reason == LOGOUT:

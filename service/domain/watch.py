@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -27,18 +28,22 @@ class WatchClosed(Exception):
 
 
 class Watcher(Generic[T]):
-    __slots__ = ("_closed", "_items", "_limit", "_ready")
+    __slots__ = ("_closed", "_items", "_limit", "_ready", "latest")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, first: T) -> None:
         self._items: deque[T] = deque()
         self._limit = limit
         self._ready = asyncio.Event()
         self._closed: WatchClosed | None = None
+        #: The last item pushed: the state this watcher is at (or will be, once drained).
+        self.latest = first
+        self.push(first)
 
     def push(self, item: T) -> None:
         if len(self._items) >= self._limit:
             self._items.clear()  # skip intermediate states, keep order and the latest
         self._items.append(item)
+        self.latest = item
         self._ready.set()
 
     def close(self, why: WatchClosed) -> None:
@@ -62,8 +67,7 @@ class WatchHub(Generic[T]):
         self._total = 0
 
     def subscribe(self, key: str, current: T) -> Watcher[T]:
-        watcher: Watcher[T] = Watcher(self._buffer)
-        watcher.push(current)
+        watcher: Watcher[T] = Watcher(self._buffer, current)
         self._watchers.setdefault(key, set()).add(watcher)
         self._total += 1
         return watcher
@@ -79,6 +83,19 @@ class WatchHub(Generic[T]):
     def publish(self, key: str, item: T) -> None:
         for watcher in self._watchers.get(key, ()):
             watcher.push(item)
+
+    def publish_if(self, key: str, item: T, newer: Callable[[T, T], bool]) -> None:
+        """Hand ``item`` to each watcher of ``key`` for which it is ``newer`` than its latest."""
+        for watcher in self._watchers.get(key, ()):
+            if newer(item, watcher.latest):
+                watcher.push(item)
+
+    def close_where(self, key: str, which: Callable[[T], bool], why: WatchClosed) -> None:
+        """End the watchers of ``key`` whose latest item matches ``which``."""
+        for watcher in list(self._watchers.get(key, ())):
+            if which(watcher.latest):
+                self.unsubscribe(key, watcher)
+                watcher.close(why)
 
     def close(self, key: str, why: WatchClosed) -> None:
         watchers = self._watchers.pop(key, set())

@@ -75,6 +75,21 @@ class Engine(Protocol):
         committed but whose effect a crash interrupted.
         """
 
+    def hold_until(self, deadline: float | None) -> None:
+        """Keep connections only until ``deadline`` (``time.monotonic()`` seconds).
+
+        The node that runs this engine holds its sessions' leases until then:
+        once it passes, every connection ends by itself, with no graceful
+        close, even if this process is frozen; nothing is reported and nothing
+        restarts, and new connections are refused (``LEASE_EXPIRED``). Each
+        call replaces the deadline; ``None`` (the default) means none. Cheap,
+        and never blocks: called every few hundred milliseconds.
+        """
+
+    async def release(self, session: SessionRef) -> None:
+        """Hand the session over to another node: stop its connection, report
+        nothing, and keep its credentials for the node that takes it."""
+
     async def close(self) -> None:
         """Stop every connection; called once at shutdown."""
 

@@ -13,9 +13,11 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
+import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 
 from service.domain import errors
@@ -27,6 +29,11 @@ log = logging.getLogger(__name__)
 
 #: Receives each report of the worker, in order; awaited before the next frame is read.
 OnReport = Callable[["WorkerProcess", EngineEvent], Awaitable[None]]
+
+
+#: Hold frames are skipped while this much is still unread in the worker's
+#: input: a worker that reads nothing is frozen, and its heartbeat ends it.
+HOLD_BACKLOG_BYTES = 64 * 1024
 
 
 class WorkerGone(Exception):
@@ -76,6 +83,7 @@ class WorkerProcess:
         arguments: Sequence[str],
         on_report: OnReport,
         now: Callable[[], datetime],
+        environment: Mapping[str, str] | None = None,
     ) -> WorkerProcess:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -85,6 +93,7 @@ class WorkerProcess:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, **(environment or {})},
             start_new_session=True,  # a Ctrl-C on the terminal is for the server alone
         )
         return cls(session, process, on_report, now)
@@ -123,6 +132,17 @@ class WorkerProcess:
             raise WorkerGone("the worker has exited") from error
         finally:
             self._pending.pop(command.id, None)
+
+    def hold(self, until: float | None) -> None:
+        """Send ``Hold``: fire and forget, never waits (see ``Engine.hold_until``)."""
+        stdin = self._process.stdin
+        if not self.alive or stdin is None or stdin.is_closing():
+            return
+        if stdin.transport.get_write_buffer_size() > HOLD_BACKLOG_BYTES:
+            return
+        hold = Command.Hold(until=math.inf if until is None else until)
+        with contextlib.suppress(OSError):
+            stdin.write(encode(Command(hold=hold)))
 
     def kill(self, code: str, message: str) -> None:
         if self.alive and self._process.returncode is None:

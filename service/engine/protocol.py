@@ -34,6 +34,10 @@ EXIT_DONE = 0
 #: this (EX_TEMPFAIL): the server starts it again after a backoff. Any other
 #: exit is a crash.
 EXIT_RETRY = 75
+#: A worker whose Hold deadline passed exits with this (EX_NOPERM), at once and
+#: without a graceful close: its node may no longer own the session. It is
+#: neither restarted nor reported.
+EXIT_LEASE_EXPIRED = 77
 
 
 class ProtocolError(Exception):

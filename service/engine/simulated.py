@@ -7,6 +7,11 @@ through its one ``Report``. On command (``SimulatorService``) the phone scans, t
 handshake completes, the network drops and comes back, the phone unlinks the
 device, or the session fails for good. Codes are realistic whatsmeow pairing
 payloads, derived from the instance id and a counter so runs are repeatable.
+
+In a worker the simulated engine keeps credentials like the real one: a
+completed pairing records the device (its phone number) in the worker's
+credential location, and ``restore`` without a recorded device fails with
+``NO_CREDENTIALS``. In the server's own process it keeps devices in memory.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from service.clock import Clock
 from service.domain import states
 from service.domain.contract import LOGOUT, NETWORK
 from service.domain.states import SessionRef
+from service.engine.credentials import DeviceStore
 from service.engine.port import EngineError, Report
 
 log = logging.getLogger(__name__)
@@ -82,8 +88,11 @@ class SimulatedEngine:
         clock: Clock,
         times: PairingTimes | None = None,
         first_serial: int = 1,
+        devices: DeviceStore | None = None,
     ) -> None:
         self._report = report
+        #: Where a worker's paired device is recorded; ``None`` in the server's process.
+        self._stored = devices
         self._clock = clock
         self._times = times or PairingTimes()
         self._devices: dict[SessionRef, _Device] = {}
@@ -137,8 +146,21 @@ class SimulatedEngine:
 
     async def restore(self, session: SessionRef, phone_number: str | None) -> None:
         device = self._device(session)
+        if self._stored is not None:
+            recorded = await self._stored.read_phone()
+            if recorded is None:
+                raise EngineError(
+                    "NO_CREDENTIALS", "this session has no stored device; scan a new QR code"
+                )
+            phone_number = recorded
         device.phone_number = phone_number or device.phone_number or DEFAULT_PHONE
         await self._report(session, states.Connected(device.phone_number))
+
+    async def _connected(self, session: SessionRef, phone_number: str) -> None:
+        """Record the paired device where a worker keeps credentials, then report it."""
+        if self._stored is not None:
+            await self._stored.write_phone(phone_number)
+        await self._report(session, states.Connected(phone_number))
 
     async def send(self, session: SessionRef, to: str, text: str) -> str:
         device = self._device(session)
@@ -157,6 +179,19 @@ class SimulatedEngine:
         for session in set(self._devices) - kept:
             await self.logout(session)
 
+    def hold_until(self, deadline: float | None) -> None:
+        """Nothing to hold: the in-process engine runs with one node only.
+
+        Its devices live in the server's own process, which no lease outlives;
+        several nodes run workers (``--engine simulated-worker``).
+        """
+
+    async def release(self, session: SessionRef) -> None:
+        """Stop the session's codes and forget its device: another node takes it."""
+        device = self._devices.pop(session, None)
+        if device is not None:
+            self._stop_rotation(device)
+
     async def close(self) -> None:
         for device in self._devices.values():
             self._stop_rotation(device)
@@ -172,11 +207,11 @@ class SimulatedEngine:
         self._stop_rotation(device)
         device.phone_number = phone_number or device.linking_phone or DEFAULT_PHONE
         if not hold_handshake:
-            await self._report(session, states.Connected(device.phone_number))
+            await self._connected(session, device.phone_number)
 
     async def complete_handshake(self, session: SessionRef) -> None:
         device = self._device(session)
-        await self._report(session, states.Connected(device.phone_number or DEFAULT_PHONE))
+        await self._connected(session, device.phone_number or DEFAULT_PHONE)
 
     async def drop_network(self, session: SessionRef, hold_reconnect: bool) -> None:
         await self._report(session, states.Disconnected(NETWORK, ""))

@@ -17,10 +17,14 @@ crashes, hangs or cannot dial, and restarts it:
 - a paired device whose connection cannot be made (WhatsApp unreachable) is
   retried with backoff for as long as it takes; it is not a crash;
 - at shutdown every worker is asked to stop, then killed; workers also die
-  with the server (``PR_SET_PDEATHSIG``) and when their input pipe closes.
+  with the server (``PR_SET_PDEATHSIG``) and when their input pipe closes;
+- with several nodes, ``hold_until`` gives every worker the node's lease
+  deadline (``Hold``): past it a worker ends itself (``EXIT_LEASE_EXPIRED``),
+  is neither reported nor restarted, and no worker starts any more.
 
-Credentials live in ``devices_dir/<id>-<instance_id>/``, one folder per
-incarnation, and are removed on logout and on deletion.
+Credentials live where ``WorkerOptions.credentials`` says (``credentials``): a
+folder or a PostgreSQL schema per incarnation, removed on logout and on
+deletion, kept when a session is released to another node.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -40,9 +44,17 @@ from service.clock import Clock
 from service.domain import errors, states
 from service.domain.contract import LOGOUT, NETWORK, TIMEOUT, UNKNOWN
 from service.domain.states import EngineEvent, SessionRef
+from service.engine.credentials import LOCATION_VARIABLE, Credentials, DirectoryCredentials
 from service.engine.port import EngineError, Report
 from service.engine.process import WorkerGone, WorkerProcess
-from service.engine.protocol import EXIT_DONE, EXIT_RETRY, Command, Reply, check_reply
+from service.engine.protocol import (
+    EXIT_DONE,
+    EXIT_LEASE_EXPIRED,
+    EXIT_RETRY,
+    Command,
+    Reply,
+    check_reply,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +66,15 @@ OnSpawn = Callable[[SessionRef, WorkerProcess], Awaitable[None]]
 
 @dataclass(frozen=True, slots=True)
 class WorkerOptions:
-    """How workers are started and supervised."""
+    """How workers are started and supervised.
+
+    Credentials live in ``credentials``, or, without it, in folders under
+    ``devices_dir`` (``DirectoryCredentials``).
+    """
 
     engine: Literal["whatsmeow", "simulated"]
-    devices_dir: Path
+    devices_dir: Path | None = None
+    credentials: Credentials | None = None
     heartbeat_interval: float = 5.0
     heartbeat_timeout: float = 10.0
     dial_timeout: float = 30.0
@@ -71,10 +88,17 @@ class WorkerOptions:
     #: More arguments for ``service.engine.worker`` (the simulated engine's QR timing).
     worker_args: tuple[str, ...] = ()
 
+    def credentials_store(self) -> Credentials:
+        if self.credentials is not None:
+            return self.credentials
+        if self.devices_dir is None:
+            raise ValueError("WorkerOptions needs credentials or a devices_dir")
+        return DirectoryCredentials(self.devices_dir)
+
 
 def device_dir(devices_dir: Path, session: SessionRef) -> Path:
-    """Where one incarnation's credentials live."""
-    return devices_dir / f"{session.id}-{session.instance_id}"
+    """Where one incarnation's credentials live with ``DirectoryCredentials``."""
+    return DirectoryCredentials(devices_dir).folder(session)
 
 
 @dataclass(eq=False)
@@ -101,6 +125,9 @@ class WorkerEngine:
         self._options = options
         self._report = report
         self._clock = clock
+        self.credentials = options.credentials_store()
+        #: The node's lease deadline on ``time.monotonic()``; ``None``: no deadline.
+        self._deadline: float | None = None
         self._slots: dict[SessionRef, _Slot] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
@@ -121,7 +148,10 @@ class WorkerEngine:
         return slot.worker if slot is not None else None
 
     def device_dir(self, session: SessionRef) -> Path:
-        return device_dir(self._options.devices_dir, session)
+        """The session's credentials folder (with ``DirectoryCredentials`` only)."""
+        if not isinstance(self.credentials, DirectoryCredentials):
+            raise TypeError("credentials are not kept in folders")
+        return self.credentials.folder(session)
 
     # Engine.
 
@@ -134,7 +164,8 @@ class WorkerEngine:
         await self._pair(slot)
 
     async def _pair(self, slot: _Slot) -> None:
-        self._wipe_credentials(slot.session)  # a new pairing is a new device
+        self._refuse_past_lease()
+        await self.credentials.wipe(slot.session)  # a new pairing is a new device
         worker = await self._spawn(slot)
         try:
             reply = await self._dial(worker, Command(start_pairing=Command.StartPairing()))
@@ -145,6 +176,7 @@ class WorkerEngine:
             check_reply(reply)
 
     async def restore(self, session: SessionRef, phone_number: str | None) -> None:
+        self._refuse_past_lease()
         slot = self._slot(session)
         self._cancel_restart(slot)
         await self._stop_worker(slot)
@@ -152,18 +184,23 @@ class WorkerEngine:
         self._spawn_task(self._connect(slot))
 
     async def _connect(self, slot: _Slot) -> None:
-        worker = await self._spawn(slot)
+        worker: WorkerProcess | None = None
         restore = Command.Restore(phone_number=slot.phone_number or "")
         try:
+            worker = await self._spawn(slot)
             reply = await self._dial(worker, Command(restore=restore))
         except WorkerGone:
             return
         except EngineError as error:
+            if not self._keeps(slot):
+                log.info("not reconnecting: %s", error.message, extra=_about(slot))
+                return
             reply = Reply(error_code=error.code, error_message=error.message)
         if not reply.error_code:
             slot.retries = 0
             return
-        await self._stop_worker(slot, worker)
+        if worker is not None:
+            await self._stop_worker(slot, worker)
         if reply.error_code == "NO_CREDENTIALS":
             await self._tell(slot, states.Disconnected(LOGOUT, reply.error_message))
             return
@@ -216,21 +253,50 @@ class WorkerEngine:
                         await worker.call(Command(logout=Command.Logout()), 10.0)
                 await self._stop_worker(slot)
         finally:
-            self._wipe_credentials(session)
+            await self._wipe_credentials(session)
+
+    async def release(self, session: SessionRef) -> None:
+        slot = self._slots.pop(session, None)
+        if slot is not None:
+            self._cancel_restart(slot)
+            await self._stop_worker(slot)  # a stopping worker's reports are not relayed
+            log.info("released to another node", extra=_about(slot))
 
     async def forget_all_but(self, kept: set[SessionRef]) -> None:
-        devices = self._options.devices_dir
-        keep = {device_dir(devices, session).name for session in kept}
         for session in set(self._slots) - kept:
             await self.logout(session)
-        if devices.is_dir():
-            for folder in devices.iterdir():
-                if folder.is_dir() and folder.name not in keep:
-                    log.info("removing credentials of a gone session: %s", folder.name)
-                    shutil.rmtree(folder, ignore_errors=True)
+        await self.credentials.forget_all_but(kept)
 
-    def _wipe_credentials(self, session: SessionRef) -> None:
-        shutil.rmtree(self.device_dir(session), ignore_errors=True)
+    def hold_until(self, deadline: float | None) -> None:
+        self._deadline = deadline
+        for slot in self._slots.values():
+            if slot.worker is not None:
+                slot.worker.hold(deadline)
+
+    def _lease_expired(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
+    def _refuse_past_lease(self) -> None:
+        if self._lease_expired():
+            raise EngineError(
+                "LEASE_EXPIRED", "this node's lease on its sessions ran out; no worker starts"
+            )
+
+    def _keeps(self, slot: _Slot) -> bool:
+        """Whether the slot is still this engine's to run: not released, logged out or expired."""
+        mine = self._slots.get(slot.session) is slot
+        return mine and not self._closed and not self._lease_expired()
+
+    async def _wipe_credentials(self, session: SessionRef) -> None:
+        """Forget the credentials; a failure is logged (the next pairing wipes them first)."""
+        try:
+            await self.credentials.wipe(session)
+        except EngineError as error:
+            log.warning(
+                "could not remove the credentials: %s",
+                error.message,
+                extra={"instance_id": session.instance_id},
+            )
 
     async def close(self) -> None:
         self._closed = True
@@ -277,14 +343,13 @@ class WorkerEngine:
     async def _spawn(self, slot: _Slot) -> WorkerProcess:
         if self._closed:
             raise EngineError("SHUTTING_DOWN", "the Session Manager is shutting down")
+        self._refuse_past_lease()
         options, session = self._options, slot.session
-        folder = self.device_dir(session)
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        location = await self.credentials.prepare(session)
         arguments = [
             f"--engine={options.engine}",
             f"--instance-id={session.instance_id}",
             f"--session-id={session.id}",
-            f"--device-dir={folder}",
             f"--parent-pid={os.getpid()}",
             f"--log-level={options.log_level}",
             *options.worker_args,
@@ -293,7 +358,15 @@ class WorkerEngine:
         async def on_report(worker: WorkerProcess, event: EngineEvent) -> None:
             await self._relay(slot, worker, event)
 
-        worker = await WorkerProcess.start(session, arguments, on_report, self._clock.now)
+        environment = {LOCATION_VARIABLE: location}
+        worker = await WorkerProcess.start(
+            session, arguments, on_report, self._clock.now, environment
+        )
+        if self._deadline is not None:
+            worker.hold(self._deadline)  # the first command, before anything connects
+        if not self._keeps(slot):  # released, logged out or expired while it started
+            await worker.stop(options.stop_timeout)
+            raise EngineError("WORKER_NOT_NEEDED", "the session left this engine while it started")
         slot.worker = worker
         self._spawn_task(self._watch(slot, worker))
         self._spawn_task(self._heartbeat(worker))
@@ -317,6 +390,8 @@ class WorkerEngine:
 
     async def _relay(self, slot: _Slot, worker: WorkerProcess, event: EngineEvent) -> None:
         """Report what the worker reported, in the order it came."""
+        if self._lease_expired():
+            return  # the node may no longer own the session: it commits nothing about it
         match event:
             case states.QRScanned():
                 slot.paired = True
@@ -324,7 +399,7 @@ class WorkerEngine:
                 slot.paired, slot.retries, slot.phone_number = True, 0, phone_number
             case states.Disconnected(reason) if reason == LOGOUT:
                 slot.paired = False  # unlinked: the stored device is worthless
-                self._wipe_credentials(slot.session)
+                await self._wipe_credentials(slot.session)
         try:
             await self._report(slot.session, event)
         except errors.ContractError as error:
@@ -345,6 +420,11 @@ class WorkerEngine:
 
     async def _exited(self, slot: _Slot, worker: WorkerProcess, returncode: int) -> None:
         session = slot.session
+        if returncode == EXIT_LEASE_EXPIRED or self._lease_expired():
+            # No report, no restart: the node has lost the right to commit anything
+            # about the session (another node may already run it).
+            log.warning("the lease ran out: the worker ended (%d)", returncode, extra=_about(slot))
+            return
         if slot.paired:
             slot.mode = "connect"  # whatever comes next reconnects the paired device
         if returncode == EXIT_DONE:
@@ -389,7 +469,7 @@ class WorkerEngine:
     async def _restart(self, slot: _Slot, delay: float) -> None:
         await asyncio.sleep(delay)
         slot.restart = None
-        if self._closed or self._slots.get(slot.session) is not slot:
+        if not self._keeps(slot):
             return
         self.on_restart()
         log.info(
@@ -426,6 +506,8 @@ class WorkerEngine:
 
     async def _tell(self, slot: _Slot, event: EngineEvent) -> None:
         """Report a fact the supervisor itself observed; a refusal only means it moved on."""
+        if self._lease_expired():
+            return
         try:
             await self._report(slot.session, event)
         except errors.ContractError as error:  # the session was deleted or moved on
@@ -436,3 +518,7 @@ class WorkerEngine:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+def _about(slot: _Slot) -> dict[str, str]:
+    return {"instance_id": slot.session.instance_id}

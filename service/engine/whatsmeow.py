@@ -19,13 +19,13 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Literal
 
 from service.clock import Clock
 from service.domain import states
 from service.domain.contract import LOGOUT, NETWORK, TIMEOUT, UNKNOWN, DisconnectReason
 from service.domain.states import SessionRef
+from service.engine.credentials import DeviceStore
 from service.engine.port import EngineError, Report
 from service.engine.protocol import EXIT_DONE, EXIT_RETRY
 
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 FIRST_CODE_SECONDS = 60.0
 LATER_CODE_SECONDS = 20.0
 CALL_TIMEOUT = 30.0
-DEVICE_FILE = "device.db"
 
 Reading = Literal["qr_scanned", "connected", "disconnected", "failed", "pairing_failed"]
 
@@ -223,9 +222,9 @@ class WhatsmeowEngine:
     resumes_pairing = False
 
     def __init__(
-        self, device_dir: Path, report: Report, clock: Clock, end: Callable[[int], None]
+        self, devices: DeviceStore, report: Report, clock: Clock, end: Callable[[int], None]
     ) -> None:
-        self._device_dir = device_dir
+        self._devices = devices
         self._report = report
         self._clock = clock
         self._end = end
@@ -245,7 +244,7 @@ class WhatsmeowEngine:
         await self._connect(session, paired=False)
 
     async def restore(self, session: SessionRef, phone_number: str | None) -> None:
-        if not (self._device_dir / DEVICE_FILE).exists():
+        if not await self._devices.holds_whatsmeow_device():
             raise EngineError(
                 "NO_CREDENTIALS", "this session has no stored device; scan a new QR code"
             )
@@ -289,6 +288,13 @@ class WhatsmeowEngine:
     async def forget_all_but(self, kept: set[SessionRef]) -> None:
         """The supervisor keeps the credentials; a worker holds only its own."""
 
+    def hold_until(self, deadline: float | None) -> None:
+        """The worker process holds the deadline (its ``LeaseSwitch``), not the engine."""
+
+    async def release(self, session: SessionRef) -> None:
+        """The supervisor releases a session by stopping its worker; this closes the client."""
+        await self.close()
+
     async def close(self) -> None:
         client, self._stopping = self._client, True
         if client is not None:
@@ -311,8 +317,7 @@ class WhatsmeowEngine:
         self._session, self._paired = session, paired
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
-        self._device_dir.mkdir(parents=True, exist_ok=True)
-        client = NewClient(str(self._device_dir / DEVICE_FILE))
+        client = NewClient(self._devices.whatsmeow_database)
 
         def put(kind: str, value: Any) -> None:
             loop.call_soon_threadsafe(self._queue.put_nowait, (kind, value))

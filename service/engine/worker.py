@@ -5,6 +5,11 @@ over the worker protocol (``worker_protocol``): commands on standard input,
 reports and replies on standard output. Anything else the engine prints goes
 to standard error, which the server logs. The worker dies with its parent,
 ends when its standard input closes, and never outlives the server.
+
+While its node holds the session's lease, the server sends ``Hold`` commands;
+the worker's ``LeaseSwitch`` ends the process the moment the latest deadline
+passes, so a server that is frozen or cut off from the database cannot keep
+it connected.
 """
 
 from __future__ import annotations
@@ -14,18 +19,21 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from service.clock import SystemClock
 from service.domain.states import EngineEvent, SessionRef
+from service.engine.credentials import LOCATION_VARIABLE, DeviceStore, device_store
 from service.engine.port import Engine, EngineError, Report
 from service.engine.protocol import (
     EXIT_DONE,
+    EXIT_LEASE_EXPIRED,
     Command,
     Event,
     ProtocolError,
@@ -51,6 +59,45 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(EXIT_DONE)
 
 
+class LeaseSwitch:
+    """The dead-man's switch: ends the process when the latest Hold's deadline passes.
+
+    A thread of its own waits for the deadline, so that nothing the event loop
+    is busy with can delay it; it ends the process with ``os._exit``: no
+    graceful close, no more writes to WhatsApp or to the credentials.
+    """
+
+    def __init__(self) -> None:
+        self._until = math.inf
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def hold(self, until: float) -> None:
+        """Move the deadline to ``until`` (CLOCK_MONOTONIC seconds; +inf lifts it)."""
+        with self._changed:
+            self._until = until
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._wait, name="lease", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self._until
+
+    def check(self) -> None:
+        """End the process now if the deadline has passed (before acting on a command)."""
+        if self.expired():
+            os._exit(EXIT_LEASE_EXPIRED)
+
+    def _wait(self) -> None:
+        with self._changed:
+            while True:
+                remaining = self._until - time.monotonic()
+                if remaining <= 0:
+                    os._exit(EXIT_LEASE_EXPIRED)
+                self._changed.wait(remaining if math.isfinite(remaining) else None)
+
+
 class PipeReports:
     """The worker engine's ``Report``: each report becomes a frame on standard output."""
 
@@ -67,18 +114,24 @@ class Worker:
         self._session = SessionRef(args.instance_id, args.session_id)
         self._out_fd = out_fd
         self._ended: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._lease = LeaseSwitch()
         clock = SystemClock()
-        self.engine = self._engine(args, PipeReports(self.write, clock), clock)
+        devices = device_store(args.credentials)
+        self.engine = self._engine(args, devices, PipeReports(self.write, clock), clock)
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def _engine(self, args: argparse.Namespace, report: Report, clock: SystemClock) -> Engine:
+    def _engine(
+        self, args: argparse.Namespace, devices: DeviceStore, report: Report, clock: SystemClock
+    ) -> Engine:
         if args.engine == "whatsmeow":
             from service.engine.whatsmeow import WhatsmeowEngine
 
-            return WhatsmeowEngine(Path(args.device_dir), report, clock, self.end)
+            return WhatsmeowEngine(devices, report, clock, self.end)
         times = PairingTimes(first=args.qr_first, rotation=args.qr_rotation, codes=args.qr_codes)
         # Each worker's codes differ from those of the worker before it.
-        return SimulatedEngine(report, clock, times, first_serial=time.time_ns() // 1000)
+        return SimulatedEngine(
+            report, clock, times, first_serial=time.time_ns() // 1000, devices=devices
+        )
 
     def write(self, event: Event) -> None:
         view = memoryview(encode(event))
@@ -104,6 +157,10 @@ class Worker:
         try:
             while (frame := await read_frame(reader)) is not None:
                 command = Command.FromString(frame)
+                if command.WhichOneof("command") == "hold":
+                    self._lease.hold(command.hold.until)  # in order, and with no reply
+                    continue
+                self._lease.check()
                 task = asyncio.create_task(self._handle(command))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -180,7 +237,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--engine", choices=("whatsmeow", "simulated"), required=True)
     parser.add_argument("--instance-id", required=True)
     parser.add_argument("--session-id", type=int, required=True)
-    parser.add_argument("--device-dir", required=True)
+    parser.add_argument(
+        "--credentials",
+        default=os.environ.get(LOCATION_VARIABLE),
+        help="where the credentials live: a folder, or a postgresql:// URL with its schema "
+        f"(default: ${LOCATION_VARIABLE})",
+    )
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--qr-first", type=float, default=60.0)
@@ -191,6 +253,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if not args.credentials:
+        sys.exit(f"no credential location: set {LOCATION_VARIABLE} or pass --credentials")
     _die_with_parent(args.parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when we stop
     out_fd = os.dup(1)

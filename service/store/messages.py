@@ -15,6 +15,8 @@ class Message:
 
     id: str
     session_id: int
+    #: The session's instance_id (a node writing the message must own that session).
+    instance_id: str
     idempotency_key: str | None
     recipient: str
     text: str

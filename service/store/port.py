@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Protocol
 
 from service.domain.contract import Status
-from service.domain.states import Session
+from service.domain.states import Session, SessionRef
 from service.faults import FaultPoints
 from service.store.messages import Message
 
@@ -25,6 +25,18 @@ class StaleRevision(RuntimeError):
     """An update expected a revision that is no longer the stored one."""
 
 
+class LeaseLost(RuntimeError):
+    """A write for a session this node no longer owns was refused (fencing; several nodes only).
+
+    Nothing was written: another node took the session over, or this node's
+    lease ran out before the write reached the database.
+    """
+
+    def __init__(self, instance_id: str, why: str = "its lease is held by another node") -> None:
+        super().__init__(f"this node no longer owns session {instance_id!r}: {why}")
+        self.instance_id = instance_id
+
+
 class Store(Protocol):
     #: Fault points (tests): a commit can be made to fail, as with a full disk.
     faults: FaultPoints
@@ -32,13 +44,16 @@ class Store(Protocol):
     async def load_sessions(self) -> list[Session]:
         """Every stored session."""
 
+    async def get_session(self, instance_id: str) -> Session | None:
+        """The stored session ``instance_id``, if it exists."""
+
     async def insert_session(self, session: Session) -> int:
         """Store a new session; returns its id."""
 
     async def update_session(self, session: Session) -> None:
         """Store the next revision of a session; the stored one must be revision - 1."""
 
-    async def delete_session(self, session_id: int) -> None:
+    async def delete_session(self, session: SessionRef) -> None:
         """Delete a session and its messages."""
 
     async def list_sessions(self, after: str, limit: int, status: Status | None) -> list[Session]:
@@ -50,11 +65,16 @@ class Store(Protocol):
     async def finish_message(self, message: Message, finished_at: datetime) -> None:
         """Record the outcome of a message."""
 
-    async def find_message(self, session_id: int, idempotency_key: str) -> Message | None:
+    async def find_message(self, session: SessionRef, idempotency_key: str) -> Message | None:
         """The message a session recorded under an idempotency key."""
 
-    async def mark_pending_unknown(self, code: str, message: str, at: datetime) -> int:
-        """Mark messages whose outcome was never recorded as unknown; returns how many."""
+    async def mark_pending_unknown(
+        self, code: str, message: str, at: datetime, session: SessionRef | None = None
+    ) -> int:
+        """Mark messages whose outcome was never recorded as unknown; returns how many.
+
+        Every session's at start-up, or only ``session``'s (a node taking it over).
+        """
 
     async def close(self) -> None:
         """Finish every queued operation and close."""

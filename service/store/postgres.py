@@ -22,7 +22,7 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -39,10 +39,10 @@ from service.domain.contract import (
     status_from_text,
     status_text,
 )
-from service.domain.states import Session
+from service.domain.states import Session, SessionRef
 from service.faults import FaultPoints
 from service.store.messages import Message
-from service.store.port import SchemaTooNew, StaleRevision
+from service.store.port import LeaseLost, SchemaTooNew, StaleRevision
 from service.store.writer import Writer
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,23 @@ Operation = Callable[[asyncpg.Connection], Awaitable[T]]
 #: How long one statement may take before the store gives up on it (a stalled network).
 _COMMAND_TIMEOUT = 30.0
 _CONNECT_TIMEOUT = 10.0
-#: The advisory lock that says "a Session Manager serves this database".
-LOCK_KEY = int.from_bytes(hashlib.sha256(b"session-manager").digest()[:8], "big", signed=True)
 URL_SCHEMES = ("postgresql", "postgres")
+
+
+def lock_key(node_id: str) -> int:
+    """The advisory lock that says "node ``node_id`` serves this database"."""
+    digest = hashlib.sha256(f"session-manager/{node_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+class Fence(Protocol):
+    """The leases this node holds: every session write carries one (several nodes)."""
+
+    def token(self, instance_id: str) -> tuple[str, int]:
+        """The owner and epoch this node holds for the session; raises LeaseLost if none."""
+
+    def rejected(self, instance_id: str) -> None:
+        """The database refused a write: the lease is no longer this node's."""
 
 
 def is_url(database: str) -> bool:
@@ -121,7 +135,45 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX messages_by_session ON messages (session_id, accepted_at);
     CREATE INDEX messages_pending ON messages (id) WHERE status = 'pending';
     """,
+    # Several nodes over one database (README, Running several nodes): who is alive,
+    # who owns which session, and a notification for every committed change.
+    """
+    CREATE TABLE nodes (
+        node_id text PRIMARY KEY,
+        -- Each start of a node is a new incarnation: its old leases are not its own.
+        incarnation text NOT NULL,
+        -- Where the other nodes reach its gRPC server (host:port).
+        address text NOT NULL,
+        started_at timestamptz NOT NULL DEFAULT now(),
+        heartbeat_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE TABLE leases (
+        instance_id text COLLATE "C" PRIMARY KEY,
+        -- '<node_id>/<incarnation>'; NULL once handed over.
+        owner text,
+        -- Raised by every take-over: a write that carries an older epoch changes nothing.
+        epoch bigint NOT NULL CHECK (epoch >= 1),
+        lease_until timestamptz NOT NULL
+    );
+    CREATE INDEX leases_by_owner ON leases (owner);
+    CREATE FUNCTION session_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        row ll_whatsapp_qr_sessions;
+    BEGIN
+        IF TG_OP = 'DELETE' THEN row := OLD; ELSE row := NEW; END IF;
+        PERFORM pg_notify('session_changes', json_build_object(
+            'instance_id', row.instance_id, 'id', row.id, 'revision', row.revision,
+            'deleted', TG_OP = 'DELETE')::text);
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER session_changed
+        AFTER INSERT OR UPDATE OR DELETE ON ll_whatsapp_qr_sessions
+        FOR EACH ROW EXECUTE FUNCTION session_changed();
+    """,
 )
+#: Where every committed change of a session is announced (payload: JSON with
+#: instance_id, id, revision and deleted), in commit order.
+CHANGES_CHANNEL = "session_changes"
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _SESSION_COLUMNS = (
@@ -142,11 +194,12 @@ _MESSAGE_COLUMNS = (
 
 
 class DatabaseInUse(RuntimeError):
-    """Another Session Manager holds the database's advisory lock."""
+    """Another server runs as the same node on this database."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, node_id: str) -> None:
         super().__init__(
-            f"the database {display(url)} is in use by another server; one server per database"
+            f"the database {display(url)} is in use by another server as node {node_id!r}; "
+            "give each node its own --node-id"
         )
 
 
@@ -196,10 +249,11 @@ def _session_values(s: Session) -> tuple[Any, ...]:
     )
 
 
-def _message_row(session_id: int, row: asyncpg.Record) -> Message:
+def _message_row(session: SessionRef, row: asyncpg.Record) -> Message:
     return Message(
         id=row["id"],
-        session_id=session_id,
+        session_id=session.id,
+        instance_id=session.instance_id,
         idempotency_key=row["idempotency_key"],
         recipient=row["recipient"],
         text=row["text"],
@@ -229,17 +283,20 @@ def _row_count(status: str) -> int:
 class Store:
     """One PostgreSQL database; every method is one operation, committed before it returns."""
 
-    def __init__(self, connection: asyncpg.Connection, url: str) -> None:
+    def __init__(self, connection: asyncpg.Connection, url: str, node_id: str) -> None:
         self._db = connection
         self.url = url
+        self.node_id = node_id
         #: Fault points (tests): a commit may be made to fail, as with a full disk.
         self.faults = FaultPoints()
+        #: The leases every session write must carry (set by the node before it writes).
+        self.fence: Fence | None = None
         self._writer = Writer(self._transaction, retry_alone=_an_operations_own)
 
     @classmethod
-    async def open(cls, url: str) -> Store:
-        """Connect, take the database's lock, and migrate its schema to this release's."""
-        return cls(await _connect(url, migrate=True), url)
+    async def open(cls, url: str, node_id: str) -> Store:
+        """Connect, take the node's lock, and migrate the schema to this release's."""
+        return cls(await _connect(url, node_id, migrate=True), url, node_id)
 
     async def close(self) -> None:
         """Finish every queued operation, then close the connection (which frees the lock)."""
@@ -282,13 +339,47 @@ class Store:
         """Connect again after the connection was lost, lock first: nobody else took over."""
         log.warning("reconnecting to the database %s", display(self.url))
         try:
-            self._db = await _connect(self.url, migrate=False)
+            self._db = await _connect(self.url, self.node_id, migrate=False)
         except (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresError) as error:
             raise DatabaseUnreachable(
                 f"cannot reach {display(self.url)}: {_describe(error)}"
             ) from error
 
+    async def _check_fence(self, db: asyncpg.Connection, instance_id: str) -> None:
+        """Refuse the write unless this node still holds the session's lease (several nodes).
+
+        The lease row stays share-locked until the transaction ends, so that a
+        take-over waits for this write to commit and then sees it.
+        """
+        if self.fence is None:
+            return
+        owner, epoch = self.fence.token(instance_id)
+        held = await db.fetchval(
+            "SELECT true FROM leases WHERE instance_id = $1 AND owner = $2 AND epoch = $3 "
+            "AND lease_until > clock_timestamp() FOR SHARE",
+            instance_id,
+            owner,
+            epoch,
+        )
+        if not held:
+            self.fence.rejected(instance_id)
+            raise LeaseLost(instance_id, f"the database refused epoch {epoch}")
+
     # Sessions.
+
+    async def get_session(self, instance_id: str) -> Session | None:
+        async def operation(db: asyncpg.Connection) -> Session | None:
+            return await self.read_session(db, instance_id)
+
+        return await self.run(operation)
+
+    @staticmethod
+    async def read_session(db: asyncpg.Connection, instance_id: str) -> Session | None:
+        row = await db.fetchrow(
+            f"SELECT {_SESSION_COLUMNS} FROM ll_whatsapp_qr_sessions WHERE instance_id = $1",
+            instance_id,
+        )
+        return None if row is None else _session_row(row)
 
     async def load_sessions(self) -> list[Session]:
         async def operation(db: asyncpg.Connection) -> list[Session]:
@@ -301,6 +392,7 @@ class Store:
         """Store a new session; returns its id. Raises asyncpg.UniqueViolationError if it exists."""
 
         async def operation(db: asyncpg.Connection) -> int:
+            await self._check_fence(db, session.instance_id)
             row_id: int = await db.fetchval(
                 "INSERT INTO ll_whatsapp_qr_sessions (instance_id, phone_number, status, "
                 "qr_status, qr_string, qr_generated_at, qr_expires_at, connected_at, "
@@ -317,6 +409,7 @@ class Store:
         """Store the next revision of a session; the stored one must be revision - 1."""
 
         async def operation(db: asyncpg.Connection) -> None:
+            await self._check_fence(db, session.instance_id)
             status = await db.execute(
                 f"UPDATE ll_whatsapp_qr_sessions SET {_SESSION_ASSIGNMENTS} "
                 "WHERE id = $15 AND revision = $16",
@@ -331,9 +424,10 @@ class Store:
 
         await self.run(operation)
 
-    async def delete_session(self, session_id: int) -> None:
+    async def delete_session(self, session: SessionRef) -> None:
         async def operation(db: asyncpg.Connection) -> None:
-            await db.execute("DELETE FROM ll_whatsapp_qr_sessions WHERE id = $1", session_id)
+            await self._check_fence(db, session.instance_id)
+            await db.execute("DELETE FROM ll_whatsapp_qr_sessions WHERE id = $1", session.id)
 
         await self.run(operation)
 
@@ -358,6 +452,7 @@ class Store:
         """Record an accepted message. Raises asyncpg.UniqueViolationError on a repeated key."""
 
         async def operation(db: asyncpg.Connection) -> None:
+            await self._check_fence(db, message.instance_id)
             await db.execute(
                 "INSERT INTO messages (id, session_id, idempotency_key, request_digest, "
                 "recipient, text, status, whatsapp_message_id, error_code, error_message, "
@@ -381,6 +476,7 @@ class Store:
         """Record the engine's result for a pending message."""
 
         async def operation(db: asyncpg.Connection) -> None:
+            await self._check_fence(db, message.instance_id)
             await db.execute(
                 "UPDATE messages SET status = $1, whatsapp_message_id = $2, error_code = $3, "
                 "error_message = $4, finished_at = $5 WHERE id = $6",
@@ -394,46 +490,56 @@ class Store:
 
         await self.run(operation)
 
-    async def find_message(self, session_id: int, idempotency_key: str) -> Message | None:
+    async def find_message(self, session: SessionRef, idempotency_key: str) -> Message | None:
         async def operation(db: asyncpg.Connection) -> Message | None:
             row = await db.fetchrow(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages "
                 "WHERE session_id = $1 AND idempotency_key = $2",
-                session_id,
+                session.id,
                 idempotency_key,
             )
-            return None if row is None else _message_row(session_id, row)
+            return None if row is None else _message_row(session, row)
 
         return await self.run(operation)
 
-    async def mark_pending_unknown(self, code: str, message: str, at: datetime) -> int:
+    async def mark_pending_unknown(
+        self, code: str, message: str, at: datetime, session: SessionRef | None = None
+    ) -> int:
         """Mark messages whose result was never recorded as unknown; returns how many."""
+        query = (
+            "UPDATE messages SET status = 'unknown', error_code = $1, error_message = $2, "
+            "finished_at = $3 WHERE status = 'pending'"
+        )
+        params: list[Any] = [code, message, at]
+        if session is not None:
+            query += " AND session_id = $4"
+            params.append(session.id)
 
         async def operation(db: asyncpg.Connection) -> int:
-            status = await db.execute(
-                "UPDATE messages SET status = 'unknown', error_code = $1, error_message = $2, "
-                "finished_at = $3 WHERE status = 'pending'",
-                code,
-                message,
-                at,
-            )
-            return _row_count(status)
+            if session is not None:
+                await self._check_fence(db, session.instance_id)
+            return _row_count(await db.execute(query, *params))
 
         return await self.run(operation)
 
 
-async def _connect(url: str, *, migrate: bool) -> asyncpg.Connection:
-    """A connection holding the database's lock, its schema this release's."""
-    db = await asyncpg.connect(
+async def connect(url: str) -> asyncpg.Connection:
+    """A connection to the sessions' database, durable commits, named in the server's views."""
+    return await asyncpg.connect(
         url,
         timeout=_CONNECT_TIMEOUT,
         command_timeout=_COMMAND_TIMEOUT,
         # Durable before it returns, whatever the server's or the role's default.
         server_settings={"synchronous_commit": "on", "application_name": "session-manager"},
     )
+
+
+async def _connect(url: str, node_id: str, *, migrate: bool) -> asyncpg.Connection:
+    """A connection holding the node's lock, its schema this release's."""
+    db = await connect(url)
     try:
-        if not await db.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY):
-            raise DatabaseInUse(url)
+        if not await db.fetchval("SELECT pg_try_advisory_lock($1)", lock_key(node_id)):
+            raise DatabaseInUse(url, node_id)
         if migrate:
             await _migrate(db)
     except BaseException:
@@ -443,6 +549,18 @@ async def _connect(url: str, *, migrate: bool) -> asyncpg.Connection:
 
 
 async def _migrate(db: asyncpg.Connection) -> None:
+    """Bring the schema to this release's; nodes starting together migrate one at a time."""
+    await db.execute("SELECT pg_advisory_lock($1)", _MIGRATION_KEY)
+    try:
+        await _migrate_locked(db)
+    finally:
+        await db.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_KEY)
+
+
+_MIGRATION_KEY = lock_key("/migrations")
+
+
+async def _migrate_locked(db: asyncpg.Connection) -> None:
     async with db.transaction():
         await db.execute(
             "CREATE TABLE IF NOT EXISTS schema_version ("

@@ -31,7 +31,7 @@ from service.domain.contract import (
     status_from_text,
     status_text,
 )
-from service.domain.states import Session
+from service.domain.states import Session, SessionRef
 from service.faults import FaultPoints
 from service.store import failures
 from service.store.messages import Message
@@ -176,10 +176,11 @@ def _session_values(s: Session) -> tuple[Any, ...]:
     )
 
 
-def _message_row(session_id: int, row: sqlite3.Row | tuple[Any, ...]) -> Message:
+def _message_row(session: SessionRef, row: sqlite3.Row | tuple[Any, ...]) -> Message:
     return Message(
         id=row[0],
-        session_id=session_id,
+        session_id=session.id,
+        instance_id=session.instance_id,
         idempotency_key=row[1],
         recipient=row[2],
         text=row[3],
@@ -254,6 +255,18 @@ class Store:
 
         return await self.run(operation)
 
+    async def get_session(self, instance_id: str) -> Session | None:
+        async def operation(db: aiosqlite.Connection) -> Session | None:
+            rows = list(
+                await db.execute_fetchall(
+                    f"SELECT {_SESSION_COLUMNS} FROM ll_whatsapp_qr_sessions WHERE instance_id = ?",
+                    (instance_id,),
+                )
+            )
+            return _session_row(rows[0]) if rows else None
+
+        return await self.run(operation)
+
     async def insert_session(self, session: Session) -> int:
         """Store a new session; returns its id. Raises sqlite3.IntegrityError if it exists."""
 
@@ -293,9 +306,9 @@ class Store:
 
         await self.run(operation)
 
-    async def delete_session(self, session_id: int) -> None:
+    async def delete_session(self, session: SessionRef) -> None:
         async def operation(db: aiosqlite.Connection) -> None:
-            await db.execute("DELETE FROM ll_whatsapp_qr_sessions WHERE id = ?", (session_id,))
+            await db.execute("DELETE FROM ll_whatsapp_qr_sessions WHERE id = ?", (session.id,))
 
         await self.run(operation)
 
@@ -362,28 +375,34 @@ class Store:
 
         await self.run(operation)
 
-    async def find_message(self, session_id: int, idempotency_key: str) -> Message | None:
+    async def find_message(self, session: SessionRef, idempotency_key: str) -> Message | None:
         async def operation(db: aiosqlite.Connection) -> Message | None:
             rows = list(
                 await db.execute_fetchall(
                     f"SELECT {_MESSAGE_COLUMNS} FROM messages "
                     "WHERE session_id = ? AND idempotency_key = ?",
-                    (session_id, idempotency_key),
+                    (session.id, idempotency_key),
                 )
             )
-            return _message_row(session_id, rows[0]) if rows else None
+            return _message_row(session, rows[0]) if rows else None
 
         return await self.run(operation)
 
-    async def mark_pending_unknown(self, code: str, message: str, at: datetime) -> int:
+    async def mark_pending_unknown(
+        self, code: str, message: str, at: datetime, session: SessionRef | None = None
+    ) -> int:
         """Mark messages whose result was never recorded as unknown; returns how many."""
+        query = (
+            "UPDATE messages SET status = 'unknown', error_code = ?, error_message = ?, "
+            "finished_at = ? WHERE status = 'pending'"
+        )
+        params: tuple[Any, ...] = (code, message, _ts(at))
+        if session is not None:
+            query += " AND session_id = ?"
+            params += (session.id,)
 
         async def operation(db: aiosqlite.Connection) -> int:
-            cursor = await db.execute(
-                "UPDATE messages SET status = 'unknown', error_code = ?, error_message = ?, "
-                "finished_at = ? WHERE status = 'pending'",
-                (code, message, _ts(at)),
-            )
+            cursor = await db.execute(query, params)
             changed = cursor.rowcount
             await cursor.close()
             return changed

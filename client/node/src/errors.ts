@@ -120,6 +120,11 @@ export class StorageUnavailableError extends SessionManagerClientError {
     return this.metadata["cause"];
   }
 }
+/**
+ * SESSION_MOVING (UNAVAILABLE, 503): with several nodes, the session is changing
+ * owner. Nothing was changed; retry after `retryAfter` seconds.
+ */
+export class SessionMovingError extends SessionManagerClientError {}
 /** The call's deadline passed (DEADLINE_EXCEEDED); no ErrorInfo. */
 export class SessionManagerTimeoutError extends SessionManagerClientError {}
 /** The Session Manager could not be reached (UNAVAILABLE without ErrorInfo). */
@@ -145,6 +150,7 @@ export const REASONS: Readonly<Record<string, ErrorClass>> = Object.freeze({
   LIMIT_EXCEEDED: LimitExceededError,
   MESSAGE_OUTCOME_UNKNOWN: MessageOutcomeUnknownError,
   STORAGE_UNAVAILABLE: StorageUnavailableError,
+  SESSION_MOVING: SessionMovingError,
 });
 
 /** Failures that carry no ErrorInfo, by gRPC code. */

@@ -12,13 +12,13 @@ from service.api.http.auth import Authenticator
 from service.api.http.server import HttpServer
 from service.api.metrics import Metrics
 from service.config import Settings
-from service.domain.sessions import SessionManager
+from service.domain.facade import Sessions
 
 __all__ = ["HttpServer", "Options", "start_http"]
 
 
 def start_http(
-    settings: Settings, manager: SessionManager, tokens: Tokens, metrics: Metrics | None
+    settings: Settings, manager: Sessions, tokens: Tokens, metrics: Metrics | None
 ) -> tuple[HttpServer, Options]:
     """Serve the HTTP API on ``settings.http_address``; the options let ``stop`` drain it."""
     options = Options(

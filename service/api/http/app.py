@@ -40,7 +40,7 @@ from service.api.http.routes import ENDPOINTS, Call, Endpoint
 from service.api.metrics import Metrics
 from service.domain import validation
 from service.domain.errors import ContractError
-from service.domain.sessions import SessionManager
+from service.domain.facade import Sessions
 
 log = logging.getLogger("service.api.http")
 
@@ -57,9 +57,11 @@ class Options:
     metrics: Metrics | None = None
     #: Set when the server starts to stop: every new request gets 503.
     draining: bool = field(default=False)
+    #: Whether the server can serve: ``/health`` answers 503 ``not_serving`` when not.
+    serving: Callable[[], bool] = field(default=lambda: True)
 
 
-def build_app(manager: SessionManager, options: Options) -> Starlette:
+def build_app(manager: Sessions, options: Options) -> Starlette:
     document = functools.cache(lambda: openapi.encoded(ENDPOINTS))
     by_path: dict[str, dict[str, Endpoint]] = {}
     for spec in ENDPOINTS:
@@ -96,7 +98,7 @@ def build_app(manager: SessionManager, options: Options) -> Starlette:
 
 def _dispatch(
     specs: dict[str, Endpoint],
-    manager: SessionManager,
+    manager: Sessions,
     options: Options,
     document: Callable[[], bytes],
 ) -> Callable[[Request], Awaitable[Response]]:
@@ -112,7 +114,9 @@ def _dispatch(
             if iid:  # first, as gRPC does: every later error names the session
                 validation.instance_id(iid)
             body = await _input(request, spec, iid)
-            call = Call(request, manager, options.auth, body, options.keepalive, document)
+            call = Call(
+                request, manager, options.auth, body, options.keepalive, document, options.serving
+            )
             return await spec.handler(call)
         except HttpError as failure:
             return _failed(request, failure)

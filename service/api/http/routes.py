@@ -23,7 +23,7 @@ from service.api.http.payloads import encode, send_json, session_bytes, session_
 from service.api.http.sse import SessionEventStream
 from service.domain import states, validation
 from service.domain.contract import Reason, Status, status_from_text
-from service.domain.sessions import SessionManager
+from service.domain.facade import Sessions
 from service.domain.states import Session
 from sessionmanager.v1 import session_pb2
 
@@ -38,11 +38,13 @@ class Call:
     """One request, as a handler sees it."""
 
     request: Request
-    manager: SessionManager
+    manager: Sessions
     auth: Authenticator
     body: BaseModel | None
     keepalive: float
     openapi: Callable[[], bytes]
+    #: Whether this server can serve (a node that lost its database cannot).
+    serving: Callable[[], bool] = lambda: True
 
     def parsed(self, model: type[M]) -> M:
         assert isinstance(self.body, model)
@@ -88,6 +90,8 @@ def _session(session: Session, status: int = 200) -> Response:
 
 
 async def health(call: Call) -> Response:
+    if not call.serving():
+        return _json({"status": "not_serving"}, 503)
     return _json({"status": "serving"})
 
 
@@ -96,7 +100,7 @@ async def openapi(call: Call) -> Response:
 
 
 async def get_session(call: Call) -> Response:
-    return _session(call.manager.get(call.instance_id))
+    return _session(await call.manager.get(call.instance_id))
 
 
 async def request_qr(call: Call) -> Response:
@@ -142,9 +146,9 @@ async def disconnect(call: Call) -> Response:
 async def events(call: Call) -> Response:
     iid = call.instance_id
     if call.request.method == "HEAD":  # the headers a stream would have, and no stream
-        call.manager.get(iid)
+        await call.manager.get(iid)
         return Response(media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    watcher = call.manager.watch(iid)
+    watcher = await call.manager.watch(iid)
     return SessionEventStream(watcher, lambda: call.manager.unwatch(iid, watcher), call.keepalive)
 
 

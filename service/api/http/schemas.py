@@ -149,7 +149,8 @@ class SessionPage(_Response):
 
 
 class Health(_Response):
-    status: Literal["serving"]
+    #: ``not_serving`` (with status 503): with several nodes, this node lost its database.
+    status: Literal["serving", "not_serving"]
 
 
 class ErrorJSON(_Response):

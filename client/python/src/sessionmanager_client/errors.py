@@ -150,6 +150,13 @@ class StorageUnavailableError(SessionManagerClientError):
         return self.metadata.get("cause")
 
 
+class SessionMovingError(SessionManagerClientError):
+    """SESSION_MOVING (UNAVAILABLE, 503): with several nodes, the session is changing owner.
+
+    Nothing was changed; retry after ``retry_after`` seconds.
+    """
+
+
 class SessionManagerTimeoutError(SessionManagerClientError):
     """The call's deadline passed (DEADLINE_EXCEEDED)."""
 
@@ -176,6 +183,7 @@ REASONS: dict[str, type[SessionManagerClientError]] = {
     "LIMIT_EXCEEDED": LimitExceededError,
     "MESSAGE_OUTCOME_UNKNOWN": MessageOutcomeUnknownError,
     "STORAGE_UNAVAILABLE": StorageUnavailableError,
+    "SESSION_MOVING": SessionMovingError,
 }
 
 #: Failures that carry no ErrorInfo, by gRPC code.

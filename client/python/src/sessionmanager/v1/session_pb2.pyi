@@ -169,6 +169,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     known; it is not sent again by itself, and a repeat of its idempotency key
     answers the same; `metadata.message_id` names it (UNKNOWN, 500).
     """
+    ERROR_REASON_SESSION_MOVING: _ErrorReason.ValueType  # 17
+    """With several nodes: the session is moving to another node, or the node
+    that owns it cannot be reached right now; nothing was changed, and a
+    `google.rpc.RetryInfo` says when to try again (UNAVAILABLE, 503).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists the contract's error codes. Every error the service
@@ -219,6 +224,11 @@ ERROR_REASON_MESSAGE_OUTCOME_UNKNOWN: ErrorReason.ValueType  # 16
 """The message was handed to the engine but whether WhatsApp accepted it is not
 known; it is not sent again by itself, and a repeat of its idempotency key
 answers the same; `metadata.message_id` names it (UNKNOWN, 500).
+"""
+ERROR_REASON_SESSION_MOVING: ErrorReason.ValueType  # 17
+"""With several nodes: the session is moving to another node, or the node
+that owns it cannot be reached right now; nothing was changed, and a
+`google.rpc.RetryInfo` says when to try again (UNAVAILABLE, 503).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

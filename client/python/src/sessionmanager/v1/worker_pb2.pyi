@@ -25,10 +25,10 @@ class WorkerCommand(_message.Message):
     child process that holds one session's WhatsApp connection. The server
     writes WorkerCommand frames to the worker's standard input; the worker
     writes WorkerEvent frames to its standard output. Each frame is a 4-byte
-    big-endian length followed by the serialized message. Every command gets
-    exactly one WorkerEvent.reply with the command's id; the other events are
-    reports about the session, in the order they happened. No service is
-    defined: the two ends are a parent and its child, joined by pipes.
+    big-endian length followed by the serialized message. Every command but
+    Hold gets exactly one WorkerEvent.reply with the command's id; the other
+    events are reports about the session, in the order they happened. No
+    service is defined: the two ends are a parent and its child, joined by pipes.
 
     WorkerCommand is one instruction from the Session Manager to its worker.
     """
@@ -160,6 +160,33 @@ class WorkerCommand(_message.Message):
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     @_typing.final
+    class Hold(_message.Message):
+        """Hold is the worker's dead-man's switch while its node holds the session's
+        lease. The worker exits at once, with no graceful close (status 77,
+        EXIT_LEASE_EXPIRED), when CLOCK_MONOTONIC passes `until` before a later
+        Hold moves it; the server sends one every few hundred milliseconds while
+        it renews its lease, so a frozen or cut-off server cannot keep its workers
+        connected. The latest Hold replaces any earlier one; a worker that never
+        got one has no deadline. Hold gets no reply: nobody waits for it.
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        UNTIL_FIELD_NUMBER: _builtins.int
+        until: _builtins.float
+        """The deadline, in seconds on CLOCK_MONOTONIC (system-wide on Linux); +inf lifts it."""
+        def __init__(
+            self,
+            *,
+            until: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["until", b"until"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
     class SimulatePhone(_message.Message):
         """SimulatePhone has the simulated phone or WhatsApp act; only the simulated engine accepts it."""
 
@@ -247,6 +274,7 @@ class WorkerCommand(_message.Message):
     STOP_FIELD_NUMBER: _builtins.int
     PING_FIELD_NUMBER: _builtins.int
     SIMULATE_PHONE_FIELD_NUMBER: _builtins.int
+    HOLD_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Correlates the command with its reply; unique per worker."""
     @_builtins.property
@@ -281,6 +309,10 @@ class WorkerCommand(_message.Message):
     def simulate_phone(self) -> Global___WorkerCommand.SimulatePhone:
         """Drive the simulated phone."""
 
+    @_builtins.property
+    def hold(self) -> Global___WorkerCommand.Hold:
+        """Exit by itself unless held again before the deadline."""
+
     def __init__(
         self,
         *,
@@ -293,12 +325,13 @@ class WorkerCommand(_message.Message):
         stop: Global___WorkerCommand.Stop | None = ...,
         ping: Global___WorkerCommand.Ping | None = ...,
         simulate_phone: Global___WorkerCommand.SimulatePhone | None = ...,
+        hold: Global___WorkerCommand.Hold | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "logout", b"logout", "pair_phone", b"pair_phone", "ping", b"ping", "restore", b"restore", "send_text", b"send_text", "simulate_phone", b"simulate_phone", "start_pairing", b"start_pairing", "stop", b"stop"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "hold", b"hold", "logout", b"logout", "pair_phone", b"pair_phone", "ping", b"ping", "restore", b"restore", "send_text", b"send_text", "simulate_phone", b"simulate_phone", "start_pairing", b"start_pairing", "stop", b"stop"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "id", b"id", "logout", b"logout", "pair_phone", b"pair_phone", "ping", b"ping", "restore", b"restore", "send_text", b"send_text", "simulate_phone", b"simulate_phone", "start_pairing", b"start_pairing", "stop", b"stop"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "hold", b"hold", "id", b"id", "logout", b"logout", "pair_phone", b"pair_phone", "ping", b"ping", "restore", b"restore", "send_text", b"send_text", "simulate_phone", b"simulate_phone", "start_pairing", b"start_pairing", "stop", b"stop"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_command: _TypeAlias = _typing.Literal["start_pairing", "restore", "pair_phone", "send_text", "logout", "stop", "ping", "simulate_phone"]  # noqa: Y015
+    _WhichOneofReturnType_command: _TypeAlias = _typing.Literal["start_pairing", "restore", "pair_phone", "send_text", "logout", "stop", "ping", "simulate_phone", "hold"]  # noqa: Y015
     _WhichOneofArgType_command: _TypeAlias = _typing.Literal["command", b"command"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_command) -> _WhichOneofReturnType_command | None: ...
 

@@ -1,0 +1,390 @@
+"""One node among several over one PostgreSQL database: its leases and its share of sessions.
+
+Every ``tick`` (a quarter of the lease TTL) the node sends its heartbeat and
+renews every lease it holds in one statement, on the database's clock. From
+the moment that renewal was sent it counts, on its own monotonic clock, TTL
+minus a margin: its workers are told to end by then (``Engine.hold_until``)
+and, if no renewal succeeded in the meantime, the node drops every session
+itself. A new owner takes a lease only once it expired ``grace`` ago, so the
+old owner's workers are gone before the new ones start.
+
+Placement is rendezvous hashing over the live nodes: each tick the node takes
+the free sessions it should own and hands over those a live node should own
+instead, at most ``moves_per_second`` of them, so a node joining or leaving
+moves only its share, staggered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import asyncpg
+
+from service.cluster import placement
+from service.domain import errors
+from service.domain.sessions import SessionManager
+from service.store import leases, postgres
+from service.store.leases import NodeRow
+from service.store.port import LeaseLost
+
+log = logging.getLogger(__name__)
+
+#: The share of the TTL kept as a margin: workers end this long before the lease does.
+MARGIN = 0.25
+_DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSettings:
+    """Who this node is and how it holds its leases."""
+
+    node_id: str
+    #: Where the other nodes reach this node's gRPC server.
+    address: str
+    lease_ttl: float = 15.0
+    lease_grace: float = 5.0
+    moves_per_second: float = 10.0
+
+    @property
+    def tick(self) -> float:
+        return self.lease_ttl / 4
+
+
+class NodeMetrics(Protocol):
+    """What a node counts (``service.api.metrics``)."""
+
+    def on_renewal(self, seconds: float) -> None: ...
+
+    def on_move(self, direction: str) -> None: ...
+
+    def on_fencing_rejection(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Local:
+    """This node owns the session: run the command here."""
+
+
+@dataclass(frozen=True, slots=True)
+class Remote:
+    """Another node owns the session (or should): forward the command to ``address``."""
+
+    address: str
+
+
+Route = Local | Remote
+LOCAL = Local()
+
+
+@dataclass
+class LeaseBook:
+    """The leases this node holds, by instance_id: the ``postgres.Fence`` of its writes."""
+
+    owner: str
+    on_rejected: Callable[[str], None]
+    epochs: dict[str, int] = field(default_factory=dict)
+
+    def token(self, instance_id: str) -> tuple[str, int]:
+        epoch = self.epochs.get(instance_id)
+        if epoch is None:
+            raise LeaseLost(instance_id, "this node holds no lease on it")
+        return self.owner, epoch
+
+    def rejected(self, instance_id: str) -> None:
+        self.on_rejected(instance_id)
+
+    def hold(self, instance_id: str, epoch: int) -> None:
+        self.epochs[instance_id] = epoch
+
+    def drop(self, instance_id: str) -> int | None:
+        return self.epochs.pop(instance_id, None)
+
+
+class Node:
+    """This node's membership, leases and share of the sessions."""
+
+    def __init__(
+        self,
+        settings: NodeSettings,
+        store: postgres.Store,
+        manager: SessionManager,
+        metrics: NodeMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.incarnation = secrets.token_hex(4)
+        self.owner = leases.owner_name(settings.node_id, self.incarnation)
+        self._store = store
+        self._manager = manager
+        self._metrics = metrics
+        self.book = LeaseBook(self.owner, self._rejected)
+        store.fence = self.book
+        self._pool: asyncpg.Pool | None = None
+        self.live: list[NodeRow] = []
+        #: Until when (monotonic) this node may act on its leases; None before the first renewal.
+        self.deadline: float | None = None
+        #: Whether the last renewal reached the database (health reports it).
+        self.connected = False
+        self._locks: dict[str, asyncio.Lock] = {}
+        #: Leases dropped past the deadline: freed (if still ours) once the database answers.
+        self._dropped: dict[str, int] = {}
+        self._budget = 0.0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._renewed = asyncio.Event()
+        self.on_health: Callable[[bool], None] = lambda serving: None
+
+    @property
+    def node_id(self) -> str:
+        return self.settings.node_id
+
+    # Life cycle.
+
+    async def start(self) -> None:
+        """Join the cluster and take this node's share of the sessions."""
+        self._pool = await asyncpg.create_pool(
+            self._store.url,
+            min_size=1,
+            max_size=4,
+            timeout=10.0,
+            command_timeout=self.settings.tick * 2,
+            server_settings={"application_name": f"session-manager {self.node_id}"},
+        )
+        async with self._pool.acquire() as db:
+            await leases.join(db, self.node_id, self.incarnation, self.settings.address)
+        log.info("joined as node %s (%s)", self.node_id, self.settings.address)
+        await self.tick()
+        self._loop = asyncio.create_task(self._run(), name="node-leases")
+        self._watchdog = asyncio.create_task(self._guard(), name="node-watchdog")
+
+    async def stop(self) -> None:
+        """Hand every session over and leave, so the other nodes take them at once."""
+        for task in (self._loop, self._watchdog):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._pool is None:
+            return
+        for instance_id in list(self.book.epochs):
+            with contextlib.suppress(*_DATABASE_ERRORS):
+                await self.hand_over(instance_id)
+        with contextlib.suppress(*_DATABASE_ERRORS):
+            async with self._pool.acquire() as db:
+                await leases.leave(db, self.node_id, self.incarnation)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._pool.terminate()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.tick)
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("the node's lease round failed")
+
+    async def _guard(self) -> None:
+        """Drop every session once the leases may have run out without a renewal."""
+        while True:
+            deadline = self.deadline
+            if deadline is None or not self.book.epochs:
+                self._renewed.clear()
+                await self._renewed.wait()
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining > 0:
+                self._renewed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._renewed.wait(), remaining)
+                continue
+            log.error(
+                "could not renew the leases in time: dropping %d sessions", len(self.book.epochs)
+            )
+            await self._drop_all("its lease could not be renewed in time")
+
+    # One round: heartbeat and renewals, then placement.
+
+    async def tick(self) -> None:
+        sent = time.monotonic()
+        if self.deadline is not None and sent >= self.deadline:
+            # Frozen or cut off past the deadline: the workers ended by themselves.
+            await self._drop_all("its lease could not be renewed in time")
+        held = dict(self.book.epochs)
+        try:
+            renewed, live = await asyncio.wait_for(self._renew(held), self.settings.tick)
+        except (*_DATABASE_ERRORS, TimeoutError) as error:
+            self._set_connected(False)
+            log.warning("cannot renew the leases: %s", error or "no answer in time")
+            return
+        self._set_connected(True)
+        if not any(node.owner == self.owner for node in live):
+            # A newer start of this node id took its row: this process is stale.
+            await self._drop_all("another process started as this node")
+            return
+        self.deadline = sent + self.settings.lease_ttl * (1 - MARGIN)
+        self._manager.engine.hold_until(self.deadline)
+        self._renewed.set()
+        if self._metrics is not None:
+            self._metrics.on_renewal(time.monotonic() - sent)
+        for instance_id in held:
+            if instance_id not in renewed and instance_id in self.book.epochs:
+                await self.lose(instance_id, "its lease was not renewed")
+        self.live = live
+        await self._rebalance()
+
+    async def _renew(self, held: dict[str, int]) -> tuple[dict[str, int], list[NodeRow]]:
+        assert self._pool is not None
+        async with self._pool.acquire() as db:
+            for instance_id, epoch in list(self._dropped.items()):
+                await leases.release(db, instance_id, self.owner, epoch)
+                del self._dropped[instance_id]
+            renewed = await leases.renew(db, self.owner, held, self.settings.lease_ttl)
+            live = await leases.live_nodes(db, self.settings.lease_ttl)
+        return renewed, live
+
+    def _set_connected(self, connected: bool) -> None:
+        if connected != self.connected:
+            self.connected = connected
+            self.on_health(connected)
+
+    async def _rebalance(self) -> None:
+        assert self._pool is not None
+        async with self._pool.acquire() as db:
+            view = await leases.placement_view(db, self.settings.lease_grace)
+        nodes = [node.node_id for node in self.live]
+        self._budget = min(
+            self._budget + self.settings.moves_per_second * self.settings.tick,
+            max(1.0, self.settings.moves_per_second * self.settings.tick),
+        )
+        for entry in view:
+            if self._budget < 1:
+                return
+            winner = placement.owner_of(entry.instance_id, nodes)
+            held = entry.instance_id in self.book.epochs
+            if held and winner not in (None, self.node_id):
+                self._budget -= 1
+                await self.hand_over(entry.instance_id)
+            elif not held and winner == self.node_id and entry.free:
+                self._budget -= 1
+                await self.take(entry.instance_id)
+
+    # Taking, handing over, losing.
+
+    def _lock(self, instance_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(instance_id, asyncio.Lock())
+
+    def may_act(self) -> bool:
+        return self.deadline is not None and time.monotonic() < self.deadline
+
+    async def take(self, instance_id: str) -> bool:
+        """Take the session's lease if it is free, and the session with it; whether it is ours."""
+        assert self._pool is not None
+        async with self._lock(instance_id):
+            if instance_id in self.book.epochs:
+                return True
+            if not self.may_act():
+                return False
+            async with self._pool.acquire() as db:
+                epoch = await leases.acquire(
+                    db,
+                    instance_id,
+                    self.owner,
+                    self.settings.lease_ttl,
+                    self.settings.lease_grace,
+                )
+            if epoch is None:
+                return False
+            self.book.hold(instance_id, epoch)
+            session = await self._store.get_session(instance_id)
+            if session is not None:
+                try:
+                    await self._manager.adopt(session)
+                except (LeaseLost, errors.ContractError) as error:
+                    log.warning("could not take over %s: %s", instance_id, error)
+                    self.book.drop(instance_id)
+                    await self._manager.release(instance_id)
+                    return False
+                log.info("took over session %s (epoch %d)", instance_id, epoch)
+                if self._metrics is not None:
+                    self._metrics.on_move("in")
+            return True
+
+    async def hand_over(self, instance_id: str) -> None:
+        """Stop the session here and free its lease for the node that should own it."""
+        assert self._pool is not None
+        async with self._lock(instance_id):
+            epoch = self.book.epochs.get(instance_id)
+            if epoch is None:
+                return
+            await self._manager.release(instance_id)
+            self.book.drop(instance_id)
+            async with self._pool.acquire() as db:
+                await leases.release(db, instance_id, self.owner, epoch)
+            log.info("handed session %s over", instance_id)
+            if self._metrics is not None:
+                self._metrics.on_move("out")
+
+    async def forget(self, instance_id: str) -> None:
+        """The session was deleted here: free its lease (its epoch stays for the next one)."""
+        assert self._pool is not None
+        async with self._lock(instance_id):
+            epoch = self.book.drop(instance_id)
+            if epoch is not None:
+                async with self._pool.acquire() as db:
+                    await leases.release(db, instance_id, self.owner, epoch)
+
+    async def lose(self, instance_id: str, why: str) -> None:
+        """The lease is gone (another node may own the session): stop it here, write nothing."""
+        if self.book.drop(instance_id) is None:
+            return
+        log.warning("lost session %s: %s", instance_id, why)
+        await self._manager.release(instance_id)
+
+    async def _drop_all(self, why: str) -> None:
+        """Drop every session; the next round that reaches the database frees their leases."""
+        self.deadline = None
+        for instance_id, epoch in list(self.book.epochs.items()):
+            self._dropped[instance_id] = epoch
+            await self.lose(instance_id, why)
+
+    def _rejected(self, instance_id: str) -> None:
+        if self._metrics is not None:
+            self._metrics.on_fencing_rejection()
+        task = asyncio.create_task(self.lose(instance_id, "the database refused a stale write"))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # Routing a command.
+
+    async def route(self, instance_id: str) -> Route:
+        """Where a command for ``instance_id`` runs: here (the lease is taken if due) or there."""
+        assert self._pool is not None
+        if instance_id in self.book.epochs:
+            return LOCAL
+        try:
+            async with self._pool.acquire() as db:
+                current = await leases.route(db, instance_id)
+        except _DATABASE_ERRORS as error:
+            raise errors.session_moving(
+                instance_id, f"cannot be located: the database is unreachable ({error})"
+            ) from error
+        if current.valid and current.owner is not None and current.owner != self.owner:
+            if current.address is None:
+                raise errors.session_moving(instance_id, "is owned by a node that left")
+            return Remote(current.address)
+        winner = placement.owner_of(instance_id, [node.node_id for node in self.live])
+        if winner is None or winner == self.node_id or current.owner == self.owner:
+            if await self.take(instance_id):
+                return LOCAL
+            raise errors.session_moving(instance_id, "is waiting for its previous owner's lease")
+        address = next(node.address for node in self.live if node.node_id == winner)
+        return Remote(address)
