@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import re
 import signal
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -45,6 +47,8 @@ LEASE_TTL = 2.0
 LEASE_GRACE = 1.0
 MOVES_PER_SECOND = 20
 POLL = 0.1
+#: A folder where a failed test leaves every node's whole log.
+LOGS_FOLDER = "SESSION_MANAGER_CLUSTER_LOGS"
 MOVING_ATTEMPTS = 5  # tries of a call refused with SESSION_MOVING (RetryInfo: about 1 s)
 _METRICS_PORT = re.compile(r"metrics on port (\d+)")
 
@@ -186,7 +190,19 @@ class ClusterHarness:
     async def __aexit__(self, kind: type[BaseException] | None, *exc_info: object) -> None:
         if kind is not None:  # shown by pytest with the failure
             print(*(node.log_tail(40) for node in self.nodes), sep="\n")
+            self.keep_logs()
         await self.close()
+
+    def keep_logs(self) -> None:
+        """Write every incarnation's whole log into $SESSION_MANAGER_CLUSTER_LOGS, if set."""
+        folder = os.environ.get(LOGS_FOLDER)
+        if not folder:
+            return
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        for node in self.nodes:
+            for n, log in enumerate([*node.past_logs, node.stderr()], start=1):
+                (Path(folder) / f"{node.name}.{n}.log").write_text(log)
+        print(f"the nodes' logs are in {folder}")
 
     async def start(self) -> None:
         """Start every node at once; return when each one listens."""
