@@ -91,7 +91,7 @@ class Acknowledged:
     paired: set[str] = field(default_factory=set)  # connected, not disconnected since
     disconnected: set[str] = field(default_factory=set)
     uncertain: set[str] = field(default_factory=set)
-    qr_requested: set[str] = field(default_factory=set)  # the load asked for a QR code
+    qr_requests: list[str] = field(default_factory=list)  # each time the load asked for a QR
     sends: dict[str, Sent] = field(default_factory=dict)  # by idempotency key
     unanswered_keys: dict[str, str] = field(default_factory=dict)  # key -> instance id
 
@@ -177,7 +177,7 @@ class Load:
         if made is None:
             return None
         self.acked.created.add(iid)
-        self.acked.qr_requested.add(iid)
+        self.acked.qr_requests.append(iid)
         qr = await self.call(
             iid,
             lambda n: n.sessions.RequestQR(
@@ -242,7 +242,7 @@ class Load:
     async def pair_again(self, iid: str) -> None:
         """A disconnected session asks for a new QR and the phone scans it."""
         self.acked.disconnected.discard(iid)
-        self.acked.qr_requested.add(iid)
+        self.acked.qr_requests.append(iid)
         qr = pb.RequestQRRequest(instance_id=iid)
         if await self.call(iid, lambda n: n.sessions.RequestQR(qr, timeout=CALL_TIMEOUT)) is None:
             if iid not in self.acked.uncertain:
@@ -308,7 +308,7 @@ class Watchers:
         self.node = node
         self.acked = acked
         self.paired_at_start = acked.connected()
-        self.qr_requested_before = set(acked.qr_requested)
+        self.qr_requests_before = len(acked.qr_requests)
         self.latest: dict[str, s.WhatsAppSession] = {}
         self.new_qr: set[str] = set()
         self.disorder: list[str] = []
@@ -317,7 +317,7 @@ class Watchers:
 
     def assert_no_new_qr(self, what: str) -> None:
         """No session paired before the fault showed a new QR, unless the load asked for one."""
-        asked = self.acked.qr_requested - self.qr_requested_before
+        asked = set(self.acked.qr_requests[self.qr_requests_before :])
         shown = (self.new_qr & self.paired_at_start) - asked
         assert not shown, f"paired sessions showed a new QR code after {what}: {sorted(shown)}"
 
