@@ -19,6 +19,7 @@ processes in /proc (tests/census.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import re
@@ -220,12 +221,11 @@ class ClusterHarness:
         await asyncio.gather(*(self.launch(node) for node in self.nodes))
 
     async def close(self) -> None:
-        """Kill every node (a frozen one too) and close the proxies."""
-        for node in self.nodes:
-            if node.running and node.frozen:
-                node.process.signal(signal.SIGCONT)  # type: ignore[union-attr]
-            await self._forget(node, kill=True)
-            node.proxy.close()
+        """Kill every node (a frozen one too) and close the proxies, whatever fails on the way."""
+        async with contextlib.AsyncExitStack() as closing:
+            for node in self.nodes:
+                closing.callback(node.proxy.close)
+                closing.push_async_callback(self._forget, node, True)
         if self._http is not None:
             await self._http.aclose()
         if self._db is not None:
@@ -285,7 +285,7 @@ class ClusterHarness:
         node.going = True
         if node.process is not None:
             process = node.process
-            if kill:
+            if kill:  # SIGKILL ends a stopped process too
                 await asyncio.to_thread(process.kill)
             else:
                 code = await asyncio.to_thread(process.stop)
