@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -485,6 +486,90 @@ class StaleCalls:
                 load.acked.unanswered_keys[key] = iid
 
 
+class InFlightWrite:
+    """A Send the owner is committing when it freezes: the database is slow on its lease row.
+
+    The test holds a row lock on the session's lease (``SELECT … FOR UPDATE``, which
+    writes nothing) and sends ``Send`` to the owner: its write waits in its fence
+    check (``SELECT … FOR SHARE`` on that row, epoch in hand). The node is then
+    frozen, and the lock let go only once the lease has run out by the database's
+    clock, past any renewal the node could have sent before it froze. So when the
+    node resumes, the database has answered its fence check against a lease that
+    is no longer its own: the write must be refused by the epoch, and the caller
+    told SESSION_MOVING (nothing changed).
+    """
+
+    def __init__(self, cluster: ClusterHarness, owner: Node, instance_id: str) -> None:
+        self.cluster = cluster
+        self.owner = owner
+        self.instance_id = instance_id
+        self.key = f"in-flight-{owner.name}-{instance_id}"
+        self._lock: asyncpg.Connection | None = None
+        self._transaction: Any = None
+        self._send: asyncio.Future[pb.SendResponse] | None = None
+
+    async def __aenter__(self) -> InFlightWrite:
+        self._lock = await asyncpg.connect(self.cluster.database_url)
+        self._transaction = self._lock.transaction()
+        await self._transaction.start()
+        await self._lock.execute(
+            "SELECT 1 FROM leases WHERE instance_id = $1 FOR UPDATE", self.instance_id
+        )
+        request = pb.SendRequest(
+            instance_id=self.instance_id, to=PHONE, text=self.key, idempotency_key=self.key
+        )
+        self._send = asyncio.ensure_future(self.owner.sessions.Send(request, timeout=60))
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._lock is not None
+        await self._transaction.rollback()
+        await self._lock.close()
+
+    async def caught(self) -> None:
+        """Wait until the owner's fence check waits on the test's lock."""
+        assert self._lock is not None
+        lock = self._lock
+        me = await lock.fetchval("SELECT pg_backend_pid()")
+
+        async def waiting() -> str | None:
+            count = await lock.fetchval(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE $1 = ANY(pg_blocking_pids(pid)) AND query ILIKE '%for share%'",
+                me,
+            )
+            return None if count else "no fence check waits on the lease row"
+
+        await wait_until(waiting, 5, f"{self.owner.name} writing for {self.instance_id}", 0.01)
+
+    async def release_after_the_lease(self, ttl: float) -> None:
+        """Hold the lock until the database's clock is past anything the node could hold."""
+        assert self._lock is not None
+        lock = self._lock
+        frozen_at = await lock.fetchval("SELECT clock_timestamp()")
+
+        async def running() -> str | None:
+            late = await lock.fetchval(
+                "SELECT clock_timestamp() > greatest($1 + make_interval(secs => $2), "
+                "(SELECT lease_until FROM leases WHERE instance_id = $3))",
+                frozen_at,
+                ttl,
+                self.instance_id,
+            )
+            return None if late else "the lease may still be the frozen node's"
+
+        await wait_until(running, 3 * ttl, f"the lease of {self.instance_id} running out")
+
+    async def refused(self, load: Load) -> None:
+        """The write was refused with SESSION_MOVING; its key is tried again like any other."""
+        assert self._send is not None
+        with pytest.raises(grpc.aio.AioRpcError) as refusal:
+            await self._send
+        load.failed(refusal.value)
+        assert reason(refusal.value) == "SESSION_MOVING", f"the in-flight write: {refusal.value}"
+        load.acked.unanswered_keys[self.key] = self.instance_id
+
+
 async def health(node: Node) -> int:
     probe = health_pb2_grpc.HealthStub(node.channel)
     answer = await probe.Check(health_pb2.HealthCheckRequest(service=""), timeout=CALL_TIMEOUT)
@@ -532,15 +617,20 @@ async def kill9_under_load(cluster: ClusterHarness, census: WorkerCensus, load: 
 
 
 async def freeze_under_load(cluster: ClusterHarness, census: WorkerCensus, load: Load) -> None:
-    """SIGSTOP past the lease: its workers end by themselves, others take over; then SIGCONT."""
+    """SIGSTOP past the lease, with a write of the node caught in flight: its workers end by
+    themselves, others take over; after SIGCONT the database refuses that write's epoch."""
     victim = await cluster.busiest()
     owned = await owned_by(cluster, victim, load.acked)
     async with watching(other_than(cluster, victim), load.acked) as watchers:
         async with load.running():
-            cluster.sigstop(victim)
-            stale = StaleCalls.send_to(victim, owned)
+            async with InFlightWrite(cluster, victim, owned[0]) as write:
+                await write.caught()
+                cluster.sigstop(victim)
+                stale = StaleCalls.send_to(victim, owned)
+                await write.release_after_the_lease(cluster.lease_ttl)
             await wait_until(lambda: cluster.not_moved(victim, owned), SETTLE, "SIGSTOP")
             cluster.sigcont(victim)
+            await write.refused(load)
             await stale.collect(load)
             await wait_until(lambda: _positive(cluster, victim, FENCING), 10, "after SIGCONT")
         await settle(cluster, census, load, watchers, f"SIGSTOP of {victim.name}")
