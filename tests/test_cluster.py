@@ -538,7 +538,14 @@ class InFlightWrite:
                 "WHERE $1 = ANY(pg_blocking_pids(pid)) AND query ILIKE '%for share%'",
                 me,
             )
-            return None if count else "no fence check waits on the lease row"
+            if count:
+                return None
+            answered = self._send is not None and self._send.done()
+            return "no fence check waits on the lease row" + (
+                f"; the Send was answered: {self._send.exception() or self._send.result()}"
+                if answered and self._send is not None
+                else ""
+            )
 
         await wait_until(waiting, 5, f"{self.owner.name} writing for {self.instance_id}", 0.01)
 
@@ -550,7 +557,7 @@ class InFlightWrite:
 
         async def running() -> str | None:
             late = await lock.fetchval(
-                "SELECT clock_timestamp() > greatest($1 + make_interval(secs => $2), "
+                "SELECT clock_timestamp() > greatest($1::timestamptz + make_interval(secs => $2), "
                 "(SELECT lease_until FROM leases WHERE instance_id = $3))",
                 frozen_at,
                 ttl,
