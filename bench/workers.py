@@ -70,13 +70,15 @@ async def _call(process: asyncio.subprocess.Process, command: Command, ident: in
 
 
 async def worker(engine: str, device_dir: Path, dial: bool) -> float:
+    await asyncio.to_thread(device_dir.mkdir, parents=True, exist_ok=True)  # as the supervisor does
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "service.engine.worker",
         f"--engine={engine}",
         "--instance-id=bench",
-        f"--device-dir={device_dir}",
+        "--session-id=1",
+        f"--credentials={device_dir}",
         f"--parent-pid={os.getpid()}",
         "--log-level=warning",
         stdin=asyncio.subprocess.PIPE,

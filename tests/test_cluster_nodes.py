@@ -32,6 +32,8 @@ from sessionmanager.v1 import session_service_pb2 as pb
 from sessionmanager.v1 import simulator_service_pb2 as sim_pb
 from tests.flows import eventually
 from tests.status_details import error_info
+from tests.test_http_api import API
+from tests.test_http_sse import events
 
 NODES = ("n1", "n2", "n3")
 CONNECTED = session_pb2.SESSION_STATUS_CONNECTED
@@ -328,3 +330,52 @@ async def test_with_workers_a_moved_session_reconnects_from_stored_credentials(
     finally:
         for member in running:
             await member.stop()
+
+
+async def test_a_command_for_a_missing_session_takes_no_lease(
+    members: dict[str, Member], postgres_url: str
+) -> None:
+    for member in members.values():
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await member.sessions.RequestQR(pb.RequestQRRequest(instance_id="nobody_1"))
+        assert error_info(missing.value).reason == "SESSION_NOT_FOUND"
+    db = await asyncpg.connect(postgres_url)
+    try:
+        assert await db.fetchval("SELECT count(*) FROM leases WHERE instance_id = 'nobody_1'") == 0
+    finally:
+        await db.close()
+
+
+async def test_an_event_stream_on_another_node_follows_the_owner(
+    settings: Settings, postgres_url: str, tmp_path: Path
+) -> None:
+    with_http = dataclasses.replace(settings, http_address="127.0.0.1:0")
+    first = await join(node_settings(with_http, postgres_url, "n1", tmp_path))
+    second = await join(node_settings(with_http, postgres_url, "n2", tmp_path))
+    try:
+        for member in (first, second):
+            node = member.running.cluster.node  # type: ignore[union-attr]
+            await eventually(lambda node=node: len(node.live) == 2)  # type: ignore[misc]
+        iid = owned_by("n1", "streamed", ("n1", "n2"))
+        url = f"http://127.0.0.1:{second.running.http_port}"
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            assert (
+                await http.post(f"{API}/sessions", json={"instance_id": iid})
+            ).status_code == 201
+            async with events(http, iid) as stream:
+                assert (await stream.session())["revision"] == 1
+                assert (await http.post(f"{API}/sessions/{iid}/qr")).status_code == 200
+                await first.simulator.ScanQR(sim_pb.ScanQRRequest(instance_id=iid))
+                seen = [await stream.session() for _ in range(3)]
+                assert [(s["revision"], s["status"]) for s in seen] == [
+                    (2, "qr_required"),
+                    (3, "connecting"),
+                    (4, "connected"),
+                ]
+                assert (await http.delete(f"{API}/sessions/{iid}")).status_code == 204
+                end = await stream.next()
+                assert end is not None
+                assert end.event == "end"
+    finally:
+        await second.stop()
+        await first.stop()

@@ -74,6 +74,8 @@ async def test_a_session_lives_in_its_own_worker(workers: Harness) -> None:
     )
     assert scanned.session.status == s.SESSION_STATUS_CONNECTED
     assert scanned.session.phone_number == PHONE
+    device = engine.device_dir(await workers.running.manager.ref("own")) / "device.json"
+    assert PHONE in device.read_text()  # the paired device is recorded, as whatsmeow stores it
     sent = await workers.sessions.Send(pb.SendRequest(instance_id="own", to=PHONE, text="hola"))
     assert sent.whatsapp_message_id.startswith("3EB0")
 

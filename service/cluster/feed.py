@@ -1,12 +1,14 @@
 """Watching a session from any node: committed changes arrive through LISTEN/NOTIFY.
 
 Every committed insert, update or delete of a session row notifies the
-``session_changes`` channel (a trigger, so no write can skip it), and
-PostgreSQL delivers notifications in commit order. For a session with
-watchers here, the feed reads the row as committed and hands it to them if
-it is newer than what each of them has: the same promise as on one node —
-the current state first, then changes in order, a slow reader skipping to the
-latest. A watcher never sees a revision go back.
+``session_changes`` channel (a trigger, so no write can skip it) with the
+committed row, and PostgreSQL delivers notifications in commit order. For a
+session with watchers here, the feed hands each state to every watcher that
+has not seen it yet: the same promise as on one node — the current state
+first, then every change in order, a slow reader skipping to the latest. A
+watcher never sees a revision go back. A row too large for a notification
+comes without it, and the feed reads it from the database (which may skip to
+a later revision, never back).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class Feed:
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
+        self._closing = False
 
     async def start(self) -> None:
         await self._listen()
@@ -65,6 +68,7 @@ class Feed:
         self.hub.close_all(WatchClosed("the Session Manager is shutting down"))
 
     async def close(self) -> None:
+        self._closing = True
         self.close_watches()
         if self._reader is not None:
             self._reader.cancel()
@@ -116,13 +120,18 @@ class Feed:
                 lambda seen: seen.id == change["id"],
                 WatchClosed(f"session {instance_id!r} was deleted", deleted=True),
             )
-        self._mark(instance_id)
+        elif change["row"] is not None:
+            self.hub.publish_if(instance_id, postgres.session_from_json(change["row"]), newer)
+        else:
+            self._mark(instance_id)
 
     def _mark(self, instance_id: str) -> None:
         self._dirty.add(instance_id)
         self._wake.set()
 
     def _terminated(self, connection: Any) -> None:
+        if self._closing:
+            return
         # Changes committed while the connection is down would never be heard of:
         # every watcher ends (UNAVAILABLE), and its client resumes with a fresh watch.
         log.error("the change feed lost its database connection; its watchers end")

@@ -21,9 +21,9 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import asyncpg
 
@@ -135,6 +135,8 @@ class Node:
         #: Leases dropped past the deadline: freed (if still ours) once the database answers.
         self._dropped: dict[str, int] = {}
         self._budget = 0.0
+        #: Sessions being taken or handed over by a round's move.
+        self._moving: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -173,16 +175,18 @@ class Node:
                     await task
         if self._pool is None:
             return
-        for instance_id in list(self.book.epochs):
-            with contextlib.suppress(*_DATABASE_ERRORS):
-                await self.hand_over(instance_id)
+        await asyncio.gather(*self._tasks, return_exceptions=True)  # moves under way finish
+        await asyncio.gather(
+            *(self._hand_over_quietly(instance_id) for instance_id in list(self.book.epochs))
+        )
         with contextlib.suppress(*_DATABASE_ERRORS):
             async with self._pool.acquire() as db:
                 await leases.leave(db, self.node_id, self.incarnation)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._pool.terminate()
+
+    async def _hand_over_quietly(self, instance_id: str) -> None:
+        with contextlib.suppress(*_DATABASE_ERRORS):
+            await self.hand_over(instance_id)
 
     async def _run(self) -> None:
         while True:
@@ -237,7 +241,7 @@ class Node:
             self._metrics.on_renewal(time.monotonic() - sent)
         for instance_id in held:
             if instance_id not in renewed and instance_id in self.book.epochs:
-                await self.lose(instance_id, "its lease was not renewed")
+                self._spawn(self.lose(instance_id, "its lease was not renewed"))
         self.live = live
         await self._rebalance()
 
@@ -257,6 +261,7 @@ class Node:
             self.on_health(connected)
 
     async def _rebalance(self) -> None:
+        """Start this round's moves; they run beside the next renewals, never holding them up."""
         assert self._pool is not None
         async with self._pool.acquire() as db:
             view = await leases.placement_view(db, self.settings.lease_grace)
@@ -268,14 +273,34 @@ class Node:
         for entry in view:
             if self._budget < 1:
                 return
-            winner = placement.owner_of(entry.instance_id, nodes)
-            held = entry.instance_id in self.book.epochs
+            instance_id = entry.instance_id
+            if instance_id in self._moving:
+                continue
+            winner = placement.owner_of(instance_id, nodes)
+            held = instance_id in self.book.epochs
             if held and winner not in (None, self.node_id):
-                self._budget -= 1
-                await self.hand_over(entry.instance_id)
+                self._move(instance_id, self.hand_over(instance_id))
             elif not held and winner == self.node_id and entry.free:
-                self._budget -= 1
-                await self.take(entry.instance_id)
+                self._move(instance_id, self.take(instance_id))
+
+    def _move(self, instance_id: str, move: Coroutine[Any, Any, object]) -> None:
+        self._budget -= 1
+        self._moving.add(instance_id)
+
+        async def run() -> None:
+            try:
+                await move
+            except Exception as error:  # noqa: BLE001 - the next round tries again
+                log.warning("moving session %s failed: %s", instance_id, error)
+            finally:
+                self._moving.discard(instance_id)
+
+        self._spawn(run())
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # Taking, handing over, losing.
 
@@ -352,24 +377,29 @@ class Node:
     async def _drop_all(self, why: str) -> None:
         """Drop every session; the next round that reaches the database frees their leases."""
         self.deadline = None
-        for instance_id, epoch in list(self.book.epochs.items()):
-            self._dropped[instance_id] = epoch
-            await self.lose(instance_id, why)
+        self._dropped.update(self.book.epochs)
+        await asyncio.gather(
+            *(self.lose(instance_id, why) for instance_id in list(self.book.epochs))
+        )
 
     def _rejected(self, instance_id: str) -> None:
         if self._metrics is not None:
             self._metrics.on_fencing_rejection()
-        task = asyncio.create_task(self.lose(instance_id, "the database refused a stale write"))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self.lose(instance_id, "the database refused a stale write"))
 
     # Routing a command.
 
-    async def route(self, instance_id: str) -> Route:
-        """Where a command for ``instance_id`` runs: here (the lease is taken if due) or there."""
+    async def route(self, instance_id: str, *, creating: bool = False) -> Route:
+        """Where a command for ``instance_id`` runs: here (the lease is taken if due) or there.
+
+        SESSION_NOT_FOUND for a session that does not exist, unless it is being
+        created (its lease is taken first, so that its insert is fenced too).
+        """
         assert self._pool is not None
         if instance_id in self.book.epochs:
             return LOCAL
+        if not creating and await self._store.get_session(instance_id) is None:
+            raise errors.session_not_found(instance_id)
         try:
             async with self._pool.acquire() as db:
                 current = await leases.route(db, instance_id)

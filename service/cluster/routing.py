@@ -111,6 +111,7 @@ class ClusterSessions:
             "CreateSession",
             node_pb.NodeServiceCreateSessionRequest(request=request),
             node_pb.NodeServiceCreateSessionResponse,
+            creating=True,
         )
         if isinstance(response, Session):
             return response
@@ -201,10 +202,12 @@ class ClusterSessions:
         method: str,
         request: ProtoMessage,
         response: type[R],
+        *,
+        creating: bool = False,
     ) -> T | R:
         """Run ``here`` if this node owns the session, else forward ``request`` to the owner."""
         for attempt in (1, 2):
-            where = await self._node.route(instance_id)
+            where = await self._node.route(instance_id, creating=creating)
             if isinstance(where, Local):
                 try:
                     return await here()

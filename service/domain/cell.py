@@ -25,6 +25,8 @@ class SessionCell:
     #: The committed state; ``None`` while its creation is being committed.
     session: Session | None = None
     gone: bool = False
+    #: The session went to another node (several nodes): it lives on there.
+    moved: bool = False
     #: The device was unlinked by request: engine reports are refused until a new pairing.
     unlinked: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -47,7 +49,13 @@ class SessionCell:
 
     @property
     def current(self) -> Session:
-        """The committed state; SESSION_NOT_FOUND once deleted or before it exists."""
+        """The committed state; SESSION_NOT_FOUND once deleted or before it exists.
+
+        SESSION_MOVING once the session went to another node: whoever waited on
+        this cell retries there.
+        """
+        if self.moved:
+            raise errors.session_moving(self.instance_id, "has moved to another node")
         if self.session is None or self.gone:
             raise errors.session_not_found(self.instance_id)
         return self.session

@@ -68,7 +68,7 @@ class Registry:
         if cell is None:
             return None
         async with cell.lock:  # a commit under way finishes first
-            cell.gone = True
+            cell.gone = cell.moved = True
             self._forget(cell)
             cell.stop_timer()
         return cell

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 LOCATION_VARIABLE = "SESSION_MANAGER_WORKER_CREDENTIALS"
 #: How long one credentials operation on PostgreSQL may take.
 DATABASE_TIMEOUT = 30.0
+#: How many schemas one ``DROP SCHEMA`` statement drops at the most.
+DROP_BATCH = 16
 
 SCHEMA_PREFIX = "wa_device_"
 _SCHEMA = re.compile(rf"^{SCHEMA_PREFIX}(\d+)$")
@@ -59,10 +61,17 @@ def schema_name(session_id: int) -> str:
 
 
 def schema_url(url: str, schema: str) -> str:
-    """``url`` with ``schema`` selected: ``search_path`` is sent as a run-time parameter."""
+    """``url`` with ``schema`` selected, for a worker's drivers (asyncpg, whatsmeow's lib/pq).
+
+    Both send ``search_path`` as a run-time parameter, so every table goes to the
+    schema. Without an ``sslmode``, the one the server's store uses (asyncpg's
+    and libpq's default, ``prefer``) is made explicit: lib/pq's own is ``require``.
+    """
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
     query = [(key, value) for key, value in query if key != "search_path"]
+    if not any(key == "sslmode" for key, _ in query):
+        query.append(("sslmode", "prefer"))
     query.append(("search_path", schema))
     return urlunsplit(parts._replace(query=urlencode(query)))
 
@@ -171,22 +180,23 @@ class PostgresCredentials:
         """
 
         async def drop(connection: asyncpg.Connection) -> list[str]:
-            names = await connection.fetch(
+            schemas = await connection.fetch(
                 "SELECT nspname FROM pg_namespace WHERE nspname LIKE $1", SCHEMA_PREFIX + "%"
             )
             ids = {
                 int(match.group(1)): match.group(0)
-                for row in names
+                for row in schemas
                 if (match := _SCHEMA.match(row["nspname"]))
             }
             live = await connection.fetch(
                 "SELECT id FROM ll_whatsapp_qr_sessions WHERE id = ANY($1::bigint[])", list(ids)
             )
             gone = sorted(ids[i] for i in set(ids) - {row["id"] for row in live})
-            if gone:
-                await connection.execute(
-                    "DROP SCHEMA IF EXISTS " + ", ".join(f'"{n}"' for n in gone) + " CASCADE"
-                )
+            # A few schemas per statement: each dropped table, index and sequence
+            # takes a lock, and a transaction's locks are bounded by the server.
+            for start in range(0, len(gone), DROP_BATCH):
+                batch = ", ".join(f'"{name}"' for name in gone[start : start + DROP_BATCH])
+                await connection.execute(f"DROP SCHEMA IF EXISTS {batch} CASCADE")
             return gone
 
         gone = await on_database(self._url, drop)

@@ -82,7 +82,7 @@ class LeaseSwitch:
             self._changed.notify()
 
     def expired(self) -> bool:
-        return time.monotonic() >= self._until
+        return not self._until > time.monotonic()  # a NaN deadline counts as passed
 
     def check(self) -> None:
         """End the process now if the deadline has passed (before acting on a command)."""
@@ -93,7 +93,7 @@ class LeaseSwitch:
         with self._changed:
             while True:
                 remaining = self._until - time.monotonic()
-                if remaining <= 0:
+                if not remaining > 0:  # NaN too: a deadline that cannot be read has passed
                     os._exit(EXIT_LEASE_EXPIRED)
                 self._changed.wait(remaining if math.isfinite(remaining) else None)
 

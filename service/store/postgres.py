@@ -156,14 +156,25 @@ MIGRATIONS: tuple[str, ...] = (
         lease_until timestamptz NOT NULL
     );
     CREATE INDEX leases_by_owner ON leases (owner);
+    -- The committed row rides along, so that a watcher on any node sees every
+    -- revision; past the 8000-byte limit of a notification it is left out and
+    -- the listener reads the row instead.
     CREATE FUNCTION session_changed() RETURNS trigger LANGUAGE plpgsql AS $$
     DECLARE
         row ll_whatsapp_qr_sessions;
+        payload text;
     BEGIN
         IF TG_OP = 'DELETE' THEN row := OLD; ELSE row := NEW; END IF;
-        PERFORM pg_notify('session_changes', json_build_object(
+        payload := json_build_object(
             'instance_id', row.instance_id, 'id', row.id, 'revision', row.revision,
-            'deleted', TG_OP = 'DELETE')::text);
+            'deleted', TG_OP = 'DELETE',
+            'row', CASE WHEN TG_OP = 'DELETE' THEN NULL ELSE row_to_json(row) END)::text;
+        IF octet_length(payload) > 7900 THEN
+            payload := json_build_object(
+                'instance_id', row.instance_id, 'id', row.id, 'revision', row.revision,
+                'deleted', TG_OP = 'DELETE', 'row', NULL)::text;
+        END IF;
+        PERFORM pg_notify('session_changes', payload);
         RETURN NULL;
     END $$;
     CREATE TRIGGER session_changed
@@ -171,8 +182,9 @@ MIGRATIONS: tuple[str, ...] = (
         FOR EACH ROW EXECUTE FUNCTION session_changed();
     """,
 )
-#: Where every committed change of a session is announced (payload: JSON with
-#: instance_id, id, revision and deleted), in commit order.
+#: Where every committed change of a session is announced, in commit order
+#: (payload: JSON with instance_id, id, revision, deleted, and the row itself
+#: unless it would not fit: ``session_from_json``).
 CHANGES_CHANNEL = "session_changes"
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -226,6 +238,32 @@ def _session_row(row: asyncpg.Record) -> Session:
         last_error_message=row["last_error_message"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        revision=row["revision"],
+    )
+
+
+def session_from_json(row: dict[str, Any]) -> Session:
+    """A session from the ``row`` of a change notification (``row_to_json``)."""
+
+    def time(name: str) -> datetime | None:
+        value = row[name]
+        return None if value is None else datetime.fromisoformat(value)
+
+    return Session(
+        id=row["id"],
+        instance_id=row["instance_id"],
+        phone_number=row["phone_number"],
+        status=status_from_text(row["status"]),
+        qr_status=qr_status_from_text(row["qr_status"]),
+        qr_string=row["qr_string"],
+        qr_generated_at=time("qr_generated_at"),
+        qr_expires_at=time("qr_expires_at"),
+        connected_at=time("connected_at"),
+        disconnected_at=time("disconnected_at"),
+        last_error_code=row["last_error_code"],
+        last_error_message=row["last_error_message"],
+        created_at=datetime.fromisoformat(row["created_at"]),
+        updated_at=datetime.fromisoformat(row["updated_at"]),
         revision=row["revision"],
     )
 

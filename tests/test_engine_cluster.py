@@ -1,0 +1,370 @@
+"""The engine's side of running several nodes: Hold, release, credentials in PostgreSQL.
+
+Each test drives ``WorkerEngine`` directly, as a node's cluster layer does,
+with simulated engines in real worker processes. Credentials live in a
+throwaway PostgreSQL database (``postgres_url``) where a session moves between
+nodes; two engines on one database stand for two nodes. A worker's lease
+deadline (``hold_until``) is shown to end it by itself, also when its node is
+frozen with SIGSTOP (``tests.lease_node`` runs such a node in a process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from service.clock import ManualClock, SystemClock
+from service.domain import states
+from service.domain.contract import LOGOUT
+from service.domain.states import EngineEvent, SessionRef, new_session
+from service.engine.credentials import DROP_BATCH, PostgresCredentials, schema_url
+from service.engine.phone import WorkerPhone
+from service.engine.port import EngineError
+from service.engine.protocol import EXIT_LEASE_EXPIRED
+from service.engine.simulated import PairingTimes, SimulatedEngine
+from service.engine.supervisor import WorkerEngine, WorkerOptions
+from service.store import postgres
+from tests.flows import PHONE, eventually
+from tests.processes import alive
+
+RESTART_INITIAL = 0.2
+#: How far ahead a node's lease loop holds its workers (a few renewals' worth).
+LEASE = 2.0
+
+
+@dataclass
+class Reports:
+    """A node's ``Report``: every event the engine reports, in order."""
+
+    events: list[tuple[SessionRef, EngineEvent]] = field(default_factory=list)
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def __call__(self, session: SessionRef, event: EngineEvent) -> None:
+        self.events.append((session, event))
+        self._arrived.set()
+
+    def of(self, kind: type[EngineEvent]) -> list[EngineEvent]:
+        return [event for _, event in self.events if isinstance(event, kind)]
+
+    async def until(self, kind: type[EngineEvent], within: float = 10.0) -> EngineEvent:
+        """The first reported event of ``kind``, waiting for it if it has not come yet."""
+        async with asyncio.timeout(within):
+            while not (found := self.of(kind)):
+                self._arrived.clear()
+                await self._arrived.wait()
+        return found[0]
+
+
+@dataclass
+class Node:
+    engine: WorkerEngine
+    reports: Reports
+    phone: WorkerPhone
+
+
+@dataclass
+class Database:
+    url: str
+    store: postgres.Store
+
+    async def create(self, instance_id: str) -> SessionRef:
+        session_id = await self.store.insert_session(new_session(instance_id, SystemClock().now()))
+        return SessionRef(instance_id, session_id)
+
+    async def schemas(self) -> set[str]:
+        connection = await asyncpg.connect(self.url)
+        try:
+            rows = await connection.fetch("SELECT nspname FROM pg_namespace")
+        finally:
+            await connection.close()
+        return {row["nspname"] for row in rows}
+
+
+@pytest.fixture
+async def database(postgres_url: str) -> AsyncIterator[Database]:
+    store = await postgres.Store.open(postgres_url, "n1")  # the sessions' table, migrated
+    try:
+        yield Database(postgres_url, store)
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+async def nodes(database: Database) -> AsyncIterator[Callable[[], Node]]:
+    """Makes nodes: engines of simulated workers over the one database's credentials."""
+    started: list[Node] = []
+
+    def node() -> Node:
+        options = WorkerOptions(
+            engine="simulated",
+            credentials=PostgresCredentials(database.url),
+            heartbeat_interval=60.0,
+            restart_initial=RESTART_INITIAL,
+        )
+        reports = Reports()
+        engine = WorkerEngine(options, reports, SystemClock())
+        started.append(Node(engine, reports, WorkerPhone(engine)))
+        return started[-1]
+
+    try:
+        yield node
+    finally:
+        for each in started:
+            await each.engine.close()
+
+
+async def paired(node: Node, session: SessionRef) -> int:
+    """Pair and connect ``session`` on ``node``; its worker's pid."""
+    await node.engine.start_pairing(session)
+    await node.reports.until(states.QRShown)
+    await node.phone.scan(session, PHONE, hold_handshake=False)
+    connected = await node.reports.until(states.Connected)
+    assert connected == states.Connected(PHONE)
+    return node.engine.worker_pids()[session.instance_id]
+
+
+async def test_a_session_moves_to_another_node_and_reconnects_without_a_qr(
+    database: Database, nodes: Callable[[], Node]
+) -> None:
+    first, second = nodes(), nodes()
+    session = await database.create("moving")
+    old_pid = await paired(first, session)
+    assert f"wa_device_{session.id}" in await database.schemas()
+    reported = len(first.reports.events)
+
+    await first.engine.release(session)
+    assert not alive(old_pid)  # stopped before release returns
+    assert first.engine.worker_pids() == {}
+    assert len(first.reports.events) == reported  # a release reports nothing
+    assert f"wa_device_{session.id}" in await database.schemas()  # credentials kept
+
+    await second.engine.restore(session, None)
+    assert await second.reports.until(states.Connected) == states.Connected(PHONE)
+    assert second.reports.of(states.QRShown) == []  # no new QR code
+    new_pid = second.engine.worker_pids()["moving"]
+    assert new_pid != old_pid
+    assert await second.engine.send(session, PHONE, "hola") != ""
+
+
+async def test_a_session_without_stored_credentials_needs_a_new_qr(
+    database: Database, nodes: Callable[[], Node]
+) -> None:
+    node = nodes()
+    session = await database.create("never-paired")
+    await node.engine.restore(session, PHONE)
+    ended = await node.reports.until(states.Disconnected)
+    assert isinstance(ended, states.Disconnected)
+    assert ended.reason == LOGOUT
+    assert "no stored device" in ended.message
+    assert node.reports.of(states.Connected) == []
+
+
+async def test_logout_drops_the_sessions_schema(
+    database: Database, nodes: Callable[[], Node]
+) -> None:
+    node = nodes()
+    session = await database.create("leaving")
+    pid = await paired(node, session)
+    await node.engine.logout(session)
+    assert not alive(pid)
+    assert f"wa_device_{session.id}" not in await database.schemas()
+
+
+async def test_cleanup_keeps_live_sessions_credentials_and_drops_deleted_ones(
+    database: Database,
+) -> None:
+    credentials = PostgresCredentials(database.url)
+    live = await database.create("live")
+    deleted = await database.create("deleted")
+    for session in (live, deleted):
+        await credentials.prepare(session)
+    await database.store.delete_session(deleted)
+    # Sessions deleted long ago: more than one DROP statement takes.
+    long_gone = {f"wa_device_{1000 + n}" for n in range(DROP_BATCH + 3)}
+    other = await asyncpg.connect(database.url)
+    try:
+        await other.execute("CREATE SCHEMA wa_device_notes")  # not a credentials schema
+        await other.execute(f"CREATE TABLE wa_device_{live.id}.device (phone_number text)")
+        for name in long_gone:
+            await other.execute(f"CREATE SCHEMA {name}")
+            await other.execute(f"CREATE TABLE {name}.device (phone_number text)")
+    finally:
+        await other.close()
+
+    dropped = await credentials.forget_deleted()
+
+    assert set(dropped) == {f"wa_device_{deleted.id}", *long_gone}
+    schemas = await database.schemas()
+    assert f"wa_device_{live.id}" in schemas
+    assert not schemas & set(dropped)
+    assert "wa_device_notes" in schemas
+    assert await credentials.forget_deleted() == []  # nothing left to drop
+
+
+async def test_a_worker_past_its_hold_ends_itself_and_is_not_restarted(
+    database: Database, nodes: Callable[[], Node]
+) -> None:
+    node = nodes()
+    session = await database.create("held")
+    deadline = time.monotonic() + LEASE
+    node.engine.hold_until(deadline)  # before the worker starts: its first command
+
+    async def renew() -> None:  # the node's lease loop
+        nonlocal deadline
+        while True:
+            deadline = time.monotonic() + LEASE
+            node.engine.hold_until(deadline)
+            await asyncio.sleep(0.2)
+
+    renewing = asyncio.create_task(renew())
+    try:
+        first_deadline = deadline
+        await paired(node, session)
+        worker = node.engine.worker(session)
+        assert worker is not None
+        await asyncio.sleep(max(0.0, first_deadline + 0.5 - time.monotonic()))
+        assert worker.alive  # each Hold moved the deadline on
+    finally:
+        renewing.cancel()
+    last_deadline = deadline
+    reported = len(node.reports.events)
+
+    returncode = await asyncio.wait_for(asyncio.shield(worker.exited), 10.0)
+    assert returncode == EXIT_LEASE_EXPIRED
+    assert time.monotonic() >= last_deadline  # not before its time
+    with pytest.raises(EngineError) as refused:
+        await node.engine.start_pairing(session)
+    assert refused.value.code == "LEASE_EXPIRED"
+    with pytest.raises(EngineError):
+        await node.engine.restore(session, PHONE)
+    await asyncio.sleep(5 * RESTART_INITIAL)  # longer than a restart's backoff
+    assert node.engine.worker_pids() == {}  # not restarted
+    assert len(node.reports.events) == reported  # and nothing reported
+
+
+async def test_a_worker_that_never_got_a_hold_has_no_deadline(
+    database: Database, nodes: Callable[[], Node]
+) -> None:
+    node = nodes()
+    session = await database.create("single")
+    await paired(node, session)
+    worker = node.engine.worker(session)
+    assert worker is not None
+    node.engine.hold_until(time.monotonic() + 0.5)
+    node.engine.hold_until(None)  # lifted before it passed
+    await asyncio.sleep(1.0)
+    assert worker.alive
+    assert await node.engine.send(session, PHONE, "hola") != ""
+
+
+async def test_whatsmeow_keeps_its_store_in_the_sessions_schema(database: Database) -> None:
+    options = WorkerOptions(
+        engine="whatsmeow",
+        credentials=PostgresCredentials(database.url),
+        heartbeat_interval=60.0,
+        dial_timeout=60.0,
+    )
+    reports = Reports()
+    engine = WorkerEngine(options, reports, SystemClock())
+    session = await database.create("real")
+    try:
+        with pytest.raises(EngineError) as offline:
+            await engine.start_pairing(session)  # this machine cannot reach WhatsApp
+        assert offline.value.code == "DIAL_FAILED"
+        assert "failed to upgrade database" not in offline.value.message  # the store opened
+        connection = await asyncpg.connect(database.url)
+        try:
+            tables = await connection.fetch(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = $1",
+                f"wa_device_{session.id}",
+            )
+            elsewhere = await connection.fetchval(
+                "SELECT count(*) FROM information_schema.tables "
+                "WHERE table_name = 'whatsmeow_device' AND table_schema <> $1",
+                f"wa_device_{session.id}",
+            )
+        finally:
+            await connection.close()
+        assert "whatsmeow_device" in {row["table_name"] for row in tables}
+        assert elsewhere == 0
+
+        await engine.restore(session, PHONE)  # no device was paired: a new QR is needed
+        ended = await reports.until(states.Disconnected, within=30.0)
+        assert isinstance(ended, states.Disconnected)
+        assert ended.reason == LOGOUT
+    finally:
+        await engine.close()
+
+
+async def _fact(node: asyncio.subprocess.Process) -> dict[str, object]:
+    """The next JSON line the node process prints (``tests.lease_node``)."""
+    assert node.stdout is not None
+    line = await asyncio.wait_for(node.stdout.readline(), 30.0)
+    assert line, "the node process ended"
+    fact: dict[str, object] = json.loads(line)
+    return fact
+
+
+async def test_a_frozen_node_cannot_keep_its_worker_alive(tmp_path: Path) -> None:
+    node = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.lease_node",
+        str(tmp_path / "devices"),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        worker = (await _fact(node))["worker"]
+        assert isinstance(worker, int)
+        assert alive(worker)
+
+        os.kill(node.pid, signal.SIGSTOP)  # no more Holds, no more anything
+        await eventually(lambda: not alive(worker), within=10.0)
+        os.kill(node.pid, signal.SIGCONT)
+        assert node.stdin is not None
+        node.stdin.write(b"ended\n")
+
+        after = await _fact(node)
+        assert after["exit"] == EXIT_LEASE_EXPIRED
+        assert after["workers"] == {}  # not restarted, although its node renews again
+        assert after["reports"] == 0  # and not reported as a crash
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            node.kill()
+        await node.wait()
+
+
+async def test_releasing_a_simulated_session_stops_its_codes() -> None:
+    clock = ManualClock()
+    reports = Reports()
+    engine = SimulatedEngine(reports, clock, PairingTimes(first=10.0, rotation=5.0, codes=3))
+    session = SessionRef("moving", 7)
+    await engine.start_pairing(session)
+    await engine.release(session)
+    await clock.advance(30.0)
+    assert len(reports.of(states.QRShown)) == 1  # no rotation after the release
+    with pytest.raises(EngineError):
+        await engine.pair_phone(session, PHONE)  # the device is forgotten
+
+
+def test_a_sessions_schema_is_selected_in_its_url() -> None:
+    url = "postgresql://sm:pw@db:5433/sessions?sslmode=require&search_path=public"
+    assert schema_url(url, "wa_device_12") == (
+        "postgresql://sm:pw@db:5433/sessions?sslmode=require&search_path=wa_device_12"
+    )
+    # lib/pq would require TLS where the server's store (asyncpg) only prefers it.
+    assert schema_url("postgresql://sm@db/sessions", "wa_device_3") == (
+        "postgresql://sm@db/sessions?sslmode=prefer&search_path=wa_device_3"
+    )
