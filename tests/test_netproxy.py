@@ -94,3 +94,23 @@ async def test_a_partition_of_one_proxy_leaves_another_node_connected(
             assert await asyncio.wait_for(connection.fetchval("SELECT 3"), 5) == 3
         finally:
             await connection.close()
+
+
+async def test_resume_delivers_what_the_partition_held_on_the_same_connection(
+    proxy: NetProxy, postgres_url: str
+) -> None:
+    connection = await _through(proxy, postgres_url, "stalled")
+    try:
+        proxy.partition()
+        query = asyncio.ensure_future(connection.fetchval("SELECT 'late'"))
+        done, _ = await asyncio.wait([query], timeout=HUNG)
+        assert not done, "a query through the partition was answered"
+        assert proxy.held_from_clients > 0
+
+        proxy.resume()
+        assert await asyncio.wait_for(query, 5) == "late"
+        assert proxy.held_from_clients == 0
+        assert await connection.fetchval("SELECT 'after'") == "after"
+        assert await _backends(postgres_url, "stalled") == 1
+    finally:
+        await connection.close()
