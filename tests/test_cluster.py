@@ -57,6 +57,7 @@ PAIRING_AT_ONCE = 3
 MAX_SESSIONS = 24
 PACE = 0.04  # seconds between two steps of one load worker
 FENCING = "sessionmanager_fencing_rejections_total"
+FENCING_LOG = "the database refused a stale write"
 # Errors no call of the load may get, whatever the fault: its sessions exist and its input is valid.
 NEVER = ("NOT_FOUND", "INVALID_ARGUMENT", "ALREADY_EXISTS", "UNAUTHENTICATED", "PERMISSION_DENIED")
 PHONE = "+5491100000000"
@@ -639,7 +640,7 @@ async def freeze_under_load(cluster: ClusterHarness, census: WorkerCensus, load:
             cluster.sigcont(victim)
             await write.refused(load)
             await stale.collect(load)
-            await wait_until(lambda: _positive(cluster, victim, FENCING), 10, "after SIGCONT")
+            await wait_until(lambda: _fenced(cluster, victim), 10, "after SIGCONT")
         await settle(cluster, census, load, watchers, f"SIGSTOP of {victim.name}")
 
 
@@ -665,13 +666,16 @@ async def partition_under_load(cluster: ClusterHarness, census: WorkerCensus, lo
             await wait_until(lambda: _not_serving(victim), 10, "health of the cut-off node")
             cluster.heal(victim)
             await stale.collect(load)
-            await wait_until(lambda: _positive(cluster, victim, FENCING), 10, "after the heal")
+            await wait_until(lambda: _fenced(cluster, victim), 10, "after the heal")
         await settle(cluster, census, load, watchers, f"partition of {victim.name}")
 
 
-async def _positive(cluster: ClusterHarness, node: Node, metric: str) -> str | None:
-    value = await cluster.metric(node, metric)
-    return None if value > 0 else f"{metric} on {node.name} is {value}"
+async def _fenced(cluster: ClusterHarness, node: Node) -> str | None:
+    """Whether the database refused a stale write of ``node``: its counter, or its log says so."""
+    value = await cluster.metric(node, FENCING)
+    if value > 0 or FENCING_LOG in node.stderr():
+        return None
+    return f"{FENCING} on {node.name} is {value:g} and its log has no {FENCING_LOG!r}"
 
 
 async def _not_serving(node: Node) -> str | None:
