@@ -43,6 +43,8 @@ class Registry:
         self.hub = hub
         self._limits = limits
         self._cells: dict[str, SessionCell] = {}
+        #: Sessions handed to another node (several nodes): commands here are SESSION_MOVING.
+        self._moved: set[str] = set()
         self._listeners: list[CommitListener] = []
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -55,6 +57,7 @@ class Registry:
 
     def adopt(self, session: Session) -> SessionCell:
         """Hold ``session`` from now on (loaded at start, or taken over from another node)."""
+        self._moved.discard(session.instance_id)
         cell = self._cells.get(session.instance_id)
         if cell is None or not cell.live:
             cell = self._cells[session.instance_id] = SessionCell(
@@ -67,6 +70,7 @@ class Registry:
         cell = self._cells.get(instance_id)
         if cell is None:
             return None
+        self._moved.add(instance_id)
         async with cell.lock:  # a commit under way finishes first
             cell.gone = cell.moved = True
             self._forget(cell)
@@ -83,6 +87,8 @@ class Registry:
         """The live cell of ``instance_id``; SESSION_NOT_FOUND if there is none."""
         cell = self._cells.get(instance_id)
         if cell is None or not cell.live:
+            if instance_id in self._moved:
+                raise errors.session_moving(instance_id, "has moved to another node")
             raise errors.session_not_found(instance_id)
         return cell
 
@@ -124,6 +130,7 @@ class Registry:
             assert existing.creation is not None
             with contextlib.suppress(Exception):
                 await asyncio.shield(existing.creation)
+        self._moved.discard(instance_id)
         # Registered at once, so that a second creation waits for this one's commit.
         cell = self._cells[instance_id] = SessionCell(instance_id, self._limits)
         cell.creation = self.spawn(self._create(cell))
