@@ -528,27 +528,27 @@ class InFlightWrite:
         await self._lock.close()
 
     async def caught(self) -> None:
-        """Wait until the owner's fence check waits on the test's lock."""
+        """Wait until the owner's fence check waits on the lease row the test holds."""
         assert self._lock is not None
         lock = self._lock
-        me = await lock.fetchval("SELECT pg_backend_pid()")
 
         async def waiting() -> str | None:
             count = await lock.fetchval(
-                "SELECT count(*) FROM pg_stat_activity "
-                "WHERE $1 = ANY(pg_blocking_pids(pid)) AND query ILIKE '%for share%'",
-                me,
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND query ILIKE '%FROM leases%FOR SHARE%'"
             )
             if count:
                 return None
-            answered = self._send is not None and self._send.done()
-            return "no fence check waits on the lease row" + (
-                f"; the Send was answered: {self._send.exception() or self._send.result()}"
-                if answered and self._send is not None
-                else ""
+            if self._send is not None and self._send.done():
+                return f"the Send was answered: {self._send.exception() or self._send.result()}"
+            active = await lock.fetch(
+                "SELECT pid, pg_blocking_pids(pid) AS blocked_by, wait_event, left(query, 70) AS q "
+                "FROM pg_stat_activity WHERE datname = current_database() AND state <> 'idle' "
+                "AND pid <> pg_backend_pid()"
             )
+            return f"no fence check waits on the lease row; active: {[dict(r) for r in active]}"
 
-        await wait_until(waiting, 5, f"{self.owner.name} writing for {self.instance_id}", 0.01)
+        await wait_until(waiting, 5, f"{self.owner.name} writing for {self.instance_id}", 0.005)
 
     async def release_after_the_lease(self, ttl: float) -> None:
         """Hold the lock until the database's clock is past anything the node could hold."""
