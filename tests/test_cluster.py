@@ -58,8 +58,16 @@ MAX_SESSIONS = 24
 PACE = 0.04  # seconds between two steps of one load worker
 FENCING = "sessionmanager_fencing_rejections_total"
 FENCING_LOG = "the database refused a stale write"
-# Errors no call of the load may get, whatever the fault: its sessions exist and its input is valid.
-NEVER = ("NOT_FOUND", "INVALID_ARGUMENT", "ALREADY_EXISTS", "UNAUTHENTICATED", "PERMISSION_DENIED")
+# Errors no call of the load may get, whatever the fault: its sessions exist, its input is valid,
+# and a session changing owner is SESSION_MOVING (UNAVAILABLE), never an unexpected failure.
+NEVER = (
+    "NOT_FOUND",
+    "INVALID_ARGUMENT",
+    "ALREADY_EXISTS",
+    "UNAUTHENTICATED",
+    "PERMISSION_DENIED",
+    "INTERNAL",
+)
 PHONE = "+5491100000000"
 STORED_STATUS = {
     s.SESSION_STATUS_INIT: "init",
