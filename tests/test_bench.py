@@ -130,15 +130,15 @@ def test_quick_benchmark_reports_server_cpu_per_call_against_the_bare_baseline(
 
 # The rows of the cluster benchmark's table, each with a value and a ratio (or "baseline").
 CLUSTER_ROWS = (
-    "SQLite single node: kill -9, started again at once",
-    "SQLite single node: sessions back per second",
+    "SQLite single node, kill -9 and started again: seconds until all connected",
+    "SQLite single node, kill -9 and started again: sessions back per second",
     "GetSession CPU, SQLite node / bare no-op",
     *(
         row.format(label=label)
         for label in ("1 node", "2 nodes", "3 nodes")
         for row in (
-            "{label} take over: seconds until all moved",
-            "{label} take over: sessions moved per second",
+            "{label} take over: seconds until all connected / SQLite",
+            "{label} take over: sessions moved per second / SQLite",
             "GetSession CPU, node of {label} / SQLite node",
             "GetSession CPU, node of {label} / bare no-op",
             "GetSession, PostgreSQL's CPU per call ({label})",
