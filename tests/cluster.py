@@ -358,7 +358,8 @@ class ClusterHarness:
 
     async def pair(self, instance_ids: Sequence[str], at_once: int = 3) -> None:
         """Create and pair each session (QR, then the phone scans it), ``at_once`` at a time,
-        each call on the next healthy node, following SESSION_MOVING's RetryInfo."""
+        each call on the next healthy node, following SESSION_MOVING's RetryInfo; a code that
+        cannot be scanned any more (FAILED_PRECONDITION) is asked for again."""
         turn = itertools.count()
 
         async def call(method: Callable[[Node], Awaitable[Any]]) -> None:
@@ -376,8 +377,18 @@ class ClusterHarness:
 
         async def one(iid: str) -> None:
             await call(lambda n: n.sessions.CreateSession(pb.CreateSessionRequest(instance_id=iid)))
-            await call(lambda n: n.sessions.RequestQR(pb.RequestQRRequest(instance_id=iid)))
-            await call(lambda n: n.simulator.ScanQR(sim.ScanQRRequest(instance_id=iid)))
+            for attempt in range(1, MOVING_ATTEMPTS + 1):
+                await call(lambda n: n.sessions.RequestQR(pb.RequestQRRequest(instance_id=iid)))
+                try:
+                    await call(lambda n: n.simulator.ScanQR(sim.ScanQRRequest(instance_id=iid)))
+                    return
+                except grpc.aio.AioRpcError as error:
+                    # The code went with a pairing that moved: as a user would, ask for a new one.
+                    if (
+                        error.code() != grpc.StatusCode.FAILED_PRECONDITION
+                        or attempt == MOVING_ATTEMPTS
+                    ):
+                        raise
 
         for start in range(0, len(instance_ids), at_once):
             await asyncio.gather(*(one(iid) for iid in instance_ids[start : start + at_once]))
