@@ -249,7 +249,7 @@ async def cluster_run(
     async with cluster_of(postgres, survivors + 1, moves) as cluster:
         ids = [f"load_{n}" for n in range(sizes.sessions)]
         await cluster.pair(ids)
-        await wait_until(lambda: _not_placed(cluster, ids), 60, "placement", POLL)
+        await wait_until(cluster.settled(ids), 60, "placement", POLL)
         victim = await cluster.busiest()
         owned = sorted(
             i for i, lease in (await cluster.leases()).items() if lease.node == victim.name
@@ -279,15 +279,6 @@ async def cluster_run(
             cpu * 1e6, baseline.noop_cpu * 1e6
         )
         results.row(f"GetSession, PostgreSQL's CPU per call ({label})", "µs").add(database * 1e6)
-
-
-async def _not_placed(cluster: ClusterHarness, ids: list[str]) -> str | None:
-    """The first session not yet connected under a valid lease, if any."""
-    leases, stored = await cluster.leases(), await cluster.stored_sessions()
-    for iid in ids:
-        if iid not in leases or not leases[iid].valid or stored[iid]["status"] != "connected":
-            return f"{iid} is {stored[iid]['status']}, leased as {leases.get(iid)}"
-    return None
 
 
 async def run(sizes: Sizes, work: Path, moves: int) -> Results:

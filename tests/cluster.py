@@ -356,6 +356,33 @@ class ClusterHarness:
                 return f"{iid} is {stored[iid]['status']} on {lease.node}"
         return None
 
+    def settled(
+        self, instance_ids: Collection[str], quiet: float = 1.0
+    ) -> Callable[[], Awaitable[str | None]]:
+        """A check for ``wait_until``: every session connected under a valid lease of a healthy
+        node, and no lease changed owner or epoch for ``quiet`` seconds (placement is done)."""
+        seen: dict[str, tuple[str | None, int]] = {}
+        since = time.monotonic()
+
+        async def check() -> str | None:
+            nonlocal seen, since
+            leases, stored = await self.leases(), await self.stored_sessions()
+            healthy = {node.name for node in self.healthy()}
+            now = {iid: (lease.owner, lease.epoch) for iid, lease in leases.items()}
+            if now != seen:
+                seen, since = now, time.monotonic()
+            for iid in sorted(instance_ids):
+                lease = leases.get(iid)
+                if lease is None or not lease.valid or lease.node not in healthy:
+                    return f"{iid} is leased as {lease}"
+                if stored[iid]["status"] != "connected":
+                    return f"{iid} is {stored[iid]['status']}"
+            if time.monotonic() - since < quiet:
+                return f"a lease moved less than {quiet:g} s ago"
+            return None
+
+        return check
+
     async def pair(self, instance_ids: Sequence[str], at_once: int = 3) -> None:
         """Create and pair each session (QR, then the phone scans it), ``at_once`` at a time,
         each call on the next healthy node, following SESSION_MOVING's RetryInfo; a code that

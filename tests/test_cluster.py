@@ -635,6 +635,7 @@ async def kill9_under_load(cluster: ClusterHarness, census: WorkerCensus, load: 
 async def freeze_under_load(cluster: ClusterHarness, census: WorkerCensus, load: Load) -> None:
     """SIGSTOP past the lease, with a write of the node caught in flight: its workers end by
     themselves, others take over; after SIGCONT the database refuses that write's epoch."""
+    await wait_until(cluster.settled(load.acked.connected()), SETTLE, "placement before SIGSTOP")
     victim = await cluster.busiest()
     owned = await owned_by(cluster, victim, load.acked)
     async with watching(other_than(cluster, victim), load.acked) as watchers:
