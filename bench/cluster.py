@@ -257,7 +257,10 @@ async def cluster_run(
         killed_at = datetime.now(UTC)
         await cluster.kill9(victim)
         await wait_until(
-            lambda: cluster.not_moved(victim, owned), 120, f"{survivors} nodes taking over", POLL
+            lambda: cluster.not_moved(victim, owned, killed_at),
+            120,
+            f"{survivors} nodes taking over",
+            POLL,
         )
         survivor = cluster.healthy()[0]
         recovery = await Recovery.read(survivor.address, owned, killed_at)

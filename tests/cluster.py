@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -344,16 +345,19 @@ class ClusterHarness:
                 held[lease.node] += 1
         return self.node(max(held, key=lambda name: held[name]))
 
-    async def not_moved(self, node: Node, instance_ids: Collection[str]) -> str | None:
-        """Which of ``instance_ids`` is not yet connected on a healthy node other than ``node``."""
+    async def not_moved(
+        self, node: Node, instance_ids: Collection[str], since: datetime
+    ) -> str | None:
+        """Which of ``instance_ids`` is not yet connected again, after ``since``, on a healthy
+        node other than ``node`` (its ``connected_at`` says when)."""
         leases, stored = await self.leases(), await self.stored_sessions()
         others = {other.name for other in self.healthy() if other is not node}
         for iid in sorted(instance_ids):
-            lease = leases.get(iid)
+            lease, row = leases.get(iid), stored[iid]
             if lease is None or lease.node not in others or not lease.valid:
                 return f"{iid} is leased as {lease}"
-            if stored[iid]["status"] != "connected":
-                return f"{iid} is {stored[iid]['status']} on {lease.node}"
+            if row["status"] != "connected" or row["connected_at"] < since:
+                return f"{iid} is {row['status']} since {row['connected_at']} on {lease.node}"
         return None
 
     def settled(

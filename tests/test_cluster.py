@@ -30,6 +30,7 @@ import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -626,8 +627,9 @@ async def kill9_under_load(cluster: ClusterHarness, census: WorkerCensus, load: 
     assert owned, f"{victim.name} owns nothing to move"
     async with watching(other_than(cluster, victim), load.acked) as watchers:
         async with load.running():
+            since = datetime.now(UTC)
             await cluster.kill9(victim)
-            await wait_until(lambda: cluster.not_moved(victim, owned), SETTLE, "kill -9")
+            await wait_until(lambda: cluster.not_moved(victim, owned, since), SETTLE, "kill -9")
         await settle(cluster, census, load, watchers, f"kill -9 of {victim.name}")
     await cluster.launch(victim)
 
@@ -642,10 +644,11 @@ async def freeze_under_load(cluster: ClusterHarness, census: WorkerCensus, load:
         async with load.running():
             async with InFlightWrite(cluster, victim, owned[0]) as write:
                 await write.caught()
+                since = datetime.now(UTC)
                 cluster.sigstop(victim)
                 stale = StaleCalls.send_to(victim, owned)
                 await write.release_after_the_lease(cluster.lease_ttl)
-            await wait_until(lambda: cluster.not_moved(victim, owned), SETTLE, "SIGSTOP")
+            await wait_until(lambda: cluster.not_moved(victim, owned, since), SETTLE, "SIGSTOP")
             cluster.sigcont(victim)
             await write.refused(load)
             await stale.collect(load)
@@ -669,9 +672,10 @@ async def partition_under_load(cluster: ClusterHarness, census: WorkerCensus, lo
     owned = await owned_by(cluster, victim, load.acked)
     async with watching(other_than(cluster, victim), load.acked) as watchers:
         async with load.running():
+            since = datetime.now(UTC)
             cluster.partition(victim)
             stale = StaleCalls.send_to(victim, owned)
-            await wait_until(lambda: cluster.not_moved(victim, owned), SETTLE, "partition")
+            await wait_until(lambda: cluster.not_moved(victim, owned, since), SETTLE, "partition")
             await wait_until(lambda: _not_serving(victim), 10, "health of the cut-off node")
             cluster.heal(victim)
             await stale.collect(load)
