@@ -236,7 +236,9 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
     store: Store | None = None
     try:
         if isinstance(database, PostgresURL):
-            store = await postgres.Store.open(database, settings.node_id)
+            store = await postgres.Store.open(
+                database, settings.node_id, stall_limit=max(2.0, settings.lease_grace)
+            )
         check_address(settings.address, "--address")
         if settings.metrics_address:
             check_address(settings.metrics_address, "--metrics-address", ExitCode.METRICS_ADDRESS)

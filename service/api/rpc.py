@@ -369,6 +369,8 @@ class SimulatorForwarding(Protocol):
 
     def owner_only(self) -> SimulatorForwarding: ...
 
+    async def here(self, instance_id: str, call: Callable[[], Awaitable[Any]]) -> Any: ...
+
     async def forward_simulator(
         self, instance_id: str, method: str, request: Any, response: type[Any]
     ) -> Any | None: ...
@@ -396,6 +398,9 @@ def simulated(
             forwarded = await forwarding.forward_simulator(iid, path, request, answer)
             if forwarded is not None:
                 return forwarded  # type: ignore[no-any-return]
+            return await forwarding.here(  # type: ignore[no-any-return]
+                iid, lambda: method(self, request, context)
+            )
         return await method(self, request, context)
 
     return unary(handler)

@@ -157,7 +157,10 @@ class Node:
             max_size=4,
             timeout=10.0,
             command_timeout=self.settings.tick * 2,
-            server_settings={"application_name": f"session-manager {self.node_id}"},
+            server_settings={
+                "application_name": f"session-manager {self.node_id}",
+                **postgres.stall_settings(self._store.stall_limit),
+            },
         )
         async with self._pool.acquire() as db:
             await leases.join(db, self.node_id, self.incarnation, self.settings.address)
@@ -318,26 +321,31 @@ class Node:
                 return True
             if not self.may_act():
                 return False
-            async with self._pool.acquire() as db:
-                epoch = await leases.acquire(
-                    db,
-                    instance_id,
-                    self.owner,
-                    self.settings.lease_ttl,
-                    self.settings.lease_grace,
-                )
+            try:
+                async with self._pool.acquire() as db:
+                    epoch = await leases.acquire(
+                        db,
+                        instance_id,
+                        self.owner,
+                        self.settings.lease_ttl,
+                        self.settings.lease_grace,
+                    )
+            except asyncpg.LockNotAvailableError:  # a stalled owner's write still holds the row
+                log.warning("could not take session %s yet: its lease row is locked", instance_id)
+                return False
             if epoch is None:
                 return False
             self.book.hold(instance_id, epoch)
-            session = await self._store.get_session(instance_id)
-            if session is not None:
-                try:
+            try:
+                session = await self._store.get_session(instance_id)
+                if session is not None:
                     await self._manager.adopt(session)
-                except (LeaseLost, errors.ContractError) as error:
-                    log.warning("could not take over %s: %s", instance_id, error)
-                    self.book.drop(instance_id)
-                    await self._manager.release(instance_id)
-                    return False
+            except BaseException:  # given back (the next round frees it), and the caller told why
+                self.book.drop(instance_id)
+                self._dropped[instance_id] = epoch
+                await self._manager.release(instance_id)
+                raise
+            if session is not None:
                 log.info("took over session %s (epoch %d)", instance_id, epoch)
                 if self._metrics is not None:
                     self._metrics.on_move("in")

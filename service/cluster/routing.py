@@ -26,6 +26,7 @@ from service.domain.sending import SendResult
 from service.domain.sessions import SessionManager
 from service.domain.states import EngineEvent, Session, SessionRef
 from service.domain.watch import Watcher
+from service.engine.port import EngineError
 from service.store.postgres import Store
 from sessionmanager.v1 import node_service_pb2 as node_pb
 from sessionmanager.v1 import session_pb2
@@ -35,6 +36,11 @@ T = TypeVar("T")
 R = TypeVar("R", bound=ProtoMessage)
 
 NODE_SERVICE = "/sessionmanager.v1.NodeService/"
+#: Failures of the engine side that a hand-over in the middle of the call explains.
+_ENGINE_FAILURES = (
+    session_pb2.ERROR_REASON_QR_GENERATION_FAILED,
+    session_pb2.ERROR_REASON_SESSION_MANAGER_ERROR,
+)
 
 
 class ClusterSessions:
@@ -210,7 +216,7 @@ class ClusterSessions:
             where = await self._node.route(instance_id, creating=creating)
             if isinstance(where, Local):
                 try:
-                    return await here()
+                    return await self.here(instance_id, here)
                 except errors.ContractError as error:
                     moving = error.reason == session_pb2.ERROR_REASON_SESSION_MOVING
                     if moving and self._forward and attempt == 1:
@@ -222,6 +228,25 @@ class ClusterSessions:
                 where.address, NODE_SERVICE + method, request, response, instance_id
             )
         raise errors.session_moving(instance_id, "is moving between nodes")
+
+    def holds(self, instance_id: str) -> bool:
+        return self._manager.holds(instance_id)
+
+    async def here(self, instance_id: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Run ``call`` on this node; a failure because the session left meanwhile is moving.
+
+        A worker stopped by a hand-over fails the call under way (the engine's
+        error, or a code that could not be shown); when the session is no
+        longer here afterwards, the answer is SESSION_MOVING. Outcomes that
+        are known to the contract (a message's unknown outcome) stay as they are.
+        """
+        try:
+            return await call()
+        except (EngineError, errors.ContractError) as error:
+            engine_side = isinstance(error, EngineError) or error.reason in _ENGINE_FAILURES
+            if engine_side and not self._manager.holds(instance_id):
+                raise errors.session_moving(instance_id, "moved to another node") from error
+            raise
 
     async def forward_simulator(
         self, instance_id: str, method: str, request: ProtoMessage, response: type[R]

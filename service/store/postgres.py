@@ -52,6 +52,10 @@ Operation = Callable[[asyncpg.Connection], Awaitable[T]]
 #: How long one statement may take before the store gives up on it (a stalled network).
 _COMMAND_TIMEOUT = 30.0
 _CONNECT_TIMEOUT = 10.0
+#: How long PostgreSQL lets a transaction of a node sit idle, or wait for a lock, before
+#: it ends it: a node frozen (or cut off) inside a transaction must not hold a lease row
+#: (and so the take-over of its sessions) for longer than that.
+STALL_LIMIT = 5.0
 URL_SCHEMES = ("postgresql", "postgres")
 
 
@@ -321,10 +325,17 @@ def _row_count(status: str) -> int:
 class Store:
     """One PostgreSQL database; every method is one operation, committed before it returns."""
 
-    def __init__(self, connection: asyncpg.Connection, url: str, node_id: str) -> None:
+    def __init__(
+        self,
+        connection: asyncpg.Connection,
+        url: str,
+        node_id: str,
+        stall_limit: float = STALL_LIMIT,
+    ) -> None:
         self._db = connection
         self.url = url
         self.node_id = node_id
+        self.stall_limit = stall_limit
         #: Fault points (tests): a commit may be made to fail, as with a full disk.
         self.faults = FaultPoints()
         #: The leases every session write must carry (set by the node before it writes).
@@ -332,9 +343,13 @@ class Store:
         self._writer = Writer(self._transaction, retry_alone=_an_operations_own)
 
     @classmethod
-    async def open(cls, url: str, node_id: str) -> Store:
-        """Connect, take the node's lock, and migrate the schema to this release's."""
-        return cls(await _connect(url, node_id, migrate=True), url, node_id)
+    async def open(cls, url: str, node_id: str, stall_limit: float = STALL_LIMIT) -> Store:
+        """Connect, take the node's lock, and migrate the schema to this release's.
+
+        A transaction stalled for ``stall_limit`` seconds is ended by the server.
+        """
+        connection = await _connect(url, node_id, stall_limit, migrate=True)
+        return cls(connection, url, node_id, stall_limit)
 
     async def close(self) -> None:
         """Finish every queued operation, then close the connection (which frees the lock)."""
@@ -377,7 +392,7 @@ class Store:
         """Connect again after the connection was lost, lock first: nobody else took over."""
         log.warning("reconnecting to the database %s", display(self.url))
         try:
-            self._db = await _connect(self.url, self.node_id, migrate=False)
+            self._db = await _connect(self.url, self.node_id, self.stall_limit, migrate=False)
         except (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresError) as error:
             raise DatabaseUnreachable(
                 f"cannot reach {display(self.url)}: {_describe(error)}"
@@ -392,13 +407,16 @@ class Store:
         if self.fence is None:
             return
         owner, epoch = self.fence.token(instance_id)
-        held = await db.fetchval(
-            "SELECT true FROM leases WHERE instance_id = $1 AND owner = $2 AND epoch = $3 "
-            "AND lease_until > clock_timestamp() FOR SHARE",
-            instance_id,
-            owner,
-            epoch,
-        )
+        try:
+            held = await db.fetchval(
+                "SELECT true FROM leases WHERE instance_id = $1 AND owner = $2 AND epoch = $3 "
+                "AND lease_until > clock_timestamp() FOR SHARE",
+                instance_id,
+                owner,
+                epoch,
+            )
+        except asyncpg.LockNotAvailableError:  # lock_timeout: a take-over holds the row
+            raise LeaseLost(instance_id, "its lease is being taken over") from None
         if not held:
             self.fence.rejected(instance_id)
             raise LeaseLost(instance_id, f"the database refused epoch {epoch}")
@@ -561,20 +579,32 @@ class Store:
         return await self.run(operation)
 
 
-async def connect(url: str) -> asyncpg.Connection:
+def stall_settings(limit: float) -> dict[str, str]:
+    """The server settings that end a transaction stalled for ``limit`` seconds."""
+    milliseconds = str(max(1, round(limit * 1000)))
+    return {"idle_in_transaction_session_timeout": milliseconds, "lock_timeout": milliseconds}
+
+
+async def connect(url: str, stall_limit: float = STALL_LIMIT) -> asyncpg.Connection:
     """A connection to the sessions' database, durable commits, named in the server's views."""
     return await asyncpg.connect(
         url,
         timeout=_CONNECT_TIMEOUT,
         command_timeout=_COMMAND_TIMEOUT,
         # Durable before it returns, whatever the server's or the role's default.
-        server_settings={"synchronous_commit": "on", "application_name": "session-manager"},
+        server_settings={
+            "synchronous_commit": "on",
+            "application_name": "session-manager",
+            **stall_settings(stall_limit),
+        },
     )
 
 
-async def _connect(url: str, node_id: str, *, migrate: bool) -> asyncpg.Connection:
+async def _connect(
+    url: str, node_id: str, stall_limit: float, *, migrate: bool
+) -> asyncpg.Connection:
     """A connection holding the node's lock, its schema this release's."""
-    db = await connect(url)
+    db = await connect(url, stall_limit)
     try:
         if not await db.fetchval("SELECT pg_try_advisory_lock($1)", lock_key(node_id)):
             raise DatabaseInUse(url, node_id)
@@ -588,11 +618,13 @@ async def _connect(url: str, node_id: str, *, migrate: bool) -> asyncpg.Connecti
 
 async def _migrate(db: asyncpg.Connection) -> None:
     """Bring the schema to this release's; nodes starting together migrate one at a time."""
+    await db.execute("SET lock_timeout = 0")  # as long as another node's migration takes
     await db.execute("SELECT pg_advisory_lock($1)", _MIGRATION_KEY)
     try:
         await _migrate_locked(db)
     finally:
         await db.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_KEY)
+        await db.execute("RESET lock_timeout")
 
 
 _MIGRATION_KEY = lock_key("/migrations")
