@@ -496,17 +496,25 @@ class StaleCalls:
                 load.acked.unanswered_keys[key] = iid
 
 
+# A fence check (tests/cluster.py's nodes: ``SELECT … FROM leases … FOR SHARE``) waiting on a lock.
+_FENCE_WAITS = (
+    "datname = current_database() AND wait_event_type = 'Lock' "
+    "AND query ILIKE '%FROM leases%FOR SHARE%'"
+)
+
+
 class InFlightWrite:
     """A Send the owner is committing when it freezes: the database is slow on its lease row.
 
     The test holds a row lock on the session's lease (``SELECT … FOR UPDATE``, which
     writes nothing) and sends ``Send`` to the owner: its write waits in its fence
     check (``SELECT … FOR SHARE`` on that row, epoch in hand). The node is then
-    frozen, and the lock let go only once the lease has run out by the database's
-    clock, past any renewal the node could have sent before it froze. So when the
-    node resumes, the database has answered its fence check against a lease that
-    is no longer its own: the write must be refused by the epoch, and the caller
-    told SESSION_MOVING (nothing changed).
+    frozen. The lock is let go only once the database has given up the frozen
+    node's fence check (its lock timeout: a frozen node must not hold a lease row,
+    or nobody could take the session over) and the lease has run out by the
+    database's clock, past any renewal the node could have sent before it froze.
+    When the node resumes, its write must be refused by the database, the caller
+    told SESSION_MOVING (nothing changed), and the refusal counted.
     """
 
     def __init__(self, cluster: ClusterHarness, owner: Node, instance_id: str) -> None:
@@ -543,8 +551,7 @@ class InFlightWrite:
 
         async def waiting() -> str | None:
             count = await lock.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND wait_event_type = 'Lock' AND query ILIKE '%FROM leases%FOR SHARE%'"
+                f"SELECT count(*) FROM pg_stat_activity WHERE {_FENCE_WAITS}"
             )
             if count:
                 return None
@@ -559,13 +566,18 @@ class InFlightWrite:
 
         await wait_until(waiting, 5, f"{self.owner.name} writing for {self.instance_id}", 0.005)
 
-    async def release_after_the_lease(self, ttl: float) -> None:
-        """Hold the lock until the database's clock is past anything the node could hold."""
+    async def release_once_refused(self, ttl: float) -> None:
+        """Hold the lock until the database gave up the fence check and the lease ran out."""
         assert self._lock is not None
         lock = self._lock
         frozen_at = await lock.fetchval("SELECT clock_timestamp()")
 
-        async def running() -> str | None:
+        async def given_up() -> str | None:
+            if await lock.fetchval(f"SELECT count(*) FROM pg_stat_activity WHERE {_FENCE_WAITS}"):
+                return "the frozen node's fence check still waits on the lease row"
+            return None
+
+        async def ran_out() -> str | None:
             late = await lock.fetchval(
                 "SELECT clock_timestamp() > greatest($1::timestamptz + make_interval(secs => $2), "
                 "(SELECT lease_until FROM leases WHERE instance_id = $3))",
@@ -575,7 +587,8 @@ class InFlightWrite:
             )
             return None if late else "the lease may still be the frozen node's"
 
-        await wait_until(running, 3 * ttl, f"the lease of {self.instance_id} running out")
+        await wait_until(given_up, 5 * ttl, "the database ending a frozen node's fence check")
+        await wait_until(ran_out, 3 * ttl, f"the lease of {self.instance_id} running out")
 
     async def refused(self, load: Load) -> None:
         """The write was refused with SESSION_MOVING; its key is tried again like any other."""
@@ -647,7 +660,7 @@ async def freeze_under_load(cluster: ClusterHarness, census: WorkerCensus, load:
                 since = datetime.now(UTC)
                 cluster.sigstop(victim)
                 stale = StaleCalls.send_to(victim, owned)
-                await write.release_after_the_lease(cluster.lease_ttl)
+                await write.release_once_refused(cluster.lease_ttl)
             await wait_until(lambda: cluster.not_moved(victim, owned, since), SETTLE, "SIGSTOP")
             cluster.sigcont(victim)
             await write.refused(load)
