@@ -55,6 +55,7 @@ CALL_TIMEOUT = 3.0
 SETTLE = 20.0  # seconds for every session to be back on a healthy node after a fault
 FIRST_SESSIONS = 12
 PAIRING_AT_ONCE = 3
+PAIRING_ATTEMPTS = 3  # QR codes a user asks for before giving up
 MAX_SESSIONS = 24
 PACE = 0.04  # seconds between two steps of one load worker
 FENCING = "sessionmanager_fencing_rejections_total"
@@ -177,35 +178,33 @@ class Load:
         assert not wrong, f"calls refused with {wrong}; all failures: {self.said}"
 
     async def pair_new(self) -> str | None:
-        """Create a session, ask for its QR, have the phone scan it."""
+        """Create a session, then pair it."""
         iid = f"{self.prefix}{next(self._names)}"
-        made = await self.call(
-            iid,
-            lambda n: n.sessions.CreateSession(
-                pb.CreateSessionRequest(instance_id=iid), timeout=CALL_TIMEOUT
-            ),
-        )
-        if made is None:
-            return None
-        self.acked.created.add(iid)
-        self.acked.qr_requests.append(iid)
-        qr = await self.call(
-            iid,
-            lambda n: n.sessions.RequestQR(
-                pb.RequestQRRequest(instance_id=iid), timeout=CALL_TIMEOUT
-            ),
-        )
-        if qr is None:
-            return None
-        scanned = await self.call(
-            iid,
-            lambda n: n.simulator.ScanQR(
-                sim.ScanQRRequest(instance_id=iid, phone_number=PHONE), timeout=CALL_TIMEOUT
-            ),
-        )
-        if scanned is not None and scanned.session.status == s.SESSION_STATUS_CONNECTED:
-            self.acked.paired.add(iid)
+        request = pb.CreateSessionRequest(instance_id=iid)
+        if await self.call(iid, lambda n: n.sessions.CreateSession(request, timeout=CALL_TIMEOUT)):
+            self.acked.created.add(iid)
+            await self.pair(iid)
         return iid
+
+    async def pair(self, iid: str) -> bool | None:
+        """Ask for a QR code and have the phone scan it; a code that cannot be scanned any
+        more (it went with a pairing that moved: a precondition refusal) is asked for again,
+        as a user would. True once acknowledged as connected; None if the first request for a
+        code was refused (nothing changed); False otherwise."""
+        qr = pb.RequestQRRequest(instance_id=iid)
+        scan = sim.ScanQRRequest(instance_id=iid, phone_number=PHONE)
+        for attempt in range(PAIRING_ATTEMPTS):
+            self.acked.qr_requests.append(iid)
+            code = await self.call(iid, lambda n: n.sessions.RequestQR(qr, timeout=CALL_TIMEOUT))
+            if code is None:
+                return None if attempt == 0 and iid not in self.acked.uncertain else False
+            scanned = await self.call(iid, lambda n: n.simulator.ScanQR(scan, timeout=CALL_TIMEOUT))
+            if scanned is not None and scanned.session.status == s.SESSION_STATUS_CONNECTED:
+                self.acked.paired.add(iid)
+                return True
+            if scanned is not None or iid in self.acked.uncertain:
+                return False
+        return False
 
     async def create_then_delete(self) -> None:
         iid = f"{self.prefix}{next(self._names)}"
@@ -251,18 +250,10 @@ class Load:
         await self.call(iid, lambda n: n.simulator.DropNetwork(request, timeout=CALL_TIMEOUT))
 
     async def pair_again(self, iid: str) -> None:
-        """A disconnected session asks for a new QR and the phone scans it."""
+        """A disconnected session is paired again."""
         self.acked.disconnected.discard(iid)
-        self.acked.qr_requests.append(iid)
-        qr = pb.RequestQRRequest(instance_id=iid)
-        if await self.call(iid, lambda n: n.sessions.RequestQR(qr, timeout=CALL_TIMEOUT)) is None:
-            if iid not in self.acked.uncertain:
-                self.acked.disconnected.add(iid)  # refused: by contract it is still disconnected
-            return
-        scan = sim.ScanQRRequest(instance_id=iid, phone_number=PHONE)
-        scanned = await self.call(iid, lambda n: n.simulator.ScanQR(scan, timeout=CALL_TIMEOUT))
-        if scanned is not None and scanned.session.status == s.SESSION_STATUS_CONNECTED:
-            self.acked.paired.add(iid)
+        if await self.pair(iid) is None:
+            self.acked.disconnected.add(iid)  # refused: by contract it is as it was
 
     async def step(self, n: int) -> None:
         connected = sorted(self.acked.connected())
@@ -496,10 +487,10 @@ class StaleCalls:
                 load.acked.unanswered_keys[key] = iid
 
 
-# A fence check (tests/cluster.py's nodes: ``SELECT … FROM leases … FOR SHARE``) waiting on a lock.
-_FENCE_WAITS = (
-    "datname = current_database() AND wait_event_type = 'Lock' "
-    "AND query ILIKE '%FROM leases%FOR SHARE%'"
+# The fence checks (a node's ``SELECT … FROM leases … FOR SHARE``) that wait on a lock.
+_COUNT_FENCE_WAITS = (
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+    "AND wait_event_type = 'Lock' AND query ILIKE '%FROM leases%FOR SHARE%'"
 )
 
 
@@ -523,10 +514,14 @@ class InFlightWrite:
         self.instance_id = instance_id
         self.key = f"in-flight-{owner.name}-{instance_id}"
         self._lock: asyncpg.Connection | None = None
+        # pg_stat_activity is read outside the lock's transaction: inside one, PostgreSQL
+        # answers every read of it from the snapshot it took at the first.
+        self._observer: asyncpg.Connection | None = None
         self._transaction: Any = None
         self._send: asyncio.Future[pb.SendResponse] | None = None
 
     async def __aenter__(self) -> InFlightWrite:
+        self._observer = await asyncpg.connect(self.cluster.database_url)
         self._lock = await asyncpg.connect(self.cluster.database_url)
         self._transaction = self._lock.transaction()
         await self._transaction.start()
@@ -541,23 +536,23 @@ class InFlightWrite:
 
     async def __aexit__(self, *exc_info: object) -> None:
         assert self._lock is not None
+        assert self._observer is not None
         await self._transaction.rollback()
         await self._lock.close()
+        await self._observer.close()
 
     async def caught(self) -> None:
         """Wait until the owner's fence check waits on the lease row the test holds."""
-        assert self._lock is not None
-        lock = self._lock
+        assert self._observer is not None
+        observer = self._observer
 
         async def waiting() -> str | None:
-            count = await lock.fetchval(
-                f"SELECT count(*) FROM pg_stat_activity WHERE {_FENCE_WAITS}"
-            )
+            count = await observer.fetchval(_COUNT_FENCE_WAITS)
             if count:
                 return None
             if self._send is not None and self._send.done():
                 return f"the Send was answered: {self._send.exception() or self._send.result()}"
-            active = await lock.fetch(
+            active = await observer.fetch(
                 "SELECT pid, pg_blocking_pids(pid) AS blocked_by, wait_event, left(query, 70) AS q "
                 "FROM pg_stat_activity WHERE datname = current_database() AND state <> 'idle' "
                 "AND pid <> pg_backend_pid()"
@@ -569,11 +564,12 @@ class InFlightWrite:
     async def release_once_refused(self, ttl: float) -> None:
         """Hold the lock until the database gave up the fence check and the lease ran out."""
         assert self._lock is not None
-        lock = self._lock
+        assert self._observer is not None
+        lock, observer = self._lock, self._observer
         frozen_at = await lock.fetchval("SELECT clock_timestamp()")
 
         async def given_up() -> str | None:
-            if await lock.fetchval(f"SELECT count(*) FROM pg_stat_activity WHERE {_FENCE_WAITS}"):
+            if await observer.fetchval(_COUNT_FENCE_WAITS):
                 return "the frozen node's fence check still waits on the lease row"
             return None
 
