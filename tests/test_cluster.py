@@ -504,8 +504,9 @@ class InFlightWrite:
     node's fence check (its lock timeout: a frozen node must not hold a lease row,
     or nobody could take the session over) and the lease has run out by the
     database's clock, past any renewal the node could have sent before it froze.
-    When the node resumes, its write must be refused by the database, the caller
-    told SESSION_MOVING (nothing changed), and the refusal counted.
+    When the node resumes, its write must be refused by the database and the
+    refusal counted; the caller is told SESSION_MOVING (nothing changed) or the
+    command is routed again to the new owner.
     """
 
     def __init__(self, cluster: ClusterHarness, owner: Node, instance_id: str) -> None:
@@ -586,14 +587,17 @@ class InFlightWrite:
         await wait_until(given_up, 5 * ttl, "the database ending a frozen node's fence check")
         await wait_until(ran_out, 3 * ttl, f"the lease of {self.instance_id} running out")
 
-    async def refused(self, load: Load) -> None:
-        """The write was refused with SESSION_MOVING; its key is tried again like any other."""
+    async def answered(self, load: Load) -> None:
+        """The write was refused with SESSION_MOVING (nothing changed: its key is tried again
+        like any other), or routed again to the new owner and acknowledged there (then it
+        must be stored like any other acknowledged send)."""
         assert self._send is not None
-        with pytest.raises(grpc.aio.AioRpcError) as refusal:
-            await self._send
-        load.failed(refusal.value)
-        assert reason(refusal.value) == "SESSION_MOVING", f"the in-flight write: {refusal.value}"
-        load.acked.unanswered_keys[self.key] = self.instance_id
+        try:
+            load.record_send(self.instance_id, self.key, await self._send)
+        except grpc.aio.AioRpcError as error:
+            load.failed(error)
+            assert reason(error) == "SESSION_MOVING", f"the in-flight write: {error}"
+            load.acked.unanswered_keys[self.key] = self.instance_id
 
 
 async def health(node: Node) -> int:
@@ -659,7 +663,7 @@ async def freeze_under_load(cluster: ClusterHarness, census: WorkerCensus, load:
                 await write.release_once_refused(cluster.lease_ttl)
             await wait_until(lambda: cluster.not_moved(victim, owned, since), SETTLE, "SIGSTOP")
             cluster.sigcont(victim)
-            await write.refused(load)
+            await write.answered(load)
             await stale.collect(load)
             await wait_until(lambda: _fenced(cluster, victim), 10, "after SIGCONT")
         await settle(cluster, census, load, watchers, f"SIGSTOP of {victim.name}")
