@@ -593,11 +593,15 @@ class InFlightWrite:
         must be stored like any other acknowledged send)."""
         assert self._send is not None
         try:
-            load.record_send(self.instance_id, self.key, await self._send)
+            sent = await self._send
         except grpc.aio.AioRpcError as error:
-            load.failed(error)
-            assert reason(error) == "SESSION_MOVING", f"the in-flight write: {error}"
-            load.acked.unanswered_keys[self.key] = self.instance_id
+            refusal = error
+        else:
+            load.record_send(self.instance_id, self.key, sent)
+            return
+        load.failed(refusal)
+        assert reason(refusal) == "SESSION_MOVING", f"the in-flight write: {refusal}"
+        load.acked.unanswered_keys[self.key] = self.instance_id
 
 
 async def health(node: Node) -> int:
