@@ -172,6 +172,10 @@ class Load:
         self.errors[error.code().name] += 1
         self.said[error.code().name] = error.details() or ""
 
+    def still_paired(self, instance_ids: list[str]) -> list[str]:
+        """Those of ``instance_ids`` the load has not disconnected since (nor lost track of)."""
+        return [iid for iid in instance_ids if iid in self.acked.connected()]
+
     def assert_no_contract_violation(self) -> None:
         """No call on a session the load created was refused as unknown or invalid."""
         wrong = {code: self.errors[code] for code in NEVER if self.errors[code]}
@@ -646,7 +650,11 @@ async def kill9_under_load(cluster: ClusterHarness, census: WorkerCensus, load: 
         async with load.running():
             since = datetime.now(UTC)
             await cluster.kill9(victim)
-            await wait_until(lambda: cluster.not_moved(victim, owned, since), SETTLE, "kill -9")
+            await wait_until(
+                lambda: cluster.not_moved(victim, load.still_paired(owned), since),
+                SETTLE,
+                "kill -9",
+            )
         await settle(cluster, census, load, watchers, f"kill -9 of {victim.name}")
     await cluster.launch(victim)
 
@@ -665,7 +673,11 @@ async def freeze_under_load(cluster: ClusterHarness, census: WorkerCensus, load:
                 cluster.sigstop(victim)
                 stale = StaleCalls.send_to(victim, owned)
                 await write.release_once_refused(cluster.lease_ttl)
-            await wait_until(lambda: cluster.not_moved(victim, owned, since), SETTLE, "SIGSTOP")
+            await wait_until(
+                lambda: cluster.not_moved(victim, load.still_paired(owned), since),
+                SETTLE,
+                "SIGSTOP",
+            )
             cluster.sigcont(victim)
             await write.answered(load)
             await stale.collect(load)
@@ -692,7 +704,11 @@ async def partition_under_load(cluster: ClusterHarness, census: WorkerCensus, lo
             since = datetime.now(UTC)
             cluster.partition(victim)
             stale = StaleCalls.send_to(victim, owned)
-            await wait_until(lambda: cluster.not_moved(victim, owned, since), SETTLE, "partition")
+            await wait_until(
+                lambda: cluster.not_moved(victim, load.still_paired(owned), since),
+                SETTLE,
+                "partition",
+            )
             await wait_until(lambda: _not_serving(victim), 10, "health of the cut-off node")
             cluster.heal(victim)
             await stale.collect(load)
