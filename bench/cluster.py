@@ -251,9 +251,7 @@ async def cluster_run(
         await cluster.pair(ids)
         await wait_until(cluster.settled(ids), 60, "placement", POLL)
         victim = await cluster.busiest()
-        owned = sorted(
-            i for i, lease in (await cluster.leases()).items() if lease.node == victim.name
-        )
+        owned = await cluster.owned_by(victim)
         killed_at = datetime.now(UTC)
         await cluster.kill9(victim)
         await wait_until(

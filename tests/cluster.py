@@ -337,12 +337,32 @@ class ClusterHarness:
             if sample.name == name
         )
 
+    async def live_owners(self) -> dict[str, Node]:
+        """The healthy nodes by the lease owner name of their current incarnation."""
+        healthy = {node.name: node for node in self.healthy()}
+        return {
+            f"{row['node_id']}/{row['incarnation']}": healthy[row["node_id"]]
+            for row in await self.node_rows()
+            if row["node_id"] in healthy
+        }
+
+    async def owned_by(self, node: Node) -> list[str]:
+        """The sessions whose valid lease the current incarnation of ``node`` holds."""
+        owners = await self.live_owners()
+        return sorted(
+            iid
+            for iid, lease in (await self.leases()).items()
+            if lease.valid and owners.get(lease.owner or "") is node
+        )
+
     async def busiest(self) -> Node:
         """The healthy node holding the most valid leases."""
-        held = {node.name: 0 for node in self.healthy()}
+        owners = await self.live_owners()
+        held = {node.name: 0 for node in owners.values()}
         for lease in (await self.leases()).values():
-            if lease.valid and lease.node in held:
-                held[lease.node] += 1
+            holder = owners.get(lease.owner or "")
+            if lease.valid and holder is not None:
+                held[holder.name] += 1
         return self.node(max(held, key=lambda name: held[name]))
 
     async def not_moved(
@@ -351,10 +371,11 @@ class ClusterHarness:
         """Which of ``instance_ids`` is not yet connected again, after ``since``, on a healthy
         node other than ``node`` (its ``connected_at`` says when)."""
         leases, stored = await self.leases(), await self.stored_sessions()
-        others = {other.name for other in self.healthy() if other is not node}
+        owners = await self.live_owners()
         for iid in sorted(instance_ids):
             lease, row = leases.get(iid), stored[iid]
-            if lease is None or lease.node not in others or not lease.valid:
+            holder = owners.get(lease.owner or "") if lease is not None else None
+            if lease is None or holder in (None, node) or not lease.valid:
                 return f"{iid} is leased as {lease}"
             if row["status"] != "connected" or row["connected_at"] < since:
                 return f"{iid} is {row['status']} since {row['connected_at']} on {lease.node}"
@@ -371,13 +392,13 @@ class ClusterHarness:
         async def check() -> str | None:
             nonlocal seen, since
             leases, stored = await self.leases(), await self.stored_sessions()
-            healthy = {node.name for node in self.healthy()}
+            owners = await self.live_owners()
             now = {iid: (lease.owner, lease.epoch) for iid, lease in leases.items()}
             if now != seen:
                 seen, since = now, time.monotonic()
             for iid in sorted(instance_ids):
                 lease = leases.get(iid)
-                if lease is None or not lease.valid or lease.node not in healthy:
+                if lease is None or not lease.valid or (lease.owner or "") not in owners:
                     return f"{iid} is leased as {lease}"
                 if stored[iid]["status"] != "connected":
                     return f"{iid} is {stored[iid]['status']}"

@@ -396,7 +396,7 @@ async def wrong_placement(
     stored = await cluster.stored_sessions()
     leases = await cluster.leases()
     workers = census.sample()
-    healthy = {node.name: node for node in cluster.healthy()}
+    owners = await cluster.live_owners()
     for iid in sorted(acked.live()):
         if iid not in stored:
             return f"{iid} was created and never deleted, and is lost"
@@ -413,9 +413,9 @@ async def wrong_placement(
         if row["status"] != "connected":
             continue
         lease = leases.get(iid)
-        if lease is None or not lease.valid or lease.node not in healthy:
-            return f"{iid} is connected, its lease is {lease} (healthy: {sorted(healthy)})"
-        owner = healthy[lease.node]
+        owner = owners.get(lease.owner or "") if lease is not None else None
+        if lease is None or not lease.valid or owner is None:
+            return f"{iid} is connected, its lease is {lease} (healthy: {sorted(owners)})"
         running = workers.get(iid, [])
         if [w.parent for w in running] != [owner.pid]:
             parents = [cluster.by_pid().get(w.parent, w.parent) for w in running]
@@ -624,8 +624,8 @@ async def health(node: Node) -> int:
 
 
 async def owned_by(cluster: ClusterHarness, node: Node, acked: Acknowledged) -> list[str]:
-    leases = await cluster.leases()
-    return sorted(i for i in acked.connected() if i in leases and leases[i].node == node.name)
+    """The sessions ``node`` owns that the load paired and did not disconnect since."""
+    return [iid for iid in await cluster.owned_by(node) if iid in acked.connected()]
 
 
 async def test_three_nodes_survive_kill_freeze_restart_and_partition(postgres_url: str) -> None:
