@@ -25,12 +25,15 @@ from service.cluster import placement
 from service.config import PostgresURL, Settings
 from service.engine.supervisor import WorkerEngine
 from service.server import RunningServer, start
+from service.startup import StartupError
 from service.store import leases, postgres
 from service.store.port import LeaseLost
+from sessionmanager.v1 import node_service_pb2 as node_pb
 from sessionmanager.v1 import session_pb2, session_service_pb2_grpc, simulator_service_pb2_grpc
 from sessionmanager.v1 import session_service_pb2 as pb
 from sessionmanager.v1 import simulator_service_pb2 as sim_pb
 from tests.flows import eventually
+from tests.processes import alive
 from tests.status_details import error_info
 from tests.test_http_api import API
 from tests.test_http_sse import events
@@ -379,3 +382,76 @@ async def test_an_event_stream_on_another_node_follows_the_owner(
     finally:
         await second.stop()
         await first.stop()
+
+
+async def test_a_renewal_that_comes_after_the_deadline_reconnects_the_sessions(
+    settings: Settings, postgres_url: str, tmp_path: Path
+) -> None:
+    workers = dataclasses.replace(settings, engine="simulated-worker")
+    member = await join(node_settings(workers, postgres_url, "n1", tmp_path))
+    try:
+        await connect(member, "late_1")
+        engine = member.running.engine
+        assert isinstance(engine, WorkerEngine)
+        first_pid = engine.worker_pids()["late_1"]
+        _, epoch = await lease_of(postgres_url, "late_1")
+        node = member.running.cluster.node  # type: ignore[union-attr]
+        renew = node._renew
+        stalled = asyncio.Event()
+
+        async def late(held: dict[str, int]) -> Any:
+            if not stalled.is_set():  # one renewal stalls past the deadline (a starved machine)
+                stalled.set()
+                await asyncio.sleep(node.settings.lease_ttl)
+            return await renew(held)
+
+        node._renew = late  # type: ignore[method-assign]
+        # On a starved machine the watchdog may not run before the late renewal lands: the
+        # renewal itself must notice that the deadline passed (the workers ended meanwhile).
+        assert node._watchdog is not None
+        node._watchdog.cancel()
+        await eventually(lambda: not alive(first_pid), within=10)  # it ended itself (Hold)
+        await eventually(lambda: "late_1" in engine.worker_pids(), within=15)
+        watch = member.sessions.WatchSession(pb.WatchSessionRequest(instance_id="late_1"))
+        while (await next_state(watch)).status != CONNECTED:
+            pass
+        watch.cancel()
+        assert engine.worker_pids()["late_1"] != first_pid
+        _, retaken = await lease_of(postgres_url, "late_1")
+        assert retaken > epoch  # given back and taken again, not kept with no worker
+    finally:
+        await member.stop()
+
+
+async def test_nodes_forward_with_the_internal_token(
+    settings: Settings, postgres_url: str, tmp_path: Path
+) -> None:
+    secured = dataclasses.replace(settings, public_tokens=(b"hub",), internal_tokens=(b"inside",))
+    first = await join(node_settings(secured, postgres_url, "n1", tmp_path))
+    second = await join(node_settings(secured, postgres_url, "n2", tmp_path))
+    try:
+        for member in (first, second):
+            node = member.running.cluster.node  # type: ignore[union-attr]
+            await eventually(lambda node=node: len(node.live) == 2)  # type: ignore[misc]
+        iid = owned_by("n1", "secured", ("n1", "n2"))
+        hub = (("authorization", "Bearer hub"),)
+        created = await second.sessions.CreateSession(
+            pb.CreateSessionRequest(instance_id=iid), metadata=hub
+        )  # Central Hub's token on n2; n2 forwards to n1 with the internal one
+        assert created.session.revision == 1
+        with pytest.raises(grpc.aio.AioRpcError) as refused:  # the public token cannot do that
+            await second.channel.unary_unary(
+                "/sessionmanager.v1.NodeService/CreateSession",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=lambda b: b,
+            )(node_pb.NodeServiceCreateSessionRequest(), metadata=hub)
+        assert error_info(refused.value).reason == "PERMISSION_DENIED"
+    finally:
+        await second.stop()
+        await first.stop()
+    with pytest.raises(StartupError, match="SESSION_MANAGER_INTERNAL_TOKEN"):
+        await start(
+            node_settings(
+                dataclasses.replace(settings, public_tokens=(b"hub",)), postgres_url, "n3", tmp_path
+            )
+        )

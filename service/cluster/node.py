@@ -227,12 +227,17 @@ class Node:
             await self._drop_all("its lease could not be renewed in time")
         held = dict(self.book.epochs)
         try:
-            renewed, live = await asyncio.wait_for(self._renew(held), self.settings.tick)
+            renewed, live = await asyncio.wait_for(self._renew(held), self.settings.lease_ttl / 2)
         except (*_DATABASE_ERRORS, TimeoutError) as error:
             self._set_connected(False)
             log.warning("cannot renew the leases: %s", error or "no answer in time")
             return
         self._set_connected(True)
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            # The renewal came too late: the workers have already ended themselves, so the
+            # sessions are given back and taken again (and reconnected) like any others.
+            await self._drop_all("its lease was renewed only after its deadline")
+            return
         if not any(node.owner == self.owner for node in live):
             # A newer start of this node id took its row: this process is stale.
             await self._drop_all("another process started as this node")

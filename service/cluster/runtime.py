@@ -43,6 +43,12 @@ class ClusterRuntime:
         tokens: Tokens,
         metrics: NodeMetrics | None,
     ) -> ClusterRuntime:
+        if tokens.enabled and not tokens.internal:
+            raise StartupError(
+                ExitCode.BAD_SETTING,
+                "nodes forward commands to each other with the internal token: "
+                "set SESSION_MANAGER_INTERNAL_TOKEN (the same on every node) as well",
+            )
         node_settings = NodeSettings(
             node_id=settings.node_id,
             address=settings.node_address or advertised(settings.address, port),

@@ -363,7 +363,10 @@ class WorkerEngine:
             session, arguments, on_report, self._clock.now, environment
         )
         if self._deadline is not None:
-            worker.hold(self._deadline)  # the first command, before anything connects
+            # Only once it reads its commands: a worker slow to start (a loaded machine)
+            # would otherwise read a deadline renewed since, as passed, and end itself.
+            await self._until_ready(worker)
+            worker.hold(self._deadline)  # before anything connects
         if not self._keeps(slot):  # released, logged out or expired while it started
             await worker.stop(options.stop_timeout)
             raise EngineError("WORKER_NOT_NEEDED", "the session left this engine while it started")
@@ -379,6 +382,14 @@ class WorkerEngine:
             extra={"instance_id": session.instance_id},
         )
         return worker
+
+    async def _until_ready(self, worker: WorkerProcess) -> None:
+        """Wait until the worker answers (it reads its commands); it does nothing before that."""
+        try:
+            await worker.call(Command(ping=Command.Ping()), self._options.command_timeout)
+        except (WorkerGone, TimeoutError):
+            worker.kill("WORKER_NOT_READY", "the engine worker did not start")
+            raise EngineError(*worker.exit_cause()) from None
 
     async def _stop_worker(self, slot: _Slot, worker: WorkerProcess | None = None) -> None:
         worker = worker or slot.worker

@@ -26,6 +26,7 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from service.domain.contract import (
     MESSAGE_STATUS_TEXTS,
@@ -341,6 +342,15 @@ class Store:
         #: The leases every session write must carry (set by the node before it writes).
         self.fence: Fence | None = None
         self._writer = Writer(self._transaction, retry_alone=_an_operations_own)
+        #: Connections for single reads (GetSession on any node), opened as needed.
+        self._readers = asyncpg.create_pool(
+            url,
+            min_size=0,
+            max_size=4,
+            timeout=_CONNECT_TIMEOUT,
+            command_timeout=_COMMAND_TIMEOUT,
+            server_settings={"application_name": "session-manager", **stall_settings(stall_limit)},
+        )
 
     @classmethod
     async def open(cls, url: str, node_id: str, stall_limit: float = STALL_LIMIT) -> Store:
@@ -349,11 +359,14 @@ class Store:
         A transaction stalled for ``stall_limit`` seconds is ended by the server.
         """
         connection = await _connect(url, node_id, stall_limit, migrate=True)
-        return cls(connection, url, node_id, stall_limit)
+        store = cls(connection, url, node_id, stall_limit)
+        await store._readers  # min_size 0: opens nothing yet
+        return store
 
     async def close(self) -> None:
         """Finish every queued operation, then close the connection (which frees the lock)."""
         await self._writer.close()
+        self._readers.terminate()
         with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
             await self._db.close(timeout=_CONNECT_TIMEOUT)
         self._db.terminate()
@@ -424,13 +437,30 @@ class Store:
     # Sessions.
 
     async def get_session(self, instance_id: str) -> Session | None:
-        async def operation(db: asyncpg.Connection) -> Session | None:
-            return await self.read_session(db, instance_id)
+        """The committed session, read outside the writer's queue (one statement, any node).
 
-        return await self.run(operation)
+        Every change acknowledged so far is committed, so a separate connection
+        sees it; changes still queued were not acknowledged to anyone yet.
+        """
+        try:
+            db = await self._readers.acquire(timeout=_CONNECT_TIMEOUT)
+        except (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresError) as error:
+            raise DatabaseUnreachable(
+                f"cannot reach {display(self.url)}: {_describe(error)}"
+            ) from error
+        try:
+            return await self.read_session(db, instance_id)
+        except (OSError, TimeoutError, asyncpg.InterfaceError) as error:
+            raise DatabaseUnreachable(
+                f"lost the connection to {display(self.url)}: {_describe(error)}"
+            ) from error
+        finally:
+            await self._readers.release(db)
 
     @staticmethod
-    async def read_session(db: asyncpg.Connection, instance_id: str) -> Session | None:
+    async def read_session(
+        db: asyncpg.Connection | PoolConnectionProxy, instance_id: str
+    ) -> Session | None:
         row = await db.fetchrow(
             f"SELECT {_SESSION_COLUMNS} FROM ll_whatsapp_qr_sessions WHERE instance_id = $1",
             instance_id,
