@@ -45,8 +45,9 @@ from sessionmanager.v1 import simulator_service_pb2 as sim
 from tests.netproxy import NetProxy
 from tests.servers import ServerProcess
 
-LEASE_TTL = 2.0
-LEASE_GRACE = 1.0
+# Short, yet long enough that a 2-core machine shared with other suites does not miss a renewal.
+LEASE_TTL = 4.0
+LEASE_GRACE = 2.0
 MOVES_PER_SECOND = 20
 POLL = 0.1
 #: A folder where a failed test leaves every node's whole log.

