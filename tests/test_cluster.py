@@ -155,10 +155,11 @@ class Load:
         """One call on a healthy node, tried again as SESSION_MOVING's RetryInfo says."""
         for attempt in itertools.count(1):
             self.calls += 1
+            node = self.node()
             try:
-                return await method(self.node())
+                return await method(node)
             except grpc.aio.AioRpcError as error:
-                self.failed(error)
+                self.failed(error, node)
                 delay = retry_after(error)
                 if delay is None or attempt == MOVING_ATTEMPTS:
                     raise
@@ -178,10 +179,12 @@ class Load:
                 self.acked.uncertain.add(instance_id)
             return None
 
-    def failed(self, error: grpc.aio.AioRpcError) -> None:
+    def failed(self, error: grpc.aio.AioRpcError, node: Node | None = None) -> None:
+        """Count a failed call, and keep what the last one of its code said (and where)."""
         self.failures += 1
         self.errors[error.code().name] += 1
-        self.said[error.code().name] = error.details() or ""
+        where = f" (from {node.name}, {datetime.now(UTC):%H:%M:%S.%f})" if node else ""
+        self.said[error.code().name] = f"{error.details()}{where}"
 
     def still_paired(self, instance_ids: list[str]) -> list[str]:
         """Those of ``instance_ids`` the load has not disconnected since (nor lost track of)."""
@@ -507,7 +510,7 @@ class StaleCalls:
                 self.refused.append(key)
         for refusal in refusals:
             if isinstance(refusal, grpc.aio.AioRpcError):
-                load.failed(refusal)
+                load.failed(refusal, self.victim)
                 assert nothing_changed(refusal) or reason(refusal) == "STORAGE_UNAVAILABLE", (
                     f"a late call on {self.victim.name}: {refusal}"
                 )
