@@ -126,3 +126,54 @@ def test_quick_benchmark_reports_server_cpu_per_call_against_the_bare_baseline(
         assert runs == "2"
     for name in ("GetSession QPS / bare", "Send accepted per second", "server memory per open"):
         assert _number(_row(text, re.escape(name) + ".*")[1]) > 0
+
+
+# The rows of the cluster benchmark's table, each with a value and a ratio (or "baseline").
+CLUSTER_ROWS = (
+    "SQLite single node, kill -9 and started again: seconds until all connected",
+    "SQLite single node, kill -9 and started again: sessions back per second",
+    "GetSession CPU, SQLite node / bare no-op",
+    *(
+        row.format(label=label)
+        for label in ("1 node", "2 nodes", "3 nodes")
+        for row in (
+            "{label} take over: seconds until all connected / SQLite",
+            "{label} take over: sessions moved per second / SQLite",
+            "GetSession CPU, node of {label} / SQLite node",
+            "GetSession CPU, node of {label} / bare no-op",
+            "GetSession, PostgreSQL's CPU per call ({label})",
+        )
+    ),
+)
+
+
+@pytest.mark.timeout(300)
+def test_quick_cluster_benchmark_reports_failover_and_cpu_for_one_to_three_nodes(
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "RESULTS.md"
+    workers = "## Engine workers: resident memory per worker\n\nTheir table.\n"
+    output.write_text(f"# Benchmark results\n\n{workers}")
+
+    finished = subprocess.run(
+        [sys.executable, "-m", "bench.cluster", "--quick", f"--output={output}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert finished.returncode == 0, finished.stderr[-2000:]
+
+    text = output.read_text()
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings == [
+        "## Several nodes over PostgreSQL",
+        "## Engine workers: resident memory per worker",
+    ]
+    for name in CLUSTER_ROWS:
+        _, median, spread, ratio, runs = _row(text, re.escape(name))
+        # PostgreSQL may do no measurable work for a few reads a node answers from memory.
+        assert _number(median) > 0 or "PostgreSQL" in name, name
+        assert re.fullmatch(r"[0-9.e+]+ to [0-9.e+]+", spread), spread
+        assert ratio == "baseline" or re.fullmatch(r"[0-9.]+ x \([0-9.]+ to [0-9.]+\)", ratio)
+        assert runs == "1"
+    for name in CLUSTER_ROWS:
+        if "/ " in name:
+            assert _row(text, re.escape(name))[3] != "baseline", name
