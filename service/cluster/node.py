@@ -433,12 +433,13 @@ class Node:
 
         The database is asked to free it too, should it still be this node's.
         """
-        epoch = self.book.drop(instance_id)
-        if epoch is None:
-            return
-        self._dropped.setdefault(instance_id, epoch)
-        log.warning("lost session %s: %s", instance_id, why)
-        await self._manager.release(instance_id)
+        async with self._lock(instance_id):  # a take of the same session waits for this
+            epoch = self.book.drop(instance_id)
+            if epoch is None:
+                return
+            self._dropped.setdefault(instance_id, epoch)
+            log.warning("lost session %s: %s", instance_id, why)
+            await self._manager.release(instance_id)
 
     async def _drop_all(self, why: str) -> None:
         """Drop every session; the next round that reaches the database frees their leases."""
@@ -454,7 +455,12 @@ class Node:
         if self.book.drop(instance_id) is None:  # at once: a retried command routes elsewhere
             return
         log.warning("lost session %s: the database refused a stale write", instance_id)
-        self._spawn(self._manager.release(instance_id))
+        self._spawn(self._release_locked(instance_id))
+
+    async def _release_locked(self, instance_id: str) -> None:
+        async with self._lock(instance_id):
+            if instance_id not in self.book.epochs:  # not taken again meanwhile
+                await self._manager.release(instance_id)
 
     # Routing a command.
 
