@@ -235,9 +235,6 @@ class ClusterSessions:
             )
         raise errors.session_moving(instance_id, "is moving between nodes")
 
-    def holds(self, instance_id: str) -> bool:
-        return self._manager.holds(instance_id)
-
     async def here(self, instance_id: str, call: Callable[[], Awaitable[T]]) -> T:
         """Run ``call`` on this node; a failure because the session left meanwhile is moving.
 
