@@ -297,3 +297,19 @@ async def test_a_crash_after_a_logout_commit_is_completed_at_start(
                 assert missing.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         restarted.stop()
+
+
+async def test_after_a_logout_a_drop_of_the_old_connection_changes_nothing(
+    harness: Harness,
+) -> None:
+    await connected(harness, "gone_1")
+    await harness.sessions.Disconnect(pb.DisconnectRequest(instance_id="gone_1"))
+    await harness.simulator.FailSession(sim.FailSessionRequest(instance_id="gone_1"))
+    before = await session_of(harness, "gone_1")
+    assert before.status == s.SESSION_STATUS_ERROR
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await harness.simulator.DropNetwork(
+            sim.DropNetworkRequest(instance_id="gone_1", hold_reconnect=True)
+        )
+    assert error_info(refused.value).reason == "INVALID_TRANSITION"
+    assert await session_of(harness, "gone_1") == before  # refused whole, not half

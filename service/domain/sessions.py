@@ -283,7 +283,7 @@ class SessionManager:
         pairing starts: it can only come from the connection that was unlinked.
         """
         cell = self._registry.cell_of(session)
-        check = _refuse_revival if isinstance(event, _REVIVALS) else None
+        check = _refuse_revival if _from_old_connection(event) else None
         return await self._registry.apply(cell, event, check=check)
 
     async def report_current(self, instance_id: str, event: EngineEvent) -> Session:
@@ -299,6 +299,14 @@ class SessionManager:
 
 #: Reports that would bring a connection back (or show its pairing code).
 _REVIVALS = (states.QRShown, states.QRScanned, states.Reconnecting, states.Connected)
+
+
+def _from_old_connection(event: EngineEvent) -> bool:
+    """Whether, after a logout, the event can only come from the connection that was unlinked:
+    one that would bring it back, or a network drop of it (a logout needs no second one)."""
+    if isinstance(event, states.Disconnected):
+        return event.reason != LOGOUT
+    return isinstance(event, _REVIVALS)
 
 
 def _refuse_revival(cell: SessionCell) -> None:
