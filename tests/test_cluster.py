@@ -525,20 +525,18 @@ class StaleCalls:
         if counted > 0 or FENCING_LOG in self.victim.stderr():
             return f"{self.victim.name}: {counted:g} stale writes refused by the database's epoch"
         rows = {row["idempotency_key"]: row for row in (await cluster.stored_messages()).values()}
-        stored = {key: rows[key]["status"] for key in self.refused if key in rows}
-        # A commit whose connection was cut (the partition's heal) may have landed although
-        # the node answered STORAGE_UNAVAILABLE: then the intent is there, never sent, and
-        # the session's next owner recorded its outcome as unknown.
-        wrong = {
-            key: (self.refused[key], status)
-            for key, status in stored.items()
-            if self.refused[key] != "STORAGE_UNAVAILABLE" or status != "unknown"
+        stored = {
+            key: (self.refused[key], rows[key]["status"]) for key in self.refused if key in rows
         }
+        # A commit whose connection was cut (the partition's heal) may have landed although
+        # the node answered STORAGE_UNAVAILABLE (README, PostgreSQL: such a failure leaves it
+        # unknown whether the change was stored). Every other refusal stored nothing.
+        wrong = {key: why for key, why in stored.items() if why[0] != "STORAGE_UNAVAILABLE"}
         assert not wrong, f"refused late sends of {self.victim.name} are stored: {wrong}"
         return (
             f"{self.victim.name}: no write reached the database with a stale epoch; "
-            f"{len(self.refused)} of {len(self.sends)} late sends refused, "
-            f"{len(stored)} of them stored as unknown after a cut connection"
+            f"{len(self.refused)} of {len(self.sends)} late sends refused; stored after a cut "
+            f"connection (reason, status): {stored or 'none'}"
         )
 
 

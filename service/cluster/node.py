@@ -476,6 +476,8 @@ class Node:
             async with lock:
                 pass
         if instance_id in self.book.epochs:
+            if not self.may_act():  # past its deadline its workers are gone: it acts on nothing
+                raise errors.session_moving(instance_id, "is held by a node that lost its lease")
             return LOCAL
         if not creating and await self._store.get_session(instance_id) is None:
             raise errors.session_not_found(instance_id)
