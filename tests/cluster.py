@@ -39,6 +39,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
 
+from sessionmanager.v1 import session_pb2 as s
 from sessionmanager.v1 import session_service_pb2 as pb
 from sessionmanager.v1 import session_service_pb2_grpc, simulator_service_pb2_grpc
 from sessionmanager.v1 import simulator_service_pb2 as sim
@@ -428,15 +429,26 @@ class ClusterHarness:
                     await asyncio.sleep(delay)  # the wait the contract asks for
             await method(self.healthy()[0])
 
+        async def paired(iid: str) -> bool:
+            """Whether the scan landed after all (the session connects): then it is done."""
+            answer = await self.healthy()[0].sessions.GetSession(
+                pb.GetSessionRequest(instance_id=iid), timeout=10
+            )
+            status = answer.session.status
+            return status in (s.SESSION_STATUS_CONNECTING, s.SESSION_STATUS_CONNECTED)
+
         async def one(iid: str) -> None:
             await call(lambda n: n.sessions.CreateSession(pb.CreateSessionRequest(instance_id=iid)))
             for attempt in range(1, MOVING_ATTEMPTS + 1):
-                await call(lambda n: n.sessions.RequestQR(pb.RequestQRRequest(instance_id=iid)))
                 try:
+                    await call(lambda n: n.sessions.RequestQR(pb.RequestQRRequest(instance_id=iid)))
                     await call(lambda n: n.simulator.ScanQR(sim.ScanQRRequest(instance_id=iid)))
                     return
                 except grpc.aio.AioRpcError as error:
-                    # The code went with a pairing that moved: as a user would, ask for a new one.
+                    # A scan that moved with its session may have landed (then it connects);
+                    # else the code went with the pairing: as a user would, ask for a new one.
+                    if await paired(iid):
+                        return
                     if (
                         error.code() != grpc.StatusCode.FAILED_PRECONDITION
                         or attempt == MOVING_ATTEMPTS

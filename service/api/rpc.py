@@ -22,7 +22,7 @@ from service.domain.facade import Sessions
 from service.domain.sending import SendResult
 from service.domain.states import EngineEvent, Session, SessionRef
 from service.domain.watch import WatchClosed
-from service.engine.port import Phone
+from service.engine.port import EngineError, Phone
 from service.store import failures
 from sessionmanager.v1 import (
     engine_service_pb2 as engine_pb,
@@ -389,6 +389,19 @@ def simulated(
 
     @functools.wraps(method)
     async def handler(self: SimulatorService, request: Request, context: Context) -> Response:
+        try:
+            return await forwarded_or_here(self, request, context)
+        except EngineError as error:  # the phone's engine could not act (no worker, a restart)
+            raise errors.ContractError(
+                session_pb2.ERROR_REASON_SESSION_NOT_CONNECTED,
+                f"the simulated phone could not act: {error.message}",
+                instance_id=request.instance_id,  # type: ignore[attr-defined]
+                engine_code=error.code,
+            ) from error
+
+    async def forwarded_or_here(
+        self: SimulatorService, request: Request, context: Context
+    ) -> Response:
         forwarding = self._forwarding
         if forwarding is not None:
             metadata = context.invocation_metadata() or ()
