@@ -8,7 +8,7 @@ are driven by the manual clock: no test sleeps.
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from datetime import timedelta
+from datetime import UTC, timedelta
 from typing import Any
 
 import grpc
@@ -145,7 +145,8 @@ async def test_expiry_rotation_and_a_new_code_after_expiry(harness: Harness) -> 
         )
         # The next code comes a second before this one lapses; the lapse then changes nothing.
         # (Two steps: over PostgreSQL the rotation's commit takes real time.)
-        await harness.clock.advance(lifetimes[-1] - 1)
+        expires_at = current.qr_expires_at.ToDatetime(tzinfo=UTC)
+        await harness.clock.advance((expires_at - harness.clock.now()).total_seconds() - 1)
         current = await next_state(watch)
         assert current.qr_status == s.QR_STATUS_GENERATED  # rotated before it lapsed
         await harness.clock.advance(1)
