@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 
 from service.domain import errors
-from service.domain.limits import Limits
+from service.domain.limits import Limits, check_watchers
 from service.domain.states import Session
 from service.domain.watch import WatchClosed, Watcher, WatchHub
 from service.store import postgres
@@ -78,21 +78,7 @@ class Feed:
 
     async def watch(self, instance_id: str, current: Session) -> Watcher[Session]:
         """A watcher that starts at ``current`` (read from the store) and follows every commit."""
-        limits = self._limits
-        if self.hub.count(instance_id) >= limits.watchers_per_session:
-            raise errors.limit_exceeded(
-                "watchers_per_session",
-                f"session {instance_id!r} already has {limits.watchers_per_session} open watchers",
-                retry_after=1.0,
-                instance_id=instance_id,
-            )
-        if self.hub.count() >= limits.watchers_total:
-            raise errors.limit_exceeded(
-                "watchers_total",
-                f"the server already has {limits.watchers_total} open watchers",
-                retry_after=1.0,
-                instance_id=instance_id,
-            )
+        check_watchers(self._limits, self.hub.count(instance_id), self.hub.count(), instance_id)
         if not self.connected:
             raise errors.ContractError(
                 session_pb2.ERROR_REASON_STORAGE_UNAVAILABLE,

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from service.domain import errors
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -16,6 +18,24 @@ class Limits:
     watchers_per_session: int = 100
     #: Open WatchSession streams in all.
     watchers_total: int = 20_000
+
+
+def check_watchers(limits: Limits, open_here: int, open_total: int, instance_id: str) -> None:
+    """LIMIT_EXCEEDED if one more watcher of ``instance_id`` would pass a watcher limit."""
+    if open_here >= limits.watchers_per_session:
+        raise errors.limit_exceeded(
+            "watchers_per_session",
+            f"session {instance_id!r} already has {limits.watchers_per_session} open watchers",
+            retry_after=1.0,
+            instance_id=instance_id,
+        )
+    if open_total >= limits.watchers_total:
+        raise errors.limit_exceeded(
+            "watchers_total",
+            f"the server already has {limits.watchers_total} open watchers",
+            retry_after=1.0,
+            instance_id=instance_id,
+        )
 
 
 class SendBucket:

@@ -25,7 +25,7 @@ from service.domain.contract import (
     Status,
     status_text,
 )
-from service.domain.limits import Limits
+from service.domain.limits import Limits, check_watchers
 from service.domain.pairing import Pairing
 from service.domain.registry import Registry
 from service.domain.sending import Sending, SendResult
@@ -208,21 +208,7 @@ class SessionManager:
     async def watch(self, instance_id: str) -> Watcher[Session]:
         """A watcher that yields the current state first, then every committed change."""
         session = self._registry.get(instance_id)
-        limits = self._limits
-        if self.hub.count(instance_id) >= limits.watchers_per_session:
-            raise errors.limit_exceeded(
-                "watchers_per_session",
-                f"session {instance_id!r} already has {limits.watchers_per_session} open watchers",
-                retry_after=1.0,
-                instance_id=instance_id,
-            )
-        if self.hub.count() >= limits.watchers_total:
-            raise errors.limit_exceeded(
-                "watchers_total",
-                f"the server already has {limits.watchers_total} open watchers",
-                retry_after=1.0,
-                instance_id=instance_id,
-            )
+        check_watchers(self._limits, self.hub.count(instance_id), self.hub.count(), instance_id)
         return self.hub.subscribe(instance_id, session)
 
     def unwatch(self, instance_id: str, watcher: Watcher[Session]) -> None:
