@@ -5,6 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${SESSION_MANAGER_VENV:-.venv}/bin
 
+# Node, chromium and the PostgreSQL server: installed here when missing (as
+# root with apt), or named in one line with the command that installs them.
+scripts/system-needs.sh
+
 if [ ! -d client/node/node_modules ]; then
     echo "== Node client dependencies (npm ci, from client/node/package-lock.json)"
     npm ci --prefix client/node --ignore-scripts --no-audit --no-fund
