@@ -159,7 +159,7 @@ _REFUSED_BY_THE_SERVER = (
 
 
 def _postgres_failure(shown: str, error: BaseException) -> StartupError | None:
-    if isinstance(error, postgres.DatabaseInUse):
+    if isinstance(error, failures.DatabaseInUse):
         return StartupError(ExitCode.DATABASE_IN_USE, str(error))
     if isinstance(error, OSError):  # refused, no such host, no answer in time
         return StartupError(

@@ -11,18 +11,17 @@ import contextlib
 import sqlite3
 from pathlib import Path
 
-import aiosqlite
 import grpc
 import pytest
 
-from service.store import failures
+from service.store import failures, sql
 from sessionmanager.v1 import session_service_pb2 as pb
 from tests.conftest import Harness
 from tests.status_details import error_info
 
 
 async def _pragma(harness: Harness, pragma: str) -> None:
-    async def operation(db: aiosqlite.Connection) -> None:
+    async def operation(db: sql.Db) -> None:
         await db.execute(f"PRAGMA {pragma}")
 
     await harness.sqlite_store.run(operation)
@@ -48,8 +47,8 @@ async def test_a_full_disk_is_named_and_changes_nothing(harness: Harness) -> Non
     await harness.sessions.CreateSession(pb.CreateSessionRequest(instance_id="before"))
 
     # The database may not grow past its current size: the next pages cannot be allocated.
-    async def size(db: aiosqlite.Connection) -> int:
-        rows = list(await db.execute_fetchall("PRAGMA page_count"))
+    async def size(db: sql.Db) -> int:
+        rows = await db.fetch("PRAGMA page_count")
         return int(rows[0][0])
 
     pages = await harness.sqlite_store.run(size)
@@ -62,7 +61,7 @@ async def test_a_full_disk_is_named_and_changes_nothing(harness: Harness) -> Non
             metadata = await _refused_create(harness, f"s{n}")
             failed = f"s{n}"
             break
-    assert metadata == {"cause": "disk_full"}
+    assert metadata == {"cause": "disk_full", "commit": "none"}
     listed = await _listed(harness)
     assert failed not in listed
     with pytest.raises(grpc.aio.AioRpcError) as missing:
@@ -79,7 +78,7 @@ async def test_a_locked_database_is_named_and_changes_nothing(harness: Harness) 
     intruder = sqlite3.connect(harness.settings.database, isolation_level=None)
     try:
         intruder.execute("BEGIN EXCLUSIVE")
-        assert await _refused_create(harness, "blocked") == {"cause": "locked"}
+        assert await _refused_create(harness, "blocked") == {"cause": "locked", "commit": "none"}
         intruder.execute("ROLLBACK")
     finally:
         intruder.close()
@@ -90,7 +89,7 @@ async def test_a_locked_database_is_named_and_changes_nothing(harness: Harness) 
 
 async def test_a_database_that_may_not_be_written_is_named(harness: Harness) -> None:
     await _pragma(harness, "query_only = ON")
-    assert await _refused_create(harness, "readonly") == {"cause": "read_only"}
+    assert await _refused_create(harness, "readonly") == {"cause": "read_only", "commit": "none"}
     with pytest.raises(grpc.aio.AioRpcError) as missing:
         await harness.sessions.GetSession(pb.GetSessionRequest(instance_id="readonly"))
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
@@ -140,7 +139,7 @@ def test_real_sqlite_errors_are_classified(
     contract = failures.storage_unavailable(error)
     assert contract is not None
     assert contract.code == "STORAGE_UNAVAILABLE"
-    assert contract.metadata == {"cause": cause.value}
+    assert contract.metadata == {"cause": cause.value, "commit": "none"}
 
 
 def test_errors_that_are_not_storage_failures_pass_unchanged(database: Path) -> None:

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from service.cluster import placement
+from service.cluster.fence import LeaseFence
 from service.domain import errors
 from service.domain.sessions import SessionManager
 from service.store import leases, postgres
@@ -89,7 +90,7 @@ LOCAL = Local()
 
 @dataclass
 class LeaseBook:
-    """The leases this node holds, by instance_id: the ``postgres.Fence`` of its writes."""
+    """The leases this node holds, by instance_id: what its writes' fence checks."""
 
     owner: str
     on_rejected: Callable[[str], None]
@@ -128,7 +129,7 @@ class Node:
         self._manager = manager
         self._metrics = metrics
         self.book = LeaseBook(self.owner, self._rejected)
-        store.fence = self.book
+        store.fence = LeaseFence(self.book)
         self._pool: asyncpg.Pool | None = None
         self._beat: asyncpg.Pool | None = None
         self.live: list[NodeRow] = []
