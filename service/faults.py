@@ -12,7 +12,8 @@ some (tests only), e.g. ``send.after_effect=kill:0.05,commit=fail:0.01``:
   landed never arrives (``commit.acknowledged``, PostgreSQL).
 
 The number is the probability of firing at each pass (1 when left out).
-Points: ``commit``, ``commit.acknowledged``, ``send.after_intent``,
+Points: ``commit``, ``commit.acknowledged``, ``settle`` (finding out whether a
+commit in doubt landed), ``send.after_intent``,
 ``send.after_effect``, ``disconnect.after_commit``, ``delete.after_commit``.
 """
 
@@ -30,6 +31,7 @@ POINTS = frozenset(
     {
         "commit",
         "commit.acknowledged",
+        "settle",
         "send.after_intent",
         "send.after_effect",
         "disconnect.after_commit",

@@ -10,10 +10,11 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import _async as health_aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.api.auth import TokenInterceptor, Tokens
+from service.api.health import Serving
 from service.api.http import HttpServer, Options, start_http
 from service.api.metrics import Metrics, MetricsInterceptor
 from service.api.rpc import EngineService, NodeService, SessionService, SimulatorService
@@ -96,6 +97,7 @@ class RunningServer:
     ownership: Ownership | None = None
     #: With PostgreSQL: this node's leases, change feed and channels to the other nodes.
     cluster: ClusterRuntime | None = None
+    serving: Serving | None = None
 
     @property
     def engine(self) -> Engine:
@@ -111,6 +113,8 @@ class RunningServer:
         return None if self.http is None else self.http.port
 
     async def stop(self, grace: float | None = None) -> None:
+        if self.serving is not None:
+            await self.serving.stop()
         await self.health.enter_graceful_shutdown()
         if self.http is not None and self.http_options is not None:
             self.http_options.draining = True  # new HTTP requests get 503
@@ -320,11 +324,12 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
             metrics.watch(sessions)
             metrics_port = metrics.serve(settings.metrics_address)
             log.info("metrics on port %d, path /metrics", metrics_port)
+        conditions = [] if cluster is None else [cluster.serving]
+        serving = Serving(health_servicer, services, store, conditions)
         http, http_options = None, None
         if settings.http_address:
             http, http_options = start_http(settings, sessions, tokens, metrics)
-            if cluster is not None:
-                http_options.serving = cluster.serving
+            http_options.serving = serving
     except BaseException:
         if server is not None:
             await server.stop(0)
@@ -337,9 +342,7 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         if ownership is not None:
             ownership.release()
         raise
-    if cluster is None or cluster.serving():
-        for name in ("", *services):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await serving.start()
     shown = postgres.display(database) if isinstance(database, PostgresURL) else database
     log.info("listening on %s (port %d), database %s", settings.address, port, shown)
     if http is not None:
@@ -356,6 +359,7 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         http_options,
         ownership,
         cluster,
+        serving,
     )
 
 

@@ -7,12 +7,16 @@ not write (``query_only``, a ``mode=ro`` file), a file that is not a database.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.store import failures, sql
 from sessionmanager.v1 import session_service_pb2 as pb
@@ -71,6 +75,41 @@ async def test_a_full_disk_is_named_and_changes_nothing(harness: Harness) -> Non
     await _pragma(harness, "max_page_count = 1073741823")  # room again: the service goes on
     await harness.sessions.CreateSession(pb.CreateSessionRequest(instance_id=failed))
     assert await _listed(harness) == sorted([*listed, failed])
+
+
+async def _health(harness: Harness) -> int:
+    probe = health_pb2_grpc.HealthStub(harness.channel)
+    answer = await probe.Check(health_pb2.HealthCheckRequest(service=""))
+    return int(answer.status)
+
+
+async def test_health_says_not_serving_while_commits_fail_and_comes_back_by_itself(
+    harness: Harness,
+) -> None:
+    async def size(db: sql.Db) -> int:
+        rows = await db.fetch("PRAGMA page_count")
+        return int(rows[0][0])
+
+    await _pragma(harness, f"max_page_count = {await harness.sqlite_store.run(size)}")
+    for n in range(2000):  # until the disk is full
+        try:
+            await harness.sessions.CreateSession(pb.CreateSessionRequest(instance_id=f"s{n}"))
+        except grpc.aio.AioRpcError:
+            break
+    async with httpx.AsyncClient(base_url=harness.http_url) as http:
+        assert (await http.get("/health")).json() == {"status": "not_serving"}
+        await wait_for(lambda: _health(harness), health_pb2.HealthCheckResponse.NOT_SERVING)
+        await _pragma(harness, "max_page_count = 1073741823")  # room again; nobody writes
+        await wait_for(lambda: _health(harness), health_pb2.HealthCheckResponse.SERVING)
+        assert (await http.get("/health")).json() == {"status": "serving"}
+
+
+async def wait_for(read: Callable[[], Awaitable[int]], expected: int, within: float = 5.0) -> None:
+    """Poll ``read`` until it gives ``expected``; fail after ``within`` seconds."""
+    deadline = asyncio.get_running_loop().time() + within
+    while (value := await read()) != expected:
+        assert asyncio.get_running_loop().time() < deadline, f"still {value}, not {expected}"
+        await asyncio.sleep(0.05)
 
 
 async def test_a_locked_database_is_named_and_changes_nothing(harness: Harness) -> None:

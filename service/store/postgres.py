@@ -245,7 +245,8 @@ class PostgreSQL:
             self.faults.hit("commit.acknowledged")  # tests: the answer to COMMIT is lost
         except _CONNECTION_ERRORS as error:
             self._give_up(db)
-            if xid is None or not await self._settle(xid, error):
+            # A transaction without an id wrote nothing: whatever became of it, its reads stand.
+            if xid is not None and not await self._settle(xid, error):
                 raise DatabaseUnreachable(self._lost(error) + "; nothing was stored") from error
         return results
 
@@ -270,9 +271,10 @@ class PostgreSQL:
         """Whether the transaction ``xid``, whose COMMIT got no answer, was committed."""
         try:
             async with asyncio.timeout(SETTLE_WITHIN):
+                self.faults.hit("settle")
                 await self._reconnect()  # its old backend is ended first: xid runs no more
                 assert self._db is not None
-                status = await self._db.fetchval("SELECT pg_xact_status($1::xid8)", xid)
+                status = await self._db.fetchval("SELECT pg_xact_status($1::text::xid8)", xid)
         except (*_CONNECTION_ERRORS, asyncpg.PostgresError, DatabaseUnreachable) as failure:
             raise CommitUnknown(
                 f"{self._lost(error)}; whether its last commit landed is not known yet "

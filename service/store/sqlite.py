@@ -89,6 +89,10 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE messages_2 RENAME TO messages;
     CREATE INDEX messages_by_session ON messages (session_id, accepted_at);
     """,
+    # 3: where the health probe writes (and removes) a page, as a change would.
+    """
+    CREATE TABLE store_probe (payload BLOB NOT NULL);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -153,9 +157,9 @@ class SQLite:
         raise AssertionError("SQLite reads go through the writer")
 
     async def probe(self, db: sql.Db) -> None:
-        """Rewrite the schema version: a commit that needs the file, its journal and its folder."""
-        rows = await db.fetch("PRAGMA user_version")
-        await db.execute(f"PRAGMA user_version = {int(rows[0][0])}")
+        """Write a page and remove it again: a commit that needs room, as a change does."""
+        await db.execute("INSERT INTO store_probe VALUES (zeroblob(4096))")
+        await db.execute("DELETE FROM store_probe")
 
     async def close(self) -> None:
         """Checkpoint the WAL and close the file."""
