@@ -34,6 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from service.domain import contract
 from service.domain.states import Session
 from service.faults import FaultPoints
 from service.store import sql
@@ -401,7 +402,7 @@ MIGRATIONS: tuple[str, ...] = (
         id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         -- Byte order, as in SQLite: pages and their order do not depend on a locale.
         instance_id text COLLATE "C" NOT NULL UNIQUE
-            CHECK (instance_id ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{{0,63}}$'),
+            CHECK (instance_id ~ '^{contract.INSTANCE_ID_PATTERN}$'),
         phone_number text,
         status text NOT NULL,
         qr_status text NOT NULL,

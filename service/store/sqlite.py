@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from service.domain import contract
 from service.faults import FaultPoints
 from service.store import failures, sql
 from service.store.port import SchemaTooNew as SchemaTooNew  # re-exported
@@ -56,9 +57,9 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE ll_whatsapp_qr_sessions (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         instance_id TEXT NOT NULL UNIQUE CHECK (
-            length(instance_id) BETWEEN 1 AND 64
-            AND substr(instance_id, 1, 1) GLOB '[A-Za-z0-9]'
-            AND instance_id NOT GLOB '*[^A-Za-z0-9_.-]*'
+            length(instance_id) BETWEEN 1 AND {contract.INSTANCE_ID_MAX}
+            AND substr(instance_id, 1, 1) GLOB '[{contract.INSTANCE_ID_FIRST}]'
+            AND instance_id NOT GLOB '*[^{contract.INSTANCE_ID_REST}]*'
         ),
         phone_number TEXT,
         status TEXT NOT NULL,
