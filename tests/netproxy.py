@@ -18,13 +18,16 @@ to the upstream address. Its faults:
   closes), while connections opened ``reopen_after`` seconds later are
   forwarded as usual: a route that came back, with the old sockets still
   believing in each other.
-- ``lose_next_commit_reply(application)`` forwards the next ``COMMIT`` a
-  connection named ``application`` sends, then drops the server's reply to it
-  and closes both sides: the commit lands, its acknowledgement never does.
+- ``lose_next_commit_reply(application, containing)`` forwards the next
+  ``COMMIT`` a connection named ``application`` sends (of a transaction that
+  ran a statement containing ``containing``, if given), then drops the
+  server's reply to it and closes both sides: the commit lands, its
+  acknowledgement never does.
 
 The proxy reads the PostgreSQL frontend protocol only as far as these need:
-the startup message (its ``application_name``) and each typed message's
-tag and, for a simple query or a parse, its SQL text.
+the startup message (its ``application_name``), each typed message's tag,
+and the SQL text of a simple query, of a parse, and of the prepared statement
+a bind names.
 
 The proxy runs its own event loop in a thread of its own, so that a test
 which blocks its loop (a ``subprocess.wait``, a slow fixture) never stalls the
@@ -51,6 +54,7 @@ _STARTUP_V3 = 196608
 _SSL_REQUEST = 80877103
 _GSSENC_REQUEST = 80877104
 _COMMIT = re.compile(rb"^\s*(COMMIT|END)\b", re.IGNORECASE)
+_TRANSACTION_END = re.compile(rb"^\s*(COMMIT|END|ROLLBACK|ABORT)\b", re.IGNORECASE)
 
 T = TypeVar("T")
 
@@ -114,13 +118,26 @@ class _ClientMessages:
             messages.append((tag, body))
 
 
-def _is_commit(tag: bytes, body: bytes) -> bool:
-    """Whether a client message asks to commit: a simple query, or a parse of one."""
-    if tag == b"Q":
-        return bool(_COMMIT.match(body))
-    if tag == b"P":  # statement name, then the query
-        return bool(_COMMIT.match(body.split(b"\x00", 2)[1] if b"\x00" in body else b""))
-    return False
+class _Statements:
+    """The SQL a client runs, message by message: simple queries, parses, and binds of
+    statements parsed earlier (asyncpg prepares a statement once and binds it again)."""
+
+    def __init__(self) -> None:
+        self._prepared: dict[bytes, bytes] = {}
+
+    def sql(self, tag: bytes, body: bytes) -> bytes | None:
+        """The SQL a message runs (or prepares), if it is one that does."""
+        if tag == b"Q":
+            return body
+        if tag == b"P":  # statement name, then the query
+            name, _, rest = body.partition(b"\x00")
+            query = rest.partition(b"\x00")[0]
+            self._prepared[name] = query
+            return query
+        if tag == b"B":  # portal name, then the statement name
+            _, _, rest = body.partition(b"\x00")
+            return self._prepared.get(rest.partition(b"\x00")[0])
+        return None
 
 
 @dataclass(eq=False)
@@ -131,6 +148,9 @@ class _Link:
     to_client: _Direction
     forwarding: asyncio.Event
     client: _ClientMessages = field(default_factory=_ClientMessages)
+    statements: _Statements = field(default_factory=_Statements)
+    #: The transaction under way ran a statement the armed COMMIT fault waits for.
+    touched: bool = False
     #: The client's COMMIT went upstream: its reply is to be dropped, and the link closed.
     doomed: bool = False
     pumps: list[asyncio.Task[None]] = field(default_factory=list)
@@ -158,8 +178,9 @@ class NetProxy:
         self._reopen: asyncio.TimerHandle | None = None
         #: Connections a blackhole caught: they never carry another byte.
         self._swallowed: set[_Link] = set()
-        #: The application whose next COMMIT loses its reply; None when not armed.
-        self._commit_victim: str | None = None
+        #: The application whose next COMMIT loses its reply, and what its transaction must
+        #: have run; None when not armed.
+        self._commit_victim: tuple[str, bytes] | None = None
         self._commits_lost = 0
 
     @classmethod
@@ -225,10 +246,11 @@ class NetProxy:
         which new ones are forwarded again."""
         self._call(self._blackhole(reopen_after))
 
-    def lose_next_commit_reply(self, application: str) -> None:
+    def lose_next_commit_reply(self, application: str, containing: bytes = b"") -> None:
         """Forward the next COMMIT of a connection whose ``application_name`` is
-        ``application``, drop the server's reply to it, and close that connection."""
-        self._call(self._arm(application))
+        ``application`` (of a transaction that ran a statement containing ``containing``),
+        drop the server's reply to it, and close that connection."""
+        self._call(self._arm(application, containing))
 
     def close(self) -> None:
         """Close the listener and every connection, then stop the thread."""
@@ -309,8 +331,10 @@ class NetProxy:
             self._reopen.cancel()
             self._reopen = None
 
-    async def _arm(self, application: str) -> None:
-        self._commit_victim = application
+    async def _arm(self, application: str, containing: bytes) -> None:
+        self._commit_victim = (application, containing)
+        for link in self._links:
+            link.touched = False  # only what runs from now on counts
 
     async def _close(self) -> None:
         self._cancel_reopen()
@@ -362,13 +386,21 @@ class NetProxy:
 
     def _watch_commit(self, link: _Link, chunk: bytes) -> None:
         """Doom the link if ``chunk`` carries the COMMIT the proxy waits for."""
-        messages = link.client.feed(chunk)
-        victim = self._commit_victim
-        if victim is None or link.client.parameters.get("application_name") != victim:
-            return
-        if any(_is_commit(tag, body) for tag, body in messages):
-            self._commit_victim = None
-            link.doomed = True  # before the COMMIT goes: its reply cannot come first
+        for tag, body in link.client.feed(chunk):
+            sql = link.statements.sql(tag, body)
+            victim = self._commit_victim
+            if sql is None or victim is None:
+                continue
+            application, containing = victim
+            if link.client.parameters.get("application_name") != application:
+                continue
+            if containing in sql:
+                link.touched = True
+            if _COMMIT.match(sql) and link.touched:
+                self._commit_victim = None
+                link.doomed = True  # before the COMMIT goes: its reply cannot come first
+            elif _TRANSACTION_END.match(sql):
+                link.touched = False
 
     def _drop(self, link: _Link) -> None:
         link.close()

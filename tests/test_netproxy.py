@@ -213,3 +213,32 @@ async def test_the_reply_to_a_commit_is_lost_after_the_commit_landed(
         writer.terminate()
         await bystander.close()
         await admin.close()
+
+
+async def test_the_lost_commit_reply_can_wait_for_a_transaction_that_ran_a_statement(
+    proxy: NetProxy, postgres_url: str
+) -> None:
+    admin = await asyncpg.connect(postgres_url)
+    writer = await _through(proxy, postgres_url, "writer")
+    try:
+        await admin.execute("CREATE TABLE kept (x text); CREATE TABLE doomed (x text)")
+        # The statement is prepared (and cached by asyncpg) before the fault is armed: the
+        # proxy knows it again by the statement a bind names.
+        insert = "INSERT INTO doomed VALUES ($1)"
+        async with writer.transaction():
+            await writer.execute(insert, "before")
+        proxy.lose_next_commit_reply("writer", containing=b"INTO doomed")
+        async with writer.transaction():  # another table: committed and answered
+            await writer.execute("INSERT INTO kept VALUES ($1)", "kept")
+        transaction = writer.transaction()
+        await transaction.start()
+        await writer.execute(insert, "in doubt")
+        with pytest.raises((ConnectionError, asyncpg.exceptions.ConnectionDoesNotExistError)):
+            await asyncio.wait_for(transaction.commit(), 5)
+        assert proxy.commits_lost == 1
+        landed = await admin.fetch("SELECT x FROM doomed ORDER BY x")
+        assert [row["x"] for row in landed] == ["before", "in doubt"]
+        assert await admin.fetchval("SELECT x FROM kept") == "kept"
+    finally:
+        writer.terminate()
+        await admin.close()
