@@ -10,9 +10,10 @@ The faults: ``kill9`` (the node gets no chance to clean up), ``sigstop`` /
 graceful stop, then a new incarnation, within ``STOP_BOUND``), ``partition`` /
 ``heal`` (the node's database traffic hangs, then its connections are closed),
 ``blackhole`` (the node's open connections hang for good, both ends still
-open; new ones go through after a while), ``terminate_writer`` (PostgreSQL
-ends the backend of the node's writer connection: what it was committing is
-in doubt), and, with the throwaway cluster at hand, ``restart_postgres``.
+open; new ones go through after a while), ``terminate_busy_writer``
+(PostgreSQL ends the backend of the node's writer connection in the middle of
+a transaction: what it was committing is in doubt), and, with the throwaway
+cluster at hand, ``restart_postgres``.
 
 What the tests observe comes from outside the nodes: the ``leases``, ``nodes``,
 ``ll_whatsapp_qr_sessions`` and ``messages`` tables (read directly, never
@@ -326,24 +327,30 @@ class ClusterHarness:
     def recovered(self, node: Node) -> None:
         node.impaired = False
 
+    def _writer_lock(self, node: Node) -> str:
+        """SQL that matches the ``pg_locks`` row of the node's advisory lock (its writer's)."""
+        key = lock_key(node.name)
+        return (
+            "l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+            f"AND l.classid = {(key >> 32) & 0xFFFFFFFF} AND l.objid = {key & 0xFFFFFFFF} "
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+
     async def writer_backend(self, node: Node) -> int | None:
         """The PostgreSQL backend of the node's writer: the one holding the node's lock."""
-        key = lock_key(node.name)
-        rows = await self._query(
-            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
-            f"AND objsubid = 1 AND classid = {(key >> 32) & 0xFFFFFFFF} "
-            f"AND objid = {key & 0xFFFFFFFF} AND database = "
-            "(SELECT oid FROM pg_database WHERE datname = current_database())"
-        )
+        rows = await self._query(f"SELECT l.pid FROM pg_locks l WHERE {self._writer_lock(node)}")
         return int(rows[0]["pid"]) if rows else None
 
-    async def terminate_writer(self, node: Node) -> bool:
-        """End the backend of the node's writer connection, if it has one; whether it did."""
-        pid = await self.writer_backend(node)
-        if pid is None:
-            return False
-        rows = await self._query(f"SELECT pg_terminate_backend({pid}) AS ended")
-        return bool(rows[0]["ended"])
+    async def terminate_busy_writer(self, node: Node) -> bool:
+        """End the backend of the node's writer if it is in the middle of something (a
+        statement, a transaction, a COMMIT): what it was committing is then in doubt.
+        Whether it ended one."""
+        rows = await self._query(
+            "SELECT pg_terminate_backend(a.pid) AS ended FROM pg_locks l "
+            "JOIN pg_stat_activity a ON a.pid = l.pid "
+            f"WHERE {self._writer_lock(node)} AND a.state <> 'idle'"
+        )
+        return bool(rows and rows[0]["ended"])
 
     async def restart_postgres(self) -> None:
         """Restart the PostgreSQL server (fast: every connection is ended, then it comes back

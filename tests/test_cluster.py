@@ -92,8 +92,10 @@ STALE_TIMEOUT = 90.0
 STALE_ANSWER = 15.0
 BLACKHOLE = 10.0  # seconds before a blackholed node's new connections go through
 RECOVERY = 25.0  # seconds for a node to serve again once it can reach the database
-TERMINATIONS = 6.0  # seconds during which the victim's writer backend is ended again and again
-TERMINATION_PACE = 0.4  # seconds between two of them
+TERMINATIONS = 6.0  # seconds during which the victim's busy writer backend is ended, again
+TERMINATION_PACE = 0.005  # seconds between two looks at whether it is busy
+TERMINATION_REST = 0.2  # seconds after ending one before looking again
+MIN_TERMINATIONS = 3
 CHANGE_WITHIN = 15.0  # seconds a session has to accept a change after a fault settled
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -221,12 +223,20 @@ class Load:
         self.failures = 0
         self.errors: collections.Counter[str] = collections.Counter()
         self.kinds: collections.Counter[str] = collections.Counter()
+        self.kinds_before: collections.Counter[str] = collections.Counter()
+        self.calls_before = 0
         self.said: dict[str, str] = {}  # the last details of each error code
         #: Outcomes the contract does not explain: each one fails the test.
         self.unexplained: list[str] = []
         self._random = random.Random(seed)
         self._names = itertools.count()
         self._keys = itertools.count()
+
+    def begin(self, phase: Phase) -> None:
+        """A fault begins: what follows is counted, and keyed, as its."""
+        self.phase = phase
+        self.kinds_before = collections.Counter(self.kinds)
+        self.calls_before = self.calls
 
     def node(self) -> Node:
         healthy = self.cluster.healthy()
@@ -598,8 +608,8 @@ async def settle(
     census.assert_never_twice()
     load.assert_all_explained()
     print(
-        f"{what}: settled in {took:.1f} s; {load.calls} calls, {load.failures} failed "
-        f"{dict(load.kinds)}; {changed}"
+        f"{what}: settled in {took:.1f} s; {load.calls - load.calls_before} calls, failures "
+        f"{dict(load.kinds - load.kinds_before)}; {changed}"
     )
 
 
@@ -854,7 +864,7 @@ async def kill9_under_load(cluster: ClusterHarness, census: WorkerCensus, load: 
     victim = await cluster.busiest()
     owned = await owned_by(cluster, victim, load.acked)
     assert owned, f"{victim.name} owns nothing to move"
-    load.phase = Phase("kill9", ended=frozenset({victim.address}))
+    load.begin(Phase("kill9", ended=frozenset({victim.address})))
     async with watching(other_than(cluster, victim), load.acked) as watchers:
         async with load.running():
             since = datetime.now(UTC)
@@ -873,7 +883,7 @@ async def freeze_under_load(cluster: ClusterHarness, census: WorkerCensus, load:
     SIGCONT the calls it was sent meanwhile are answered, each as the contract explains."""
     victim = await cluster.busiest()
     owned = await owned_by(cluster, victim, load.acked)
-    load.phase = Phase("freeze", stalls=True)
+    load.begin(Phase("freeze", stalls=True))
     async with watching(other_than(cluster, victim), load.acked) as watchers:
         async with load.running():
             since = datetime.now(UTC)
@@ -893,7 +903,7 @@ async def freeze_under_load(cluster: ClusterHarness, census: WorkerCensus, load:
 async def restart_under_load(cluster: ClusterHarness, census: WorkerCensus, load: Load) -> None:
     """A graceful restart: the node hands its sessions over, then takes its share back."""
     victim = await cluster.busiest()
-    load.phase = Phase("restart", ended=frozenset({victim.address}))
+    load.begin(Phase("restart", ended=frozenset({victim.address})))
     async with watching(other_than(cluster, victim), load.acked) as watchers:
         async with load.running():
             await cluster.restart(victim)
@@ -905,7 +915,7 @@ async def partition_under_load(cluster: ClusterHarness, census: WorkerCensus, lo
     healed, it serves again and the calls it was sent meanwhile are explained."""
     victim = await cluster.busiest()
     owned = await owned_by(cluster, victim, load.acked)
-    load.phase = Phase("partition", stalls=True)
+    load.begin(Phase("partition", stalls=True))
     async with watching(other_than(cluster, victim), load.acked) as watchers:
         async with load.running():
             since = datetime.now(UTC)
@@ -930,7 +940,7 @@ async def blackhole_under_load(cluster: ClusterHarness, census: WorkerCensus, lo
     later. Its sessions move; within ``RECOVERY`` of the route's return it serves again."""
     victim = await cluster.busiest()
     owned = await owned_by(cluster, victim, load.acked)
-    load.phase = Phase("blackhole", stalls=True)
+    load.begin(Phase("blackhole", stalls=True))
     async with watching(other_than(cluster, victim), load.acked) as watchers:
         async with load.running():
             since = datetime.now(UTC)
@@ -963,7 +973,7 @@ async def postgres_restart_under_load(
     """PostgreSQL restarts (every connection ended at once, then it serves again): every
     node serves again, and what was in flight is explained."""
     victim = await cluster.busiest()
-    load.phase = Phase("postgres-restart", stalls=True)
+    load.begin(Phase("postgres-restart", stalls=True))
     async with watching(other_than(cluster, victim), load.acked) as watchers:
         async with load.running():
             await cluster.restart_postgres()
@@ -974,17 +984,20 @@ async def postgres_restart_under_load(
 async def writer_terminated_under_load(
     cluster: ClusterHarness, census: WorkerCensus, load: Load
 ) -> None:
-    """PostgreSQL ends the backend of one node's writer again and again during load: its
-    commits under way are in doubt, and are settled."""
+    """PostgreSQL ends the backend of one node's writer again and again during load, each
+    time in the middle of a transaction: its commits under way are in doubt, and settled."""
     victim = await cluster.busiest()
-    load.phase = Phase("terminate-writer", stalls=True)
+    load.begin(Phase("terminate-writer", stalls=True))
     ended = 0
     async with watching(other_than(cluster, victim), load.acked) as watchers:
         async with load.running():
             until = time.monotonic() + TERMINATIONS
             while time.monotonic() < until:
-                ended += await cluster.terminate_writer(victim)
-                await asyncio.sleep(TERMINATION_PACE)  # the fault's cadence
+                caught = await cluster.terminate_busy_writer(victim)
+                ended += caught
+                # The fault's cadence: look often for a busy writer; after ending one, let
+                # the node reconnect and work a little before the next.
+                await asyncio.sleep(TERMINATION_REST if caught else TERMINATION_PACE)
             await wait_until(lambda: _all_serving(cluster), RECOVERY, "nodes after the kills")
-        assert ended >= TERMINATIONS / TERMINATION_PACE / 3, f"only {ended} writers ended"
+        assert ended >= MIN_TERMINATIONS, f"the writer was caught busy only {ended} times"
         await settle(cluster, census, load, watchers, f"{ended} ends of {victim.name}'s writer")
