@@ -148,6 +148,7 @@ class Outcome:
     phase: str
     message_id: str = ""
     said: str = ""
+    code: str = ""  # the gRPC status code's name, for a failed call
 
 
 @dataclass(frozen=True)
@@ -273,7 +274,7 @@ class Load:
             self.unexplained.append(said)
             kind = NO_ANSWER
         self.kinds[kind] += 1
-        return Outcome(kind, self.phase.name, data.get("message_id", ""), said)
+        return Outcome(kind, self.phase.name, data.get("message_id", ""), said, error.code().name)
 
     async def attempt(self, what: str, method: Callable[[Node], Awaitable[Any]]) -> Any:
         """One call on a healthy node, tried again as SESSION_MOVING's RetryInfo says;
@@ -349,14 +350,22 @@ class Load:
             )
             if code is None:
                 return None if attempt == 0 and iid not in self.acked.uncertain else False
-            scanned = await self.call(
-                iid, "ScanQR", lambda n: n.simulator.ScanQR(scan, timeout=CALL_TIMEOUT)
-            )
-            if scanned is not None and scanned.session.status == s.SESSION_STATUS_CONNECTED:
+            try:
+                scanned = await self.attempt(
+                    "ScanQR", lambda n: n.simulator.ScanQR(scan, timeout=CALL_TIMEOUT)
+                )
+            except Failed as failed:
+                if failed.outcome.code == "FAILED_PRECONDITION":
+                    continue  # the code could not be scanned (it went with its pairing)
+                # The phone scanned: whatever the simulator says of the session afterwards
+                # (SESSION_MOVING when it was handed over mid-handshake), the scan may have
+                # landed, so the session is not known to be as it was.
+                self.acked.uncertain.add(iid)
+                return False
+            if scanned.session.status == s.SESSION_STATUS_CONNECTED:
                 self.acked.paired.add(iid)
                 return True
-            if scanned is not None or iid in self.acked.uncertain:
-                return False
+            return False
         return False
 
     async def create_then_delete(self) -> None:
@@ -833,9 +842,13 @@ async def test_three_nodes_survive_kill_freeze_restart_partition_and_database_fa
         started = time.monotonic()
         try:
             load = Load(cluster, prefix, seed=14)
-            for _ in range(FIRST_SESSIONS // PAIRING_AT_ONCE):  # as users scan, a few at a time
+            # As users scan, a few at a time, while the nodes share the sessions out; a session
+            # handed over mid-handshake may end unpaired: another one is paired instead.
+            for _ in range(2 * FIRST_SESSIONS // PAIRING_AT_ONCE):
+                if len(load.acked.connected()) >= FIRST_SESSIONS:
+                    break
                 await asyncio.gather(*(load.pair_new() for _ in range(PAIRING_AT_ONCE)))
-            assert len(load.acked.connected()) == FIRST_SESSIONS, load.said
+            assert len(load.acked.connected()) >= FIRST_SESSIONS, load.said
             await kill9_under_load(cluster, census, load)
             await freeze_under_load(cluster, census, load)
             await restart_under_load(cluster, census, load)
