@@ -3,7 +3,10 @@
 A partition must look to the node as a real one does: its queries hang rather
 than fail, its connections stay open (PostgreSQL still has their backends), a
 new connection hangs as well; after ``heal()`` the hung connections are closed
-and new ones work.
+and new ones work. A blackhole keeps both ends of its connections open for
+good, even when the client gives up on its side, and lets new connections
+through once it reopens. A lost COMMIT reply lands the commit and never tells
+the client, only for the application (and the transaction) it was armed for.
 """
 
 from __future__ import annotations
