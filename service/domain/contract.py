@@ -16,6 +16,7 @@ QRStatus: TypeAlias = session_pb2.QRStatus.ValueType
 DisconnectReason: TypeAlias = session_pb2.DisconnectReason.ValueType
 Reason: TypeAlias = session_pb2.ErrorReason.ValueType
 MessageStatus: TypeAlias = session_service_pb2.MessageStatus.ValueType
+EventType: TypeAlias = session_service_pb2.EventType.ValueType
 
 INIT: Status = session_pb2.SESSION_STATUS_INIT
 QR_REQUIRED: Status = session_pb2.SESSION_STATUS_QR_REQUIRED
@@ -38,6 +39,12 @@ PENDING: MessageStatus = session_service_pb2.MESSAGE_STATUS_PENDING
 SENT: MessageStatus = session_service_pb2.MESSAGE_STATUS_SENT
 FAILED: MessageStatus = session_service_pb2.MESSAGE_STATUS_FAILED
 UNKNOWN_MESSAGE: MessageStatus = session_service_pb2.MESSAGE_STATUS_UNKNOWN
+DELIVERED: MessageStatus = session_service_pb2.MESSAGE_STATUS_DELIVERED
+READ: MessageStatus = session_service_pb2.MESSAGE_STATUS_READ
+
+SESSION_UPDATED: EventType = session_service_pb2.EVENT_TYPE_SESSION_UPDATED
+SESSION_DELETED: EventType = session_service_pb2.EVENT_TYPE_SESSION_DELETED
+MESSAGE_UPDATED: EventType = session_service_pb2.EVENT_TYPE_MESSAGE_UPDATED
 
 
 #: ``instance_id``: 1 to ``INSTANCE_ID_MAX`` characters, the first of ``INSTANCE_ID_FIRST``,
@@ -68,6 +75,14 @@ QR_STATUS_TEXTS: tuple[str, ...] = tuple(_QR_TEXT.values())
 MESSAGE_STATUS_TEXTS: tuple[str, ...] = tuple(
     text for number, text in _MESSAGE_TEXT.items() if number != 0
 )
+#: ``EVENT_TYPE_SESSION_UPDATED`` -> ``session.updated``: lower-cased, a dot after the resource.
+_EVENT_TEXT = {
+    number: text.replace("_", ".", 1)
+    for number, text in _text_forms(session_service_pb2.EventType, "EVENT_TYPE_", True).items()
+    if number != 0
+}
+EVENT_TYPE_TEXTS: tuple[str, ...] = tuple(_EVENT_TEXT.values())
+_EVENT_BY_TEXT = {text: number for number, text in _EVENT_TEXT.items()}
 _STATUS_BY_TEXT = {text: number for number, text in _STATUS_TEXT.items()}
 _QR_BY_TEXT = {text: number for number, text in _QR_TEXT.items()}
 _MESSAGE_BY_TEXT = {text: number for number, text in _MESSAGE_TEXT.items()}
@@ -107,3 +122,12 @@ def reason_code(reason: Reason) -> str:
 def disconnect_code(reason: DisconnectReason) -> str:
     """``DISCONNECT_REASON_LOGOUT`` -> ``LOGOUT`` (stored in ``last_error_code``)."""
     return _DISCONNECT_CODE[reason]
+
+
+def event_type_text(event_type: EventType) -> str:
+    """``EVENT_TYPE_SESSION_UPDATED`` -> ``session.updated``."""
+    return _EVENT_TEXT[event_type]
+
+
+def event_type_from_text(text: str) -> EventType:
+    return _EVENT_BY_TEXT[text]  # type: ignore[return-value]

@@ -36,6 +36,8 @@ _STATUS: dict[Reason, tuple[int, int]] = {
     session_pb2.ERROR_REASON_STORAGE_UNAVAILABLE: (code_pb2.UNAVAILABLE, 503),
     session_pb2.ERROR_REASON_MESSAGE_OUTCOME_UNKNOWN: (code_pb2.UNKNOWN, 500),
     session_pb2.ERROR_REASON_SESSION_MOVING: (code_pb2.UNAVAILABLE, 503),
+    session_pb2.ERROR_REASON_CURSOR_EXPIRED: (code_pb2.OUT_OF_RANGE, 410),
+    session_pb2.ERROR_REASON_MESSAGE_NOT_FOUND: (code_pb2.NOT_FOUND, 404),
 }
 
 
@@ -124,3 +126,23 @@ def limit_exceeded(
     if instance_id:
         error.metadata["instance_id"] = instance_id
     return error
+
+
+def message_not_found(instance_id: str, message_id: str) -> ContractError:
+    return ContractError(
+        session_pb2.ERROR_REASON_MESSAGE_NOT_FOUND,
+        f"session {instance_id!r} sent no message {message_id!r}",
+        instance_id=instance_id,
+        message_id=message_id,
+    )
+
+
+def cursor_expired(after: int, trimmed: int) -> ContractError:
+    """A stream's cursor points at events the log no longer keeps."""
+    return ContractError(
+        session_pb2.ERROR_REASON_CURSOR_EXPIRED,
+        f"the events after sequence {after} are no longer kept (the log was trimmed through "
+        f"{trimmed}, past its retention): start again without a cursor, from the current state",
+        after_sequence=str(after),
+        trimmed_through=str(trimmed),
+    )

@@ -174,6 +174,17 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     that owns it cannot be reached right now; nothing was changed, and a
     `google.rpc.RetryInfo` says when to try again (UNAVAILABLE, 503).
     """
+    ERROR_REASON_CURSOR_EXPIRED: _ErrorReason.ValueType  # 18
+    """The cursor of a list-wide stream (`after_sequence`, or `Last-Event-ID` over
+    HTTP) is older than what the event log keeps: the events after it were
+    trimmed (retention). Start again without a cursor, from the current state;
+    `metadata.after_sequence` is the cursor and `metadata.trimmed_through` the
+    last sequence number no longer kept (OUT_OF_RANGE, 410).
+    """
+    ERROR_REASON_MESSAGE_NOT_FOUND: _ErrorReason.ValueType  # 19
+    """The session sent no message with that `message_id`; `metadata.message_id`
+    names it (NOT_FOUND, 404).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists the contract's error codes. Every error the service
@@ -229,6 +240,17 @@ ERROR_REASON_SESSION_MOVING: ErrorReason.ValueType  # 17
 """With several nodes: the session is moving to another node, or the node
 that owns it cannot be reached right now; nothing was changed, and a
 `google.rpc.RetryInfo` says when to try again (UNAVAILABLE, 503).
+"""
+ERROR_REASON_CURSOR_EXPIRED: ErrorReason.ValueType  # 18
+"""The cursor of a list-wide stream (`after_sequence`, or `Last-Event-ID` over
+HTTP) is older than what the event log keeps: the events after it were
+trimmed (retention). Start again without a cursor, from the current state;
+`metadata.after_sequence` is the cursor and `metadata.trimmed_through` the
+last sequence number no longer kept (OUT_OF_RANGE, 410).
+"""
+ERROR_REASON_MESSAGE_NOT_FOUND: ErrorReason.ValueType  # 19
+"""The session sent no message with that `message_id`; `metadata.message_id`
+names it (NOT_FOUND, 404).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

@@ -40,6 +40,10 @@ class _MessageStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Message
     not answer, or the service stopped first): WhatsApp may or may not have
     accepted it. It is never sent again by itself.
     """
+    MESSAGE_STATUS_DELIVERED: _MessageStatus.ValueType  # 5
+    """WhatsApp delivered the message to the recipient's phone (a delivery receipt)."""
+    MESSAGE_STATUS_READ: _MessageStatus.ValueType  # 6
+    """The recipient read the message, or played it (a read receipt)."""
 
 class MessageStatus(_MessageStatus, metaclass=_MessageStatusEnumTypeWrapper):
     """MessageStatus is where an accepted message stands."""
@@ -57,7 +61,42 @@ MESSAGE_STATUS_UNKNOWN: MessageStatus.ValueType  # 4
 not answer, or the service stopped first): WhatsApp may or may not have
 accepted it. It is never sent again by itself.
 """
+MESSAGE_STATUS_DELIVERED: MessageStatus.ValueType  # 5
+"""WhatsApp delivered the message to the recipient's phone (a delivery receipt)."""
+MESSAGE_STATUS_READ: MessageStatus.ValueType  # 6
+"""The recipient read the message, or played it (a read receipt)."""
 Global___MessageStatus: _TypeAlias = MessageStatus  # noqa: Y015
+
+class _EventType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EVENT_TYPE_UNSPECIFIED: _EventType.ValueType  # 0
+    """Never sent; a filter that names it is rejected with INVALID_ARGUMENT."""
+    EVENT_TYPE_SESSION_UPDATED: _EventType.ValueType  # 1
+    """A session was created or changed; the event carries it after the change."""
+    EVENT_TYPE_SESSION_DELETED: _EventType.ValueType  # 2
+    """A session was deleted; the event carries it as it was last committed."""
+    EVENT_TYPE_MESSAGE_UPDATED: _EventType.ValueType  # 3
+    """A message was accepted or its status moved; the event carries it after the change."""
+
+class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
+    """EventType says what an event of the log reports. Its text form, in JSON and
+    in the log, is the name without `EVENT_TYPE_`, lower-cased, with a dot after
+    the resource: `session.updated`, `session.deleted`, `message.updated`.
+    """
+
+EVENT_TYPE_UNSPECIFIED: EventType.ValueType  # 0
+"""Never sent; a filter that names it is rejected with INVALID_ARGUMENT."""
+EVENT_TYPE_SESSION_UPDATED: EventType.ValueType  # 1
+"""A session was created or changed; the event carries it after the change."""
+EVENT_TYPE_SESSION_DELETED: EventType.ValueType  # 2
+"""A session was deleted; the event carries it as it was last committed."""
+EVENT_TYPE_MESSAGE_UPDATED: EventType.ValueType  # 3
+"""A message was accepted or its status moved; the event carries it after the change."""
+Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 @_typing.final
 class GetSessionRequest(_message.Message):
@@ -529,3 +568,319 @@ class DeleteSessionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteSessionResponse: _TypeAlias = DeleteSessionResponse  # noqa: Y015
+
+@_typing.final
+class Message(_message.Message):
+    """Message is one message a session sent, and where it stands. Its status only
+    moves forward: `pending`, then `sent`, `delivered`, `read`; or `failed`
+    (before delivery) or `unknown` (the engine could not tell) with a reason.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    TO_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    WHATSAPP_MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    ACCEPTED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    DELIVERED_AT_FIELD_NUMBER: _builtins.int
+    READ_AT_FIELD_NUMBER: _builtins.int
+    message_id: _builtins.str
+    """The Session Manager's identifier of the message, as Send returned it."""
+    instance_id: _builtins.str
+    """The session that sent the message."""
+    session_id: _builtins.int
+    """The id of the session incarnation that sent it (`WhatsAppSession.id`)."""
+    idempotency_key: _builtins.str
+    """The idempotency key the Send carried, if any."""
+    to: _builtins.str
+    """The recipient as stored: `+` and digits, or a WhatsApp JID."""
+    status: Global___MessageStatus.ValueType
+    """Where the message stands."""
+    whatsapp_message_id: _builtins.str
+    """WhatsApp's identifier of the message, once WhatsApp accepted it."""
+    error_code: _builtins.str
+    """Why the message failed, or why its outcome is unknown, e.g. `SEND_REFUSED`."""
+    error_message: _builtins.str
+    """A human-readable account of `error_code`."""
+    @_builtins.property
+    def accepted_at(self) -> _timestamp_pb2.Timestamp:
+        """When the message was accepted and recorded."""
+
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp:
+        """When its status last changed."""
+
+    @_builtins.property
+    def delivered_at(self) -> _timestamp_pb2.Timestamp:
+        """When WhatsApp reported it delivered, as WhatsApp dates its receipt."""
+
+    @_builtins.property
+    def read_at(self) -> _timestamp_pb2.Timestamp:
+        """When WhatsApp reported it read, as WhatsApp dates its receipt."""
+
+    def __init__(
+        self,
+        *,
+        message_id: _builtins.str = ...,
+        instance_id: _builtins.str = ...,
+        session_id: _builtins.int = ...,
+        idempotency_key: _builtins.str | None = ...,
+        to: _builtins.str = ...,
+        status: Global___MessageStatus.ValueType = ...,
+        whatsapp_message_id: _builtins.str | None = ...,
+        error_code: _builtins.str | None = ...,
+        error_message: _builtins.str | None = ...,
+        accepted_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+        delivered_at: _timestamp_pb2.Timestamp | None = ...,
+        read_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_error_code", b"_error_code", "_error_message", b"_error_message", "_idempotency_key", b"_idempotency_key", "_whatsapp_message_id", b"_whatsapp_message_id", "accepted_at", b"accepted_at", "delivered_at", b"delivered_at", "error_code", b"error_code", "error_message", b"error_message", "idempotency_key", b"idempotency_key", "read_at", b"read_at", "updated_at", b"updated_at", "whatsapp_message_id", b"whatsapp_message_id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_error_code", b"_error_code", "_error_message", b"_error_message", "_idempotency_key", b"_idempotency_key", "_whatsapp_message_id", b"_whatsapp_message_id", "accepted_at", b"accepted_at", "delivered_at", b"delivered_at", "error_code", b"error_code", "error_message", b"error_message", "idempotency_key", b"idempotency_key", "instance_id", b"instance_id", "message_id", b"message_id", "read_at", b"read_at", "session_id", b"session_id", "status", b"status", "to", b"to", "updated_at", b"updated_at", "whatsapp_message_id", b"whatsapp_message_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__error_code: _TypeAlias = _typing.Literal["error_code"]  # noqa: Y015
+    _WhichOneofArgType__error_code: _TypeAlias = _typing.Literal["_error_code", b"_error_code"]  # noqa: Y015
+    _WhichOneofReturnType__error_message: _TypeAlias = _typing.Literal["error_message"]  # noqa: Y015
+    _WhichOneofArgType__error_message: _TypeAlias = _typing.Literal["_error_message", b"_error_message"]  # noqa: Y015
+    _WhichOneofReturnType__idempotency_key: _TypeAlias = _typing.Literal["idempotency_key"]  # noqa: Y015
+    _WhichOneofArgType__idempotency_key: _TypeAlias = _typing.Literal["_idempotency_key", b"_idempotency_key"]  # noqa: Y015
+    _WhichOneofReturnType__whatsapp_message_id: _TypeAlias = _typing.Literal["whatsapp_message_id"]  # noqa: Y015
+    _WhichOneofArgType__whatsapp_message_id: _TypeAlias = _typing.Literal["_whatsapp_message_id", b"_whatsapp_message_id"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__error_code) -> _WhichOneofReturnType__error_code | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__error_message) -> _WhichOneofReturnType__error_message | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__idempotency_key) -> _WhichOneofReturnType__idempotency_key | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__whatsapp_message_id) -> _WhichOneofReturnType__whatsapp_message_id | None: ...
+
+Global___Message: _TypeAlias = Message  # noqa: Y015
+
+@_typing.final
+class GetMessageRequest(_message.Message):
+    """GetMessageRequest names a message of a session."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    """The session that sent the message."""
+    message_id: _builtins.str
+    """The message's identifier, as Send returned it."""
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        message_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "message_id", b"message_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMessageRequest: _TypeAlias = GetMessageRequest  # noqa: Y015
+
+@_typing.final
+class GetMessageResponse(_message.Message):
+    """GetMessageResponse carries the message as it stands."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def message(self) -> Global___Message:
+        """The message as stored."""
+
+    def __init__(
+        self,
+        *,
+        message: Global___Message | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMessageResponse: _TypeAlias = GetMessageResponse  # noqa: Y015
+
+@_typing.final
+class Event(_message.Message):
+    """Event is one entry of the event log: a committed change, appended in the
+    same transaction as the change itself.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """The event's place in the log, strictly increasing in commit order (across
+    nodes); a reader resumes after the last one it received.
+    """
+    id: _builtins.str
+    """A stable identifier of the event, `evt_` and 32 hex digits, wherever it is read."""
+    type: Global___EventType.ValueType
+    """What happened."""
+    @_builtins.property
+    def occurred_at(self) -> _timestamp_pb2.Timestamp:
+        """When the change was committed, on the service's clock."""
+
+    @_builtins.property
+    def session(self) -> _session_pb2.WhatsAppSession:
+        """The session, for `session.updated` and `session.deleted`."""
+
+    @_builtins.property
+    def message(self) -> Global___Message:
+        """The message, for `message.updated`."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        id: _builtins.str = ...,
+        type: Global___EventType.ValueType = ...,
+        occurred_at: _timestamp_pb2.Timestamp | None = ...,
+        session: _session_pb2.WhatsAppSession | None = ...,
+        message: Global___Message | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "occurred_at", b"occurred_at", "resource", b"resource", "session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "message", b"message", "occurred_at", b"occurred_at", "resource", b"resource", "sequence", b"sequence", "session", b"session", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_resource: _TypeAlias = _typing.Literal["session", "message"]  # noqa: Y015
+    _WhichOneofArgType_resource: _TypeAlias = _typing.Literal["resource", b"resource"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_resource) -> _WhichOneofReturnType_resource | None: ...
+
+Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class Checkpoint(_message.Message):
+    """Checkpoint says how far a list-wide stream has read the log."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Every event up to this sequence number that matches the stream has been
+    sent; a reader that resumes after it misses nothing.
+    """
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Checkpoint: _TypeAlias = Checkpoint  # noqa: Y015
+
+@_typing.final
+class WatchSessionsRequest(_message.Message):
+    """WatchSessionsRequest says where a list-wide stream starts and what it carries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_PREFIX_FIELD_NUMBER: _builtins.int
+    TYPES_FIELD_NUMBER: _builtins.int
+    after_sequence: _builtins.int
+    """Resume: every event after this sequence number (the last event or
+    checkpoint received). Without it the stream starts with the current state.
+    """
+    status: _session_pb2.SessionStatus.ValueType
+    """Only sessions in this status: the session events that bring a session
+    into it, keep it there or take it out (`session.deleted` included), and
+    no message events.
+    """
+    instance_id_prefix: _builtins.str
+    """Only sessions, and their messages, whose `instance_id` starts with this;
+    empty for every session.
+    """
+    @_builtins.property
+    def types(self) -> _containers.RepeatedScalarFieldContainer[Global___EventType.ValueType]:
+        """Only events of these types; empty for every type."""
+
+    def __init__(
+        self,
+        *,
+        after_sequence: _builtins.int | None = ...,
+        status: _session_pb2.SessionStatus.ValueType | None = ...,
+        instance_id_prefix: _builtins.str = ...,
+        types: _abc.Iterable[Global___EventType.ValueType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_after_sequence", b"_after_sequence", "_status", b"_status", "after_sequence", b"after_sequence", "status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_sequence", b"_after_sequence", "_status", b"_status", "after_sequence", b"after_sequence", "instance_id_prefix", b"instance_id_prefix", "status", b"status", "types", b"types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__after_sequence: _TypeAlias = _typing.Literal["after_sequence"]  # noqa: Y015
+    _WhichOneofArgType__after_sequence: _TypeAlias = _typing.Literal["_after_sequence", b"_after_sequence"]  # noqa: Y015
+    _WhichOneofReturnType__status: _TypeAlias = _typing.Literal["status"]  # noqa: Y015
+    _WhichOneofArgType__status: _TypeAlias = _typing.Literal["_status", b"_status"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__after_sequence) -> _WhichOneofReturnType__after_sequence | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__status) -> _WhichOneofReturnType__status | None: ...
+
+Global___WatchSessionsRequest: _TypeAlias = WatchSessionsRequest  # noqa: Y015
+
+@_typing.final
+class WatchSessionsResponse(_message.Message):
+    """WatchSessionsResponse is one item of a list-wide stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def session(self) -> _session_pb2.WhatsAppSession:
+        """A session as it stands now, one per matching session, sent first when
+        the request has no `after_sequence`.
+        """
+
+    @_builtins.property
+    def checkpoint(self) -> Global___Checkpoint:
+        """How far the stream has read the log: after the current state, and when
+        the stream idles past events that did not match it.
+        """
+
+    @_builtins.property
+    def event(self) -> Global___Event:
+        """The next matching event of the log, in sequence order."""
+
+    def __init__(
+        self,
+        *,
+        session: _session_pb2.WhatsAppSession | None = ...,
+        checkpoint: Global___Checkpoint | None = ...,
+        event: Global___Event | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "event", b"event", "item", b"item", "session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "event", b"event", "item", b"item", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["session", "checkpoint", "event"]  # noqa: Y015
+    _WhichOneofArgType_item: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_item) -> _WhichOneofReturnType_item | None: ...
+
+Global___WatchSessionsResponse: _TypeAlias = WatchSessionsResponse  # noqa: Y015

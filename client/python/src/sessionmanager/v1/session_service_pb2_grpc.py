@@ -81,6 +81,16 @@ class SessionServiceStub:
                 request_serializer=sessionmanager_dot_v1_dot_session__service__pb2.DeleteSessionRequest.SerializeToString,
                 response_deserializer=sessionmanager_dot_v1_dot_session__service__pb2.DeleteSessionResponse.FromString,
                 _registered_method=True)
+        self.WatchSessions = channel.unary_stream(
+                '/sessionmanager.v1.SessionService/WatchSessions',
+                request_serializer=sessionmanager_dot_v1_dot_session__service__pb2.WatchSessionsRequest.SerializeToString,
+                response_deserializer=sessionmanager_dot_v1_dot_session__service__pb2.WatchSessionsResponse.FromString,
+                _registered_method=True)
+        self.GetMessage = channel.unary_unary(
+                '/sessionmanager.v1.SessionService/GetMessage',
+                request_serializer=sessionmanager_dot_v1_dot_session__service__pb2.GetMessageRequest.SerializeToString,
+                response_deserializer=sessionmanager_dot_v1_dot_session__service__pb2.GetMessageResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -157,6 +167,27 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchSessions(self, request, context):
+        """WatchSessions follows every session, and every message's status, from the
+        event log, in commit order. Without `after_sequence` it first sends the
+        current state (each session that matches, then a checkpoint); with it,
+        every event after that sequence number. Then each event as it is
+        committed. A reader keeps the sequence number of the last event or
+        checkpoint it received and resumes from it after any interruption:
+        nothing is missed and nothing comes twice. A cursor older than the log
+        keeps is CURSOR_EXPIRED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMessage(self, request, context):
+        """GetMessage returns one message a session sent, and where it stands now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -204,6 +235,16 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.DeleteSession,
                     request_deserializer=sessionmanager_dot_v1_dot_session__service__pb2.DeleteSessionRequest.FromString,
                     response_serializer=sessionmanager_dot_v1_dot_session__service__pb2.DeleteSessionResponse.SerializeToString,
+            ),
+            'WatchSessions': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchSessions,
+                    request_deserializer=sessionmanager_dot_v1_dot_session__service__pb2.WatchSessionsRequest.FromString,
+                    response_serializer=sessionmanager_dot_v1_dot_session__service__pb2.WatchSessionsResponse.SerializeToString,
+            ),
+            'GetMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMessage,
+                    request_deserializer=sessionmanager_dot_v1_dot_session__service__pb2.GetMessageRequest.FromString,
+                    response_serializer=sessionmanager_dot_v1_dot_session__service__pb2.GetMessageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -451,6 +492,60 @@ class SessionService:
             '/sessionmanager.v1.SessionService/DeleteSession',
             sessionmanager_dot_v1_dot_session__service__pb2.DeleteSessionRequest.SerializeToString,
             sessionmanager_dot_v1_dot_session__service__pb2.DeleteSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sessionmanager.v1.SessionService/WatchSessions',
+            sessionmanager_dot_v1_dot_session__service__pb2.WatchSessionsRequest.SerializeToString,
+            sessionmanager_dot_v1_dot_session__service__pb2.WatchSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sessionmanager.v1.SessionService/GetMessage',
+            sessionmanager_dot_v1_dot_session__service__pb2.GetMessageRequest.SerializeToString,
+            sessionmanager_dot_v1_dot_session__service__pb2.GetMessageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,18 @@ class SessionServiceStub:
     """ListSessions lists sessions ordered by `instance_id`, one page at a time."""
     DeleteSession: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.DeleteSessionRequest, _session_service_pb2.DeleteSessionResponse]
     """DeleteSession logs the device out, forgets its credentials and deletes the session and its messages."""
+    WatchSessions: _grpc.UnaryStreamMultiCallable[_session_service_pb2.WatchSessionsRequest, _session_service_pb2.WatchSessionsResponse]
+    """WatchSessions follows every session, and every message's status, from the
+    event log, in commit order. Without `after_sequence` it first sends the
+    current state (each session that matches, then a checkpoint); with it,
+    every event after that sequence number. Then each event as it is
+    committed. A reader keeps the sequence number of the last event or
+    checkpoint it received and resumes from it after any interruption:
+    nothing is missed and nothing comes twice. A cursor older than the log
+    keeps is CURSOR_EXPIRED.
+    """
+    GetMessage: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.GetMessageRequest, _session_service_pb2.GetMessageResponse]
+    """GetMessage returns one message a session sent, and where it stands now."""
 
 @_typing.type_check_only
 class SessionServiceAsyncStub(SessionServiceStub):
@@ -99,6 +111,18 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """ListSessions lists sessions ordered by `instance_id`, one page at a time."""
     DeleteSession: _aio.UnaryUnaryMultiCallable[_session_service_pb2.DeleteSessionRequest, _session_service_pb2.DeleteSessionResponse]  # type: ignore[assignment]
     """DeleteSession logs the device out, forgets its credentials and deletes the session and its messages."""
+    WatchSessions: _aio.UnaryStreamMultiCallable[_session_service_pb2.WatchSessionsRequest, _session_service_pb2.WatchSessionsResponse]  # type: ignore[assignment]
+    """WatchSessions follows every session, and every message's status, from the
+    event log, in commit order. Without `after_sequence` it first sends the
+    current state (each session that matches, then a checkpoint); with it,
+    every event after that sequence number. Then each event as it is
+    committed. A reader keeps the sequence number of the last event or
+    checkpoint it received and resumes from it after any interruption:
+    nothing is missed and nothing comes twice. A cursor older than the log
+    keeps is CURSOR_EXPIRED.
+    """
+    GetMessage: _aio.UnaryUnaryMultiCallable[_session_service_pb2.GetMessageRequest, _session_service_pb2.GetMessageResponse]  # type: ignore[assignment]
+    """GetMessage returns one message a session sent, and where it stands now."""
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     """SessionService is the public API of the Session Manager, used by Central Hub
@@ -186,5 +210,29 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_session_service_pb2.DeleteSessionResponse, _abc.Awaitable[_session_service_pb2.DeleteSessionResponse]]:
         """DeleteSession logs the device out, forgets its credentials and deletes the session and its messages."""
+
+    @_abc_1.abstractmethod
+    def WatchSessions(
+        self,
+        request: _session_service_pb2.WatchSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_session_service_pb2.WatchSessionsResponse], _abc.AsyncIterator[_session_service_pb2.WatchSessionsResponse]]:
+        """WatchSessions follows every session, and every message's status, from the
+        event log, in commit order. Without `after_sequence` it first sends the
+        current state (each session that matches, then a checkpoint); with it,
+        every event after that sequence number. Then each event as it is
+        committed. A reader keeps the sequence number of the last event or
+        checkpoint it received and resumes from it after any interruption:
+        nothing is missed and nothing comes twice. A cursor older than the log
+        keeps is CURSOR_EXPIRED.
+        """
+
+    @_abc_1.abstractmethod
+    def GetMessage(
+        self,
+        request: _session_service_pb2.GetMessageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_service_pb2.GetMessageResponse, _abc.Awaitable[_session_service_pb2.GetMessageResponse]]:
+        """GetMessage returns one message a session sent, and where it stands now."""
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

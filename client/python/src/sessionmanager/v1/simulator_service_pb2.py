@@ -23,41 +23,54 @@ _sym_db = _symbol_database.Default()
 
 
 from sessionmanager.v1 import session_pb2 as sessionmanager_dot_v1_dot_session__pb2
+from sessionmanager.v1 import session_service_pb2 as sessionmanager_dot_v1_dot_session__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)sessionmanager/v1/simulator_service.proto\x12\x11sessionmanager.v1\x1a\x1fsessionmanager/v1/session.proto\"R\n\rScanQRRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x14\n\x0cphone_number\x18\x02 \x01(\t\x12\x16\n\x0ehold_handshake\x18\x03 \x01(\x08\"E\n\x0eScanQRResponse\x12\x33\n\x07session\x18\x01 \x01(\x0b\x32\".sessionmanager.v1.WhatsAppSession\"/\n\x18\x43ompleteHandshakeRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"P\n\x19\x43ompleteHandshakeResponse\x12\x33\n\x07session\x18\x01 \x01(\x0b\x32\".sessionmanager.v1.WhatsAppSession\"A\n\x12\x44ropNetworkRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x16\n\x0ehold_reconnect\x18\x02 \x01(\x08\"J\n\x13\x44ropNetworkResponse\x12\x33\n\x07session\x18\x01 \x01(\x0b\x32\".sessionmanager.v1.WhatsAppSession\"*\n\x13UnlinkDeviceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"K\n\x14UnlinkDeviceResponse\x12\x33\n\x07session\x18\x01 \x01(\x0b\x32\".sessionmanager.v1.WhatsAppSession\"H\n\x12\x46\x61ilSessionRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"J\n\x13\x46\x61ilSessionResponse\x12\x33\n\x07session\x18\x01 \x01(\x0b\x32\".sessionmanager.v1.WhatsAppSession\"R\n\x12InjectFaultRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\'\n\x05\x66\x61ult\x18\x02 \x01(\x0e\x32\x18.sessionmanager.v1.Fault\"\x15\n\x13InjectFaultResponse*A\n\x05\x46\x61ult\x12\x15\n\x11\x46\x41ULT_UNSPECIFIED\x10\x00\x12\x11\n\rFAULT_PAIRING\x10\x01\x12\x0e\n\nFAULT_SEND\x10\x02\x32\xcc\x04\n\x10SimulatorService\x12M\n\x06ScanQR\x12 .sessionmanager.v1.ScanQRRequest\x1a!.sessionmanager.v1.ScanQRResponse\x12n\n\x11\x43ompleteHandshake\x12+.sessionmanager.v1.CompleteHandshakeRequest\x1a,.sessionmanager.v1.CompleteHandshakeResponse\x12\\\n\x0b\x44ropNetwork\x12%.sessionmanager.v1.DropNetworkRequest\x1a&.sessionmanager.v1.DropNetworkResponse\x12_\n\x0cUnlinkDevice\x12&.sessionmanager.v1.UnlinkDeviceRequest\x1a\'.sessionmanager.v1.UnlinkDeviceResponse\x12\\\n\x0b\x46\x61ilSession\x12%.sessionmanager.v1.FailSessionRequest\x1a&.sessionmanager.v1.FailSessionResponse\x12\\\n\x0bInjectFault\x12%.sessionmanager.v1.InjectFaultRequest\x1a&.sessionmanager.v1.InjectFaultResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)sessionmanager/v1/simulator_service.proto\x12\x11sessionmanager.v1\x1a\x1fsessionmanager/v1/session.proto\x1a\'sessionmanager/v1/session_service.proto\"R\n\rScanQRRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x14\n\x0cphone_number\x18\x02 \x01(\t\x12\x16\n\x0ehold_handshake\x18\x03 \x01(\x08\"E\n\x0eScanQRResponse\x12\x33\n\x07session\x18\x01 \x01(\x0b\x32\".sessionmanager.v1.WhatsAppSession\"/\n\x18\x43ompleteHandshakeRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"P\n\x19\x43ompleteHandshakeResponse\x12\x33\n\x07session\x18\x01 \x01(\x0b\x32\".sessionmanager.v1.WhatsAppSession\"A\n\x12\x44ropNetworkRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x16\n\x0ehold_reconnect\x18\x02 \x01(\x08\"J\n\x13\x44ropNetworkResponse\x12\x33\n\x07session\x18\x01 \x01(\x0b\x32\".sessionmanager.v1.WhatsAppSession\"*\n\x13UnlinkDeviceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"K\n\x14UnlinkDeviceResponse\x12\x33\n\x07session\x18\x01 \x01(\x0b\x32\".sessionmanager.v1.WhatsAppSession\"H\n\x12\x46\x61ilSessionRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"J\n\x13\x46\x61ilSessionResponse\x12\x33\n\x07session\x18\x01 \x01(\x0b\x32\".sessionmanager.v1.WhatsAppSession\"R\n\x12InjectFaultRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\'\n\x05\x66\x61ult\x18\x02 \x01(\x0e\x32\x18.sessionmanager.v1.Fault\"\x15\n\x13InjectFaultResponse\"@\n\x15\x44\x65liverMessageRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x12\n\nmessage_id\x18\x02 \x01(\t\"E\n\x16\x44\x65liverMessageResponse\x12+\n\x07message\x18\x01 \x01(\x0b\x32\x1a.sessionmanager.v1.Message\"=\n\x12ReadMessageRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x12\n\nmessage_id\x18\x02 \x01(\t\"B\n\x13ReadMessageResponse\x12+\n\x07message\x18\x01 \x01(\x0b\x32\x1a.sessionmanager.v1.Message\"\\\n\x12\x46\x61ilMessageRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"B\n\x13\x46\x61ilMessageResponse\x12+\n\x07message\x18\x01 \x01(\x0b\x32\x1a.sessionmanager.v1.Message*A\n\x05\x46\x61ult\x12\x15\n\x11\x46\x41ULT_UNSPECIFIED\x10\x00\x12\x11\n\rFAULT_PAIRING\x10\x01\x12\x0e\n\nFAULT_SEND\x10\x02\x32\xef\x06\n\x10SimulatorService\x12M\n\x06ScanQR\x12 .sessionmanager.v1.ScanQRRequest\x1a!.sessionmanager.v1.ScanQRResponse\x12n\n\x11\x43ompleteHandshake\x12+.sessionmanager.v1.CompleteHandshakeRequest\x1a,.sessionmanager.v1.CompleteHandshakeResponse\x12\\\n\x0b\x44ropNetwork\x12%.sessionmanager.v1.DropNetworkRequest\x1a&.sessionmanager.v1.DropNetworkResponse\x12_\n\x0cUnlinkDevice\x12&.sessionmanager.v1.UnlinkDeviceRequest\x1a\'.sessionmanager.v1.UnlinkDeviceResponse\x12\\\n\x0b\x46\x61ilSession\x12%.sessionmanager.v1.FailSessionRequest\x1a&.sessionmanager.v1.FailSessionResponse\x12\\\n\x0bInjectFault\x12%.sessionmanager.v1.InjectFaultRequest\x1a&.sessionmanager.v1.InjectFaultResponse\x12\x65\n\x0e\x44\x65liverMessage\x12(.sessionmanager.v1.DeliverMessageRequest\x1a).sessionmanager.v1.DeliverMessageResponse\x12\\\n\x0bReadMessage\x12%.sessionmanager.v1.ReadMessageRequest\x1a&.sessionmanager.v1.ReadMessageResponse\x12\\\n\x0b\x46\x61ilMessage\x12%.sessionmanager.v1.FailMessageRequest\x1a&.sessionmanager.v1.FailMessageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sessionmanager.v1.simulator_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FAULT']._serialized_start=904
-  _globals['_FAULT']._serialized_end=969
-  _globals['_SCANQRREQUEST']._serialized_start=97
-  _globals['_SCANQRREQUEST']._serialized_end=179
-  _globals['_SCANQRRESPONSE']._serialized_start=181
-  _globals['_SCANQRRESPONSE']._serialized_end=250
-  _globals['_COMPLETEHANDSHAKEREQUEST']._serialized_start=252
-  _globals['_COMPLETEHANDSHAKEREQUEST']._serialized_end=299
-  _globals['_COMPLETEHANDSHAKERESPONSE']._serialized_start=301
-  _globals['_COMPLETEHANDSHAKERESPONSE']._serialized_end=381
-  _globals['_DROPNETWORKREQUEST']._serialized_start=383
-  _globals['_DROPNETWORKREQUEST']._serialized_end=448
-  _globals['_DROPNETWORKRESPONSE']._serialized_start=450
-  _globals['_DROPNETWORKRESPONSE']._serialized_end=524
-  _globals['_UNLINKDEVICEREQUEST']._serialized_start=526
-  _globals['_UNLINKDEVICEREQUEST']._serialized_end=568
-  _globals['_UNLINKDEVICERESPONSE']._serialized_start=570
-  _globals['_UNLINKDEVICERESPONSE']._serialized_end=645
-  _globals['_FAILSESSIONREQUEST']._serialized_start=647
-  _globals['_FAILSESSIONREQUEST']._serialized_end=719
-  _globals['_FAILSESSIONRESPONSE']._serialized_start=721
-  _globals['_FAILSESSIONRESPONSE']._serialized_end=795
-  _globals['_INJECTFAULTREQUEST']._serialized_start=797
-  _globals['_INJECTFAULTREQUEST']._serialized_end=879
-  _globals['_INJECTFAULTRESPONSE']._serialized_start=881
-  _globals['_INJECTFAULTRESPONSE']._serialized_end=902
-  _globals['_SIMULATORSERVICE']._serialized_start=972
-  _globals['_SIMULATORSERVICE']._serialized_end=1560
+  _globals['_FAULT']._serialized_start=1375
+  _globals['_FAULT']._serialized_end=1440
+  _globals['_SCANQRREQUEST']._serialized_start=138
+  _globals['_SCANQRREQUEST']._serialized_end=220
+  _globals['_SCANQRRESPONSE']._serialized_start=222
+  _globals['_SCANQRRESPONSE']._serialized_end=291
+  _globals['_COMPLETEHANDSHAKEREQUEST']._serialized_start=293
+  _globals['_COMPLETEHANDSHAKEREQUEST']._serialized_end=340
+  _globals['_COMPLETEHANDSHAKERESPONSE']._serialized_start=342
+  _globals['_COMPLETEHANDSHAKERESPONSE']._serialized_end=422
+  _globals['_DROPNETWORKREQUEST']._serialized_start=424
+  _globals['_DROPNETWORKREQUEST']._serialized_end=489
+  _globals['_DROPNETWORKRESPONSE']._serialized_start=491
+  _globals['_DROPNETWORKRESPONSE']._serialized_end=565
+  _globals['_UNLINKDEVICEREQUEST']._serialized_start=567
+  _globals['_UNLINKDEVICEREQUEST']._serialized_end=609
+  _globals['_UNLINKDEVICERESPONSE']._serialized_start=611
+  _globals['_UNLINKDEVICERESPONSE']._serialized_end=686
+  _globals['_FAILSESSIONREQUEST']._serialized_start=688
+  _globals['_FAILSESSIONREQUEST']._serialized_end=760
+  _globals['_FAILSESSIONRESPONSE']._serialized_start=762
+  _globals['_FAILSESSIONRESPONSE']._serialized_end=836
+  _globals['_INJECTFAULTREQUEST']._serialized_start=838
+  _globals['_INJECTFAULTREQUEST']._serialized_end=920
+  _globals['_INJECTFAULTRESPONSE']._serialized_start=922
+  _globals['_INJECTFAULTRESPONSE']._serialized_end=943
+  _globals['_DELIVERMESSAGEREQUEST']._serialized_start=945
+  _globals['_DELIVERMESSAGEREQUEST']._serialized_end=1009
+  _globals['_DELIVERMESSAGERESPONSE']._serialized_start=1011
+  _globals['_DELIVERMESSAGERESPONSE']._serialized_end=1080
+  _globals['_READMESSAGEREQUEST']._serialized_start=1082
+  _globals['_READMESSAGEREQUEST']._serialized_end=1143
+  _globals['_READMESSAGERESPONSE']._serialized_start=1145
+  _globals['_READMESSAGERESPONSE']._serialized_end=1211
+  _globals['_FAILMESSAGEREQUEST']._serialized_start=1213
+  _globals['_FAILMESSAGEREQUEST']._serialized_end=1305
+  _globals['_FAILMESSAGERESPONSE']._serialized_start=1307
+  _globals['_FAILMESSAGERESPONSE']._serialized_end=1373
+  _globals['_SIMULATORSERVICE']._serialized_start=1443
+  _globals['_SIMULATORSERVICE']._serialized_end=2322
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from sessionmanager.v1 import session_pb2 as _session_pb2
+from sessionmanager.v1 import session_service_pb2 as _session_service_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -334,3 +335,161 @@ class InjectFaultResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InjectFaultResponse: _TypeAlias = InjectFaultResponse  # noqa: Y015
+
+@_typing.final
+class DeliverMessageRequest(_message.Message):
+    """DeliverMessageRequest names a sent message the recipient's phone received."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    """The session that sent the message."""
+    message_id: _builtins.str
+    """The message's identifier, as Send returned it."""
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        message_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "message_id", b"message_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliverMessageRequest: _TypeAlias = DeliverMessageRequest  # noqa: Y015
+
+@_typing.final
+class DeliverMessageResponse(_message.Message):
+    """DeliverMessageResponse carries the message after the receipt."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def message(self) -> _session_service_pb2.Message:
+        """The message as stored after the receipt."""
+
+    def __init__(
+        self,
+        *,
+        message: _session_service_pb2.Message | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliverMessageResponse: _TypeAlias = DeliverMessageResponse  # noqa: Y015
+
+@_typing.final
+class ReadMessageRequest(_message.Message):
+    """ReadMessageRequest names a sent message the recipient read."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    """The session that sent the message."""
+    message_id: _builtins.str
+    """The message's identifier, as Send returned it."""
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        message_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "message_id", b"message_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadMessageRequest: _TypeAlias = ReadMessageRequest  # noqa: Y015
+
+@_typing.final
+class ReadMessageResponse(_message.Message):
+    """ReadMessageResponse carries the message after the receipt."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def message(self) -> _session_service_pb2.Message:
+        """The message as stored after the receipt."""
+
+    def __init__(
+        self,
+        *,
+        message: _session_service_pb2.Message | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadMessageResponse: _TypeAlias = ReadMessageResponse  # noqa: Y015
+
+@_typing.final
+class FailMessageRequest(_message.Message):
+    """FailMessageRequest names a sent message WhatsApp could not deliver after all."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    """The session that sent the message."""
+    message_id: _builtins.str
+    """The message's identifier, as Send returned it."""
+    code: _builtins.str
+    """The failure's code; empty means `SERVER_ERROR`."""
+    message: _builtins.str
+    """The failure's message; empty means a description of the code."""
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        message_id: _builtins.str = ...,
+        code: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "instance_id", b"instance_id", "message", b"message", "message_id", b"message_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FailMessageRequest: _TypeAlias = FailMessageRequest  # noqa: Y015
+
+@_typing.final
+class FailMessageResponse(_message.Message):
+    """FailMessageResponse carries the message after the failure."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def message(self) -> _session_service_pb2.Message:
+        """The message as stored after the failure."""
+
+    def __init__(
+        self,
+        *,
+        message: _session_service_pb2.Message | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FailMessageResponse: _TypeAlias = FailMessageResponse  # noqa: Y015

@@ -67,6 +67,21 @@ class SimulatorServiceStub:
                 request_serializer=sessionmanager_dot_v1_dot_simulator__service__pb2.InjectFaultRequest.SerializeToString,
                 response_deserializer=sessionmanager_dot_v1_dot_simulator__service__pb2.InjectFaultResponse.FromString,
                 _registered_method=True)
+        self.DeliverMessage = channel.unary_unary(
+                '/sessionmanager.v1.SimulatorService/DeliverMessage',
+                request_serializer=sessionmanager_dot_v1_dot_simulator__service__pb2.DeliverMessageRequest.SerializeToString,
+                response_deserializer=sessionmanager_dot_v1_dot_simulator__service__pb2.DeliverMessageResponse.FromString,
+                _registered_method=True)
+        self.ReadMessage = channel.unary_unary(
+                '/sessionmanager.v1.SimulatorService/ReadMessage',
+                request_serializer=sessionmanager_dot_v1_dot_simulator__service__pb2.ReadMessageRequest.SerializeToString,
+                response_deserializer=sessionmanager_dot_v1_dot_simulator__service__pb2.ReadMessageResponse.FromString,
+                _registered_method=True)
+        self.FailMessage = channel.unary_unary(
+                '/sessionmanager.v1.SimulatorService/FailMessage',
+                request_serializer=sessionmanager_dot_v1_dot_simulator__service__pb2.FailMessageRequest.SerializeToString,
+                response_deserializer=sessionmanager_dot_v1_dot_simulator__service__pb2.FailMessageResponse.FromString,
+                _registered_method=True)
 
 
 class SimulatorServiceServicer:
@@ -119,6 +134,27 @@ class SimulatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeliverMessage(self, request, context):
+        """DeliverMessage has WhatsApp report a sent message delivered to the recipient's phone.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadMessage(self, request, context):
+        """ReadMessage has WhatsApp report a sent message read by the recipient.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FailMessage(self, request, context):
+        """FailMessage has WhatsApp report, after it accepted a message, that it could not deliver it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SimulatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -151,6 +187,21 @@ def add_SimulatorServiceServicer_to_server(servicer, server):
                     servicer.InjectFault,
                     request_deserializer=sessionmanager_dot_v1_dot_simulator__service__pb2.InjectFaultRequest.FromString,
                     response_serializer=sessionmanager_dot_v1_dot_simulator__service__pb2.InjectFaultResponse.SerializeToString,
+            ),
+            'DeliverMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeliverMessage,
+                    request_deserializer=sessionmanager_dot_v1_dot_simulator__service__pb2.DeliverMessageRequest.FromString,
+                    response_serializer=sessionmanager_dot_v1_dot_simulator__service__pb2.DeliverMessageResponse.SerializeToString,
+            ),
+            'ReadMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadMessage,
+                    request_deserializer=sessionmanager_dot_v1_dot_simulator__service__pb2.ReadMessageRequest.FromString,
+                    response_serializer=sessionmanager_dot_v1_dot_simulator__service__pb2.ReadMessageResponse.SerializeToString,
+            ),
+            'FailMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.FailMessage,
+                    request_deserializer=sessionmanager_dot_v1_dot_simulator__service__pb2.FailMessageRequest.FromString,
+                    response_serializer=sessionmanager_dot_v1_dot_simulator__service__pb2.FailMessageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -318,6 +369,87 @@ class SimulatorService:
             '/sessionmanager.v1.SimulatorService/InjectFault',
             sessionmanager_dot_v1_dot_simulator__service__pb2.InjectFaultRequest.SerializeToString,
             sessionmanager_dot_v1_dot_simulator__service__pb2.InjectFaultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeliverMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sessionmanager.v1.SimulatorService/DeliverMessage',
+            sessionmanager_dot_v1_dot_simulator__service__pb2.DeliverMessageRequest.SerializeToString,
+            sessionmanager_dot_v1_dot_simulator__service__pb2.DeliverMessageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sessionmanager.v1.SimulatorService/ReadMessage',
+            sessionmanager_dot_v1_dot_simulator__service__pb2.ReadMessageRequest.SerializeToString,
+            sessionmanager_dot_v1_dot_simulator__service__pb2.ReadMessageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FailMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sessionmanager.v1.SimulatorService/FailMessage',
+            sessionmanager_dot_v1_dot_simulator__service__pb2.FailMessageRequest.SerializeToString,
+            sessionmanager_dot_v1_dot_simulator__service__pb2.FailMessageResponse.FromString,
             options,
             channel_credentials,
             insecure,

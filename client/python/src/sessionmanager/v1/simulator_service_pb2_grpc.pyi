@@ -52,6 +52,12 @@ class SimulatorServiceStub:
     """FailSession makes the session fail for good: error with the given code and message."""
     InjectFault: _grpc.UnaryUnaryMultiCallable[_simulator_service_pb2.InjectFaultRequest, _simulator_service_pb2.InjectFaultResponse]
     """InjectFault makes the next pairing or the next send of the session fail."""
+    DeliverMessage: _grpc.UnaryUnaryMultiCallable[_simulator_service_pb2.DeliverMessageRequest, _simulator_service_pb2.DeliverMessageResponse]
+    """DeliverMessage has WhatsApp report a sent message delivered to the recipient's phone."""
+    ReadMessage: _grpc.UnaryUnaryMultiCallable[_simulator_service_pb2.ReadMessageRequest, _simulator_service_pb2.ReadMessageResponse]
+    """ReadMessage has WhatsApp report a sent message read by the recipient."""
+    FailMessage: _grpc.UnaryUnaryMultiCallable[_simulator_service_pb2.FailMessageRequest, _simulator_service_pb2.FailMessageResponse]
+    """FailMessage has WhatsApp report, after it accepted a message, that it could not deliver it."""
 
 @_typing.type_check_only
 class SimulatorServiceAsyncStub(SimulatorServiceStub):
@@ -77,6 +83,12 @@ class SimulatorServiceAsyncStub(SimulatorServiceStub):
     """FailSession makes the session fail for good: error with the given code and message."""
     InjectFault: _aio.UnaryUnaryMultiCallable[_simulator_service_pb2.InjectFaultRequest, _simulator_service_pb2.InjectFaultResponse]  # type: ignore[assignment]
     """InjectFault makes the next pairing or the next send of the session fail."""
+    DeliverMessage: _aio.UnaryUnaryMultiCallable[_simulator_service_pb2.DeliverMessageRequest, _simulator_service_pb2.DeliverMessageResponse]  # type: ignore[assignment]
+    """DeliverMessage has WhatsApp report a sent message delivered to the recipient's phone."""
+    ReadMessage: _aio.UnaryUnaryMultiCallable[_simulator_service_pb2.ReadMessageRequest, _simulator_service_pb2.ReadMessageResponse]  # type: ignore[assignment]
+    """ReadMessage has WhatsApp report a sent message read by the recipient."""
+    FailMessage: _aio.UnaryUnaryMultiCallable[_simulator_service_pb2.FailMessageRequest, _simulator_service_pb2.FailMessageResponse]  # type: ignore[assignment]
+    """FailMessage has WhatsApp report, after it accepted a message, that it could not deliver it."""
 
 class SimulatorServiceServicer(metaclass=_abc_1.ABCMeta):
     """SimulatorService drives the simulated engine's phone. It is served only when
@@ -135,5 +147,29 @@ class SimulatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_simulator_service_pb2.InjectFaultResponse, _abc.Awaitable[_simulator_service_pb2.InjectFaultResponse]]:
         """InjectFault makes the next pairing or the next send of the session fail."""
+
+    @_abc_1.abstractmethod
+    def DeliverMessage(
+        self,
+        request: _simulator_service_pb2.DeliverMessageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_simulator_service_pb2.DeliverMessageResponse, _abc.Awaitable[_simulator_service_pb2.DeliverMessageResponse]]:
+        """DeliverMessage has WhatsApp report a sent message delivered to the recipient's phone."""
+
+    @_abc_1.abstractmethod
+    def ReadMessage(
+        self,
+        request: _simulator_service_pb2.ReadMessageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_simulator_service_pb2.ReadMessageResponse, _abc.Awaitable[_simulator_service_pb2.ReadMessageResponse]]:
+        """ReadMessage has WhatsApp report a sent message read by the recipient."""
+
+    @_abc_1.abstractmethod
+    def FailMessage(
+        self,
+        request: _simulator_service_pb2.FailMessageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_simulator_service_pb2.FailMessageResponse, _abc.Awaitable[_simulator_service_pb2.FailMessageResponse]]:
+        """FailMessage has WhatsApp report, after it accepted a message, that it could not deliver it."""
 
 def add_SimulatorServiceServicer_to_server(servicer: SimulatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

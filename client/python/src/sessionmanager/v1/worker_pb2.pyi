@@ -3,11 +3,15 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from sessionmanager.v1 import session_pb2 as _session_pb2
+from sessionmanager.v1 import session_service_pb2 as _session_service_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -214,6 +218,12 @@ class WorkerCommand(_message.Message):
             """The next pairing fails."""
             ACTION_FAULT_SEND: WorkerCommand.SimulatePhone._Action.ValueType  # 7
             """The next send fails."""
+            ACTION_DELIVER: WorkerCommand.SimulatePhone._Action.ValueType  # 8
+            """WhatsApp reports the message `message_id` delivered."""
+            ACTION_READ: WorkerCommand.SimulatePhone._Action.ValueType  # 9
+            """WhatsApp reports the message `message_id` read."""
+            ACTION_FAIL_MESSAGE: WorkerCommand.SimulatePhone._Action.ValueType  # 10
+            """WhatsApp reports that the message `message_id` failed, with `code` and `message`."""
 
         class Action(_Action, metaclass=_ActionEnumTypeWrapper):
             """What the simulated phone or WhatsApp does."""
@@ -234,12 +244,19 @@ class WorkerCommand(_message.Message):
         """The next pairing fails."""
         ACTION_FAULT_SEND: WorkerCommand.SimulatePhone.Action.ValueType  # 7
         """The next send fails."""
+        ACTION_DELIVER: WorkerCommand.SimulatePhone.Action.ValueType  # 8
+        """WhatsApp reports the message `message_id` delivered."""
+        ACTION_READ: WorkerCommand.SimulatePhone.Action.ValueType  # 9
+        """WhatsApp reports the message `message_id` read."""
+        ACTION_FAIL_MESSAGE: WorkerCommand.SimulatePhone.Action.ValueType  # 10
+        """WhatsApp reports that the message `message_id` failed, with `code` and `message`."""
 
         ACTION_FIELD_NUMBER: _builtins.int
         PHONE_NUMBER_FIELD_NUMBER: _builtins.int
         HOLD_FIELD_NUMBER: _builtins.int
         CODE_FIELD_NUMBER: _builtins.int
         MESSAGE_FIELD_NUMBER: _builtins.int
+        MESSAGE_ID_FIELD_NUMBER: _builtins.int
         action: Global___WorkerCommand.SimulatePhone.Action.ValueType
         """What happens."""
         phone_number: _builtins.str
@@ -250,6 +267,8 @@ class WorkerCommand(_message.Message):
         """The fault's code, for ACTION_FAIL."""
         message: _builtins.str
         """The fault's message, for ACTION_FAIL."""
+        message_id: _builtins.str
+        """WhatsApp's identifier of the message, for ACTION_DELIVER, ACTION_READ and ACTION_FAIL_MESSAGE."""
         def __init__(
             self,
             *,
@@ -258,10 +277,11 @@ class WorkerCommand(_message.Message):
             hold: _builtins.bool = ...,
             code: _builtins.str = ...,
             message: _builtins.str = ...,
+            message_id: _builtins.str = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "code", b"code", "hold", b"hold", "message", b"message", "phone_number", b"phone_number"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "code", b"code", "hold", b"hold", "message", b"message", "message_id", b"message_id", "phone_number", b"phone_number"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -537,6 +557,48 @@ class WorkerEvent(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class Receipt(_message.Message):
+        """Receipt reports what became of sent messages after WhatsApp accepted
+        them: delivered, read, or failed after all.
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        MESSAGE_IDS_FIELD_NUMBER: _builtins.int
+        STATUS_FIELD_NUMBER: _builtins.int
+        AT_FIELD_NUMBER: _builtins.int
+        CODE_FIELD_NUMBER: _builtins.int
+        MESSAGE_FIELD_NUMBER: _builtins.int
+        status: _session_service_pb2.MessageStatus.ValueType
+        """DELIVERED, READ or FAILED."""
+        code: _builtins.str
+        """For FAILED: a stable upper-case code, e.g. `SERVER_ERROR`."""
+        message: _builtins.str
+        """For FAILED: a human-readable account."""
+        @_builtins.property
+        def message_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+            """WhatsApp's identifiers of the messages (whatsmeow reports several at once)."""
+
+        @_builtins.property
+        def at(self) -> _timestamp_pb2.Timestamp:
+            """When WhatsApp dates the receipt."""
+
+        def __init__(
+            self,
+            *,
+            message_ids: _abc.Iterable[_builtins.str] | None = ...,
+            status: _session_service_pb2.MessageStatus.ValueType = ...,
+            at: _timestamp_pb2.Timestamp | None = ...,
+            code: _builtins.str = ...,
+            message: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "code", b"code", "message", b"message", "message_ids", b"message_ids", "status", b"status"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     REPLY_FIELD_NUMBER: _builtins.int
     QR_CODE_FIELD_NUMBER: _builtins.int
     QR_SCANNED_FIELD_NUMBER: _builtins.int
@@ -545,6 +607,7 @@ class WorkerEvent(_message.Message):
     DISCONNECTED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
     PAIRING_FAILED_FIELD_NUMBER: _builtins.int
+    RECEIPT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def reply(self) -> Global___WorkerEvent.Reply:
         """The answer to a command."""
@@ -577,6 +640,10 @@ class WorkerEvent(_message.Message):
     def pairing_failed(self) -> Global___WorkerEvent.PairingFailed:
         """The pairing ended without a device."""
 
+    @_builtins.property
+    def receipt(self) -> Global___WorkerEvent.Receipt:
+        """What became of sent messages."""
+
     def __init__(
         self,
         *,
@@ -588,12 +655,13 @@ class WorkerEvent(_message.Message):
         disconnected: Global___WorkerEvent.Disconnected | None = ...,
         failed: Global___WorkerEvent.Failed | None = ...,
         pairing_failed: Global___WorkerEvent.PairingFailed | None = ...,
+        receipt: Global___WorkerEvent.Receipt | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "disconnected", b"disconnected", "event", b"event", "failed", b"failed", "pairing_failed", b"pairing_failed", "qr_code", b"qr_code", "qr_scanned", b"qr_scanned", "reconnecting", b"reconnecting", "reply", b"reply"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "disconnected", b"disconnected", "event", b"event", "failed", b"failed", "pairing_failed", b"pairing_failed", "qr_code", b"qr_code", "qr_scanned", b"qr_scanned", "receipt", b"receipt", "reconnecting", b"reconnecting", "reply", b"reply"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "disconnected", b"disconnected", "event", b"event", "failed", b"failed", "pairing_failed", b"pairing_failed", "qr_code", b"qr_code", "qr_scanned", b"qr_scanned", "reconnecting", b"reconnecting", "reply", b"reply"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "disconnected", b"disconnected", "event", b"event", "failed", b"failed", "pairing_failed", b"pairing_failed", "qr_code", b"qr_code", "qr_scanned", b"qr_scanned", "receipt", b"receipt", "reconnecting", b"reconnecting", "reply", b"reply"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["reply", "qr_code", "qr_scanned", "reconnecting", "connected", "disconnected", "failed", "pairing_failed"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["reply", "qr_code", "qr_scanned", "reconnecting", "connected", "disconnected", "failed", "pairing_failed", "receipt"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 

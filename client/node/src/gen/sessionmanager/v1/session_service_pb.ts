@@ -8,20 +8,20 @@ import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { SessionStatus, WhatsAppSession } from "./session_pb.js";
 import { file_sessionmanager_v1_session } from "./session_pb.js";
-import type { Message } from "@bufbuild/protobuf";
+import type { Message as Message$1 } from "@bufbuild/protobuf";
 
 /**
  * Describes the file sessionmanager/v1/session_service.proto.
  */
 export const file_sessionmanager_v1_session_service: GenFile = /*@__PURE__*/
-  fileDesc("CidzZXNzaW9ubWFuYWdlci92MS9zZXNzaW9uX3NlcnZpY2UucHJvdG8SEXNlc3Npb25tYW5hZ2VyLnYxIigKEUdldFNlc3Npb25SZXF1ZXN0EhMKC2luc3RhbmNlX2lkGAEgASgJIkkKEkdldFNlc3Npb25SZXNwb25zZRIzCgdzZXNzaW9uGAEgASgLMiIuc2Vzc2lvbm1hbmFnZXIudjEuV2hhdHNBcHBTZXNzaW9uIicKEFJlcXVlc3RRUlJlcXVlc3QSEwoLaW5zdGFuY2VfaWQYASABKAkijgEKEVJlcXVlc3RRUlJlc3BvbnNlEhEKCXFyX3N0cmluZxgBIAEoCRIxCg1xcl9leHBpcmVzX2F0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIzCgdzZXNzaW9uGAMgASgLMiIuc2Vzc2lvbm1hbmFnZXIudjEuV2hhdHNBcHBTZXNzaW9uIj0KEFBhaXJQaG9uZVJlcXVlc3QSEwoLaW5zdGFuY2VfaWQYASABKAkSFAoMcGhvbmVfbnVtYmVyGAIgASgJIl4KEVBhaXJQaG9uZVJlc3BvbnNlEhQKDGxpbmtpbmdfY29kZRgBIAEoCRIzCgdzZXNzaW9uGAIgASgLMiIuc2Vzc2lvbm1hbmFnZXIudjEuV2hhdHNBcHBTZXNzaW9uIm4KC1NlbmRSZXF1ZXN0EhMKC2luc3RhbmNlX2lkGAEgASgJEgoKAnRvGAIgASgJEgwKBHRleHQYAyABKAkSHAoPaWRlbXBvdGVuY3lfa2V5GAQgASgJSACIAQFCEgoQX2lkZW1wb3RlbmN5X2tleSLRAQoMU2VuZFJlc3BvbnNlEhIKCm1lc3NhZ2VfaWQYASABKAkSIAoTd2hhdHNhcHBfbWVzc2FnZV9pZBgCIAEoCUgAiAEBEjAKBnN0YXR1cxgDIAEoDjIgLnNlc3Npb25tYW5hZ2VyLnYxLk1lc3NhZ2VTdGF0dXMSLwoLYWNjZXB0ZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCHJlcGxheWVkGAUgASgIQhYKFF93aGF0c2FwcF9tZXNzYWdlX2lkIigKEURpc2Nvbm5lY3RSZXF1ZXN0EhMKC2luc3RhbmNlX2lkGAEgASgJIkkKEkRpc2Nvbm5lY3RSZXNwb25zZRIzCgdzZXNzaW9uGAEgASgLMiIuc2Vzc2lvbm1hbmFnZXIudjEuV2hhdHNBcHBTZXNzaW9uIioKE1dhdGNoU2Vzc2lvblJlcXVlc3QSEwoLaW5zdGFuY2VfaWQYASABKAkiSwoUV2F0Y2hTZXNzaW9uUmVzcG9uc2USMwoHc2Vzc2lvbhgBIAEoCzIiLnNlc3Npb25tYW5hZ2VyLnYxLldoYXRzQXBwU2Vzc2lvbiIrChRDcmVhdGVTZXNzaW9uUmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCSJMChVDcmVhdGVTZXNzaW9uUmVzcG9uc2USMwoHc2Vzc2lvbhgBIAEoCzIiLnNlc3Npb25tYW5hZ2VyLnYxLldoYXRzQXBwU2Vzc2lvbiJ+ChNMaXN0U2Vzc2lvbnNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJEjUKBnN0YXR1cxgDIAEoDjIgLnNlc3Npb25tYW5hZ2VyLnYxLlNlc3Npb25TdGF0dXNIAIgBAUIJCgdfc3RhdHVzImUKFExpc3RTZXNzaW9uc1Jlc3BvbnNlEjQKCHNlc3Npb25zGAEgAygLMiIuc2Vzc2lvbm1hbmFnZXIudjEuV2hhdHNBcHBTZXNzaW9uEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIrChREZWxldGVTZXNzaW9uUmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCSIXChVEZWxldGVTZXNzaW9uUmVzcG9uc2UqmwEKDU1lc3NhZ2VTdGF0dXMSHgoaTUVTU0FHRV9TVEFUVVNfVU5TUEVDSUZJRUQQABIaChZNRVNTQUdFX1NUQVRVU19QRU5ESU5HEAESFwoTTUVTU0FHRV9TVEFUVVNfU0VOVBACEhkKFU1FU1NBR0VfU1RBVFVTX0ZBSUxFRBADEhoKFk1FU1NBR0VfU1RBVFVTX1VOS05PV04QBDLLBgoOU2Vzc2lvblNlcnZpY2USWQoKR2V0U2Vzc2lvbhIkLnNlc3Npb25tYW5hZ2VyLnYxLkdldFNlc3Npb25SZXF1ZXN0GiUuc2Vzc2lvbm1hbmFnZXIudjEuR2V0U2Vzc2lvblJlc3BvbnNlElYKCVJlcXVlc3RRUhIjLnNlc3Npb25tYW5hZ2VyLnYxLlJlcXVlc3RRUlJlcXVlc3QaJC5zZXNzaW9ubWFuYWdlci52MS5SZXF1ZXN0UVJSZXNwb25zZRJWCglQYWlyUGhvbmUSIy5zZXNzaW9ubWFuYWdlci52MS5QYWlyUGhvbmVSZXF1ZXN0GiQuc2Vzc2lvbm1hbmFnZXIudjEuUGFpclBob25lUmVzcG9uc2USRwoEU2VuZBIeLnNlc3Npb25tYW5hZ2VyLnYxLlNlbmRSZXF1ZXN0Gh8uc2Vzc2lvbm1hbmFnZXIudjEuU2VuZFJlc3BvbnNlElkKCkRpc2Nvbm5lY3QSJC5zZXNzaW9ubWFuYWdlci52MS5EaXNjb25uZWN0UmVxdWVzdBolLnNlc3Npb25tYW5hZ2VyLnYxLkRpc2Nvbm5lY3RSZXNwb25zZRJhCgxXYXRjaFNlc3Npb24SJi5zZXNzaW9ubWFuYWdlci52MS5XYXRjaFNlc3Npb25SZXF1ZXN0Gicuc2Vzc2lvbm1hbmFnZXIudjEuV2F0Y2hTZXNzaW9uUmVzcG9uc2UwARJiCg1DcmVhdGVTZXNzaW9uEicuc2Vzc2lvbm1hbmFnZXIudjEuQ3JlYXRlU2Vzc2lvblJlcXVlc3QaKC5zZXNzaW9ubWFuYWdlci52MS5DcmVhdGVTZXNzaW9uUmVzcG9uc2USXwoMTGlzdFNlc3Npb25zEiYuc2Vzc2lvbm1hbmFnZXIudjEuTGlzdFNlc3Npb25zUmVxdWVzdBonLnNlc3Npb25tYW5hZ2VyLnYxLkxpc3RTZXNzaW9uc1Jlc3BvbnNlEmIKDURlbGV0ZVNlc3Npb24SJy5zZXNzaW9ubWFuYWdlci52MS5EZWxldGVTZXNzaW9uUmVxdWVzdBooLnNlc3Npb25tYW5hZ2VyLnYxLkRlbGV0ZVNlc3Npb25SZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp, file_sessionmanager_v1_session]);
+  fileDesc("CidzZXNzaW9ubWFuYWdlci92MS9zZXNzaW9uX3NlcnZpY2UucHJvdG8SEXNlc3Npb25tYW5hZ2VyLnYxIigKEUdldFNlc3Npb25SZXF1ZXN0EhMKC2luc3RhbmNlX2lkGAEgASgJIkkKEkdldFNlc3Npb25SZXNwb25zZRIzCgdzZXNzaW9uGAEgASgLMiIuc2Vzc2lvbm1hbmFnZXIudjEuV2hhdHNBcHBTZXNzaW9uIicKEFJlcXVlc3RRUlJlcXVlc3QSEwoLaW5zdGFuY2VfaWQYASABKAkijgEKEVJlcXVlc3RRUlJlc3BvbnNlEhEKCXFyX3N0cmluZxgBIAEoCRIxCg1xcl9leHBpcmVzX2F0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIzCgdzZXNzaW9uGAMgASgLMiIuc2Vzc2lvbm1hbmFnZXIudjEuV2hhdHNBcHBTZXNzaW9uIj0KEFBhaXJQaG9uZVJlcXVlc3QSEwoLaW5zdGFuY2VfaWQYASABKAkSFAoMcGhvbmVfbnVtYmVyGAIgASgJIl4KEVBhaXJQaG9uZVJlc3BvbnNlEhQKDGxpbmtpbmdfY29kZRgBIAEoCRIzCgdzZXNzaW9uGAIgASgLMiIuc2Vzc2lvbm1hbmFnZXIudjEuV2hhdHNBcHBTZXNzaW9uIm4KC1NlbmRSZXF1ZXN0EhMKC2luc3RhbmNlX2lkGAEgASgJEgoKAnRvGAIgASgJEgwKBHRleHQYAyABKAkSHAoPaWRlbXBvdGVuY3lfa2V5GAQgASgJSACIAQFCEgoQX2lkZW1wb3RlbmN5X2tleSLRAQoMU2VuZFJlc3BvbnNlEhIKCm1lc3NhZ2VfaWQYASABKAkSIAoTd2hhdHNhcHBfbWVzc2FnZV9pZBgCIAEoCUgAiAEBEjAKBnN0YXR1cxgDIAEoDjIgLnNlc3Npb25tYW5hZ2VyLnYxLk1lc3NhZ2VTdGF0dXMSLwoLYWNjZXB0ZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCHJlcGxheWVkGAUgASgIQhYKFF93aGF0c2FwcF9tZXNzYWdlX2lkIigKEURpc2Nvbm5lY3RSZXF1ZXN0EhMKC2luc3RhbmNlX2lkGAEgASgJIkkKEkRpc2Nvbm5lY3RSZXNwb25zZRIzCgdzZXNzaW9uGAEgASgLMiIuc2Vzc2lvbm1hbmFnZXIudjEuV2hhdHNBcHBTZXNzaW9uIioKE1dhdGNoU2Vzc2lvblJlcXVlc3QSEwoLaW5zdGFuY2VfaWQYASABKAkiSwoUV2F0Y2hTZXNzaW9uUmVzcG9uc2USMwoHc2Vzc2lvbhgBIAEoCzIiLnNlc3Npb25tYW5hZ2VyLnYxLldoYXRzQXBwU2Vzc2lvbiIrChRDcmVhdGVTZXNzaW9uUmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCSJMChVDcmVhdGVTZXNzaW9uUmVzcG9uc2USMwoHc2Vzc2lvbhgBIAEoCzIiLnNlc3Npb25tYW5hZ2VyLnYxLldoYXRzQXBwU2Vzc2lvbiJ+ChNMaXN0U2Vzc2lvbnNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJEjUKBnN0YXR1cxgDIAEoDjIgLnNlc3Npb25tYW5hZ2VyLnYxLlNlc3Npb25TdGF0dXNIAIgBAUIJCgdfc3RhdHVzImUKFExpc3RTZXNzaW9uc1Jlc3BvbnNlEjQKCHNlc3Npb25zGAEgAygLMiIuc2Vzc2lvbm1hbmFnZXIudjEuV2hhdHNBcHBTZXNzaW9uEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIrChREZWxldGVTZXNzaW9uUmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCSIXChVEZWxldGVTZXNzaW9uUmVzcG9uc2UihgQKB01lc3NhZ2USEgoKbWVzc2FnZV9pZBgBIAEoCRITCgtpbnN0YW5jZV9pZBgCIAEoCRISCgpzZXNzaW9uX2lkGAMgASgDEhwKD2lkZW1wb3RlbmN5X2tleRgEIAEoCUgAiAEBEgoKAnRvGAUgASgJEjAKBnN0YXR1cxgGIAEoDjIgLnNlc3Npb25tYW5hZ2VyLnYxLk1lc3NhZ2VTdGF0dXMSIAoTd2hhdHNhcHBfbWVzc2FnZV9pZBgHIAEoCUgBiAEBEhcKCmVycm9yX2NvZGUYCCABKAlIAogBARIaCg1lcnJvcl9tZXNzYWdlGAkgASgJSAOIAQESLwoLYWNjZXB0ZWRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnVwZGF0ZWRfYXQYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjAKDGRlbGl2ZXJlZF9hdBgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKwoHcmVhZF9hdBgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCEgoQX2lkZW1wb3RlbmN5X2tleUIWChRfd2hhdHNhcHBfbWVzc2FnZV9pZEINCgtfZXJyb3JfY29kZUIQCg5fZXJyb3JfbWVzc2FnZSI8ChFHZXRNZXNzYWdlUmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCRISCgptZXNzYWdlX2lkGAIgASgJIkEKEkdldE1lc3NhZ2VSZXNwb25zZRIrCgdtZXNzYWdlGAEgASgLMhouc2Vzc2lvbm1hbmFnZXIudjEuTWVzc2FnZSL0AQoFRXZlbnQSEAoIc2VxdWVuY2UYASABKAMSCgoCaWQYAiABKAkSKgoEdHlwZRgDIAEoDjIcLnNlc3Npb25tYW5hZ2VyLnYxLkV2ZW50VHlwZRIvCgtvY2N1cnJlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNQoHc2Vzc2lvbhgFIAEoCzIiLnNlc3Npb25tYW5hZ2VyLnYxLldoYXRzQXBwU2Vzc2lvbkgAEi0KB21lc3NhZ2UYBiABKAsyGi5zZXNzaW9ubWFuYWdlci52MS5NZXNzYWdlSABCCgoIcmVzb3VyY2UiHgoKQ2hlY2twb2ludBIQCghzZXF1ZW5jZRgBIAEoAyLRAQoUV2F0Y2hTZXNzaW9uc1JlcXVlc3QSGwoOYWZ0ZXJfc2VxdWVuY2UYASABKANIAIgBARI1CgZzdGF0dXMYAiABKA4yIC5zZXNzaW9ubWFuYWdlci52MS5TZXNzaW9uU3RhdHVzSAGIAQESGgoSaW5zdGFuY2VfaWRfcHJlZml4GAMgASgJEisKBXR5cGVzGAQgAygOMhwuc2Vzc2lvbm1hbmFnZXIudjEuRXZlbnRUeXBlQhEKD19hZnRlcl9zZXF1ZW5jZUIJCgdfc3RhdHVzIrYBChVXYXRjaFNlc3Npb25zUmVzcG9uc2USNQoHc2Vzc2lvbhgBIAEoCzIiLnNlc3Npb25tYW5hZ2VyLnYxLldoYXRzQXBwU2Vzc2lvbkgAEjMKCmNoZWNrcG9pbnQYAiABKAsyHS5zZXNzaW9ubWFuYWdlci52MS5DaGVja3BvaW50SAASKQoFZXZlbnQYAyABKAsyGC5zZXNzaW9ubWFuYWdlci52MS5FdmVudEgAQgYKBGl0ZW0q0gEKDU1lc3NhZ2VTdGF0dXMSHgoaTUVTU0FHRV9TVEFUVVNfVU5TUEVDSUZJRUQQABIaChZNRVNTQUdFX1NUQVRVU19QRU5ESU5HEAESFwoTTUVTU0FHRV9TVEFUVVNfU0VOVBACEhkKFU1FU1NBR0VfU1RBVFVTX0ZBSUxFRBADEhoKFk1FU1NBR0VfU1RBVFVTX1VOS05PV04QBBIcChhNRVNTQUdFX1NUQVRVU19ERUxJVkVSRUQQBRIXChNNRVNTQUdFX1NUQVRVU19SRUFEEAYqhwEKCUV2ZW50VHlwZRIaChZFVkVOVF9UWVBFX1VOU1BFQ0lGSUVEEAASHgoaRVZFTlRfVFlQRV9TRVNTSU9OX1VQREFURUQQARIeChpFVkVOVF9UWVBFX1NFU1NJT05fREVMRVRFRBACEh4KGkVWRU5UX1RZUEVfTUVTU0FHRV9VUERBVEVEEAMyjAgKDlNlc3Npb25TZXJ2aWNlElkKCkdldFNlc3Npb24SJC5zZXNzaW9ubWFuYWdlci52MS5HZXRTZXNzaW9uUmVxdWVzdBolLnNlc3Npb25tYW5hZ2VyLnYxLkdldFNlc3Npb25SZXNwb25zZRJWCglSZXF1ZXN0UVISIy5zZXNzaW9ubWFuYWdlci52MS5SZXF1ZXN0UVJSZXF1ZXN0GiQuc2Vzc2lvbm1hbmFnZXIudjEuUmVxdWVzdFFSUmVzcG9uc2USVgoJUGFpclBob25lEiMuc2Vzc2lvbm1hbmFnZXIudjEuUGFpclBob25lUmVxdWVzdBokLnNlc3Npb25tYW5hZ2VyLnYxLlBhaXJQaG9uZVJlc3BvbnNlEkcKBFNlbmQSHi5zZXNzaW9ubWFuYWdlci52MS5TZW5kUmVxdWVzdBofLnNlc3Npb25tYW5hZ2VyLnYxLlNlbmRSZXNwb25zZRJZCgpEaXNjb25uZWN0EiQuc2Vzc2lvbm1hbmFnZXIudjEuRGlzY29ubmVjdFJlcXVlc3QaJS5zZXNzaW9ubWFuYWdlci52MS5EaXNjb25uZWN0UmVzcG9uc2USYQoMV2F0Y2hTZXNzaW9uEiYuc2Vzc2lvbm1hbmFnZXIudjEuV2F0Y2hTZXNzaW9uUmVxdWVzdBonLnNlc3Npb25tYW5hZ2VyLnYxLldhdGNoU2Vzc2lvblJlc3BvbnNlMAESYgoNQ3JlYXRlU2Vzc2lvbhInLnNlc3Npb25tYW5hZ2VyLnYxLkNyZWF0ZVNlc3Npb25SZXF1ZXN0Giguc2Vzc2lvbm1hbmFnZXIudjEuQ3JlYXRlU2Vzc2lvblJlc3BvbnNlEl8KDExpc3RTZXNzaW9ucxImLnNlc3Npb25tYW5hZ2VyLnYxLkxpc3RTZXNzaW9uc1JlcXVlc3QaJy5zZXNzaW9ubWFuYWdlci52MS5MaXN0U2Vzc2lvbnNSZXNwb25zZRJiCg1EZWxldGVTZXNzaW9uEicuc2Vzc2lvbm1hbmFnZXIudjEuRGVsZXRlU2Vzc2lvblJlcXVlc3QaKC5zZXNzaW9ubWFuYWdlci52MS5EZWxldGVTZXNzaW9uUmVzcG9uc2USZAoNV2F0Y2hTZXNzaW9ucxInLnNlc3Npb25tYW5hZ2VyLnYxLldhdGNoU2Vzc2lvbnNSZXF1ZXN0Giguc2Vzc2lvbm1hbmFnZXIudjEuV2F0Y2hTZXNzaW9uc1Jlc3BvbnNlMAESWQoKR2V0TWVzc2FnZRIkLnNlc3Npb25tYW5hZ2VyLnYxLkdldE1lc3NhZ2VSZXF1ZXN0GiUuc2Vzc2lvbm1hbmFnZXIudjEuR2V0TWVzc2FnZVJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp, file_sessionmanager_v1_session]);
 
 /**
  * GetSessionRequest names the session to read.
  *
  * @generated from message sessionmanager.v1.GetSessionRequest
  */
-export type GetSessionRequest = Message<"sessionmanager.v1.GetSessionRequest"> & {
+export type GetSessionRequest = Message$1<"sessionmanager.v1.GetSessionRequest"> & {
   /**
    * The session's identifier.
    *
@@ -42,7 +42,7 @@ export const GetSessionRequestSchema: GenMessage<GetSessionRequest> = /*@__PURE_
  *
  * @generated from message sessionmanager.v1.GetSessionResponse
  */
-export type GetSessionResponse = Message<"sessionmanager.v1.GetSessionResponse"> & {
+export type GetSessionResponse = Message$1<"sessionmanager.v1.GetSessionResponse"> & {
   /**
    * The session as stored.
    *
@@ -63,7 +63,7 @@ export const GetSessionResponseSchema: GenMessage<GetSessionResponse> = /*@__PUR
  *
  * @generated from message sessionmanager.v1.RequestQRRequest
  */
-export type RequestQRRequest = Message<"sessionmanager.v1.RequestQRRequest"> & {
+export type RequestQRRequest = Message$1<"sessionmanager.v1.RequestQRRequest"> & {
   /**
    * The session's identifier.
    *
@@ -84,7 +84,7 @@ export const RequestQRRequestSchema: GenMessage<RequestQRRequest> = /*@__PURE__*
  *
  * @generated from message sessionmanager.v1.RequestQRResponse
  */
-export type RequestQRResponse = Message<"sessionmanager.v1.RequestQRResponse"> & {
+export type RequestQRResponse = Message$1<"sessionmanager.v1.RequestQRResponse"> & {
   /**
    * The QR code as a PNG data URL.
    *
@@ -119,7 +119,7 @@ export const RequestQRResponseSchema: GenMessage<RequestQRResponse> = /*@__PURE_
  *
  * @generated from message sessionmanager.v1.PairPhoneRequest
  */
-export type PairPhoneRequest = Message<"sessionmanager.v1.PairPhoneRequest"> & {
+export type PairPhoneRequest = Message$1<"sessionmanager.v1.PairPhoneRequest"> & {
   /**
    * The session's identifier.
    *
@@ -147,7 +147,7 @@ export const PairPhoneRequestSchema: GenMessage<PairPhoneRequest> = /*@__PURE__*
  *
  * @generated from message sessionmanager.v1.PairPhoneResponse
  */
-export type PairPhoneResponse = Message<"sessionmanager.v1.PairPhoneResponse"> & {
+export type PairPhoneResponse = Message$1<"sessionmanager.v1.PairPhoneResponse"> & {
   /**
    * The 8-character linking code, e.g. `ABCD1234`, shown to the user as `ABCD-1234`.
    *
@@ -175,7 +175,7 @@ export const PairPhoneResponseSchema: GenMessage<PairPhoneResponse> = /*@__PURE_
  *
  * @generated from message sessionmanager.v1.SendRequest
  */
-export type SendRequest = Message<"sessionmanager.v1.SendRequest"> & {
+export type SendRequest = Message$1<"sessionmanager.v1.SendRequest"> & {
   /**
    * The session to send from.
    *
@@ -217,7 +217,7 @@ export const SendRequestSchema: GenMessage<SendRequest> = /*@__PURE__*/
  *
  * @generated from message sessionmanager.v1.SendResponse
  */
-export type SendResponse = Message<"sessionmanager.v1.SendResponse"> & {
+export type SendResponse = Message$1<"sessionmanager.v1.SendResponse"> & {
   /**
    * The Session Manager's identifier of the recorded message.
    *
@@ -266,7 +266,7 @@ export const SendResponseSchema: GenMessage<SendResponse> = /*@__PURE__*/
  *
  * @generated from message sessionmanager.v1.DisconnectRequest
  */
-export type DisconnectRequest = Message<"sessionmanager.v1.DisconnectRequest"> & {
+export type DisconnectRequest = Message$1<"sessionmanager.v1.DisconnectRequest"> & {
   /**
    * The session's identifier.
    *
@@ -287,7 +287,7 @@ export const DisconnectRequestSchema: GenMessage<DisconnectRequest> = /*@__PURE_
  *
  * @generated from message sessionmanager.v1.DisconnectResponse
  */
-export type DisconnectResponse = Message<"sessionmanager.v1.DisconnectResponse"> & {
+export type DisconnectResponse = Message$1<"sessionmanager.v1.DisconnectResponse"> & {
   /**
    * The session as stored after the call.
    *
@@ -308,7 +308,7 @@ export const DisconnectResponseSchema: GenMessage<DisconnectResponse> = /*@__PUR
  *
  * @generated from message sessionmanager.v1.WatchSessionRequest
  */
-export type WatchSessionRequest = Message<"sessionmanager.v1.WatchSessionRequest"> & {
+export type WatchSessionRequest = Message$1<"sessionmanager.v1.WatchSessionRequest"> & {
   /**
    * The session's identifier.
    *
@@ -329,7 +329,7 @@ export const WatchSessionRequestSchema: GenMessage<WatchSessionRequest> = /*@__P
  *
  * @generated from message sessionmanager.v1.WatchSessionResponse
  */
-export type WatchSessionResponse = Message<"sessionmanager.v1.WatchSessionResponse"> & {
+export type WatchSessionResponse = Message$1<"sessionmanager.v1.WatchSessionResponse"> & {
   /**
    * The session as committed at `session.revision`.
    *
@@ -350,7 +350,7 @@ export const WatchSessionResponseSchema: GenMessage<WatchSessionResponse> = /*@_
  *
  * @generated from message sessionmanager.v1.CreateSessionRequest
  */
-export type CreateSessionRequest = Message<"sessionmanager.v1.CreateSessionRequest"> & {
+export type CreateSessionRequest = Message$1<"sessionmanager.v1.CreateSessionRequest"> & {
   /**
    * The new session's identifier: 1-64 characters of `[A-Za-z0-9][A-Za-z0-9_.-]*`.
    *
@@ -371,7 +371,7 @@ export const CreateSessionRequestSchema: GenMessage<CreateSessionRequest> = /*@_
  *
  * @generated from message sessionmanager.v1.CreateSessionResponse
  */
-export type CreateSessionResponse = Message<"sessionmanager.v1.CreateSessionResponse"> & {
+export type CreateSessionResponse = Message$1<"sessionmanager.v1.CreateSessionResponse"> & {
   /**
    * The session as stored, in `init` / `none`.
    *
@@ -392,7 +392,7 @@ export const CreateSessionResponseSchema: GenMessage<CreateSessionResponse> = /*
  *
  * @generated from message sessionmanager.v1.ListSessionsRequest
  */
-export type ListSessionsRequest = Message<"sessionmanager.v1.ListSessionsRequest"> & {
+export type ListSessionsRequest = Message$1<"sessionmanager.v1.ListSessionsRequest"> & {
   /**
    * The most sessions to return, 1 to 1000; 0 means 100.
    *
@@ -427,7 +427,7 @@ export const ListSessionsRequestSchema: GenMessage<ListSessionsRequest> = /*@__P
  *
  * @generated from message sessionmanager.v1.ListSessionsResponse
  */
-export type ListSessionsResponse = Message<"sessionmanager.v1.ListSessionsResponse"> & {
+export type ListSessionsResponse = Message$1<"sessionmanager.v1.ListSessionsResponse"> & {
   /**
    * The sessions of this page, ordered by `instance_id`.
    *
@@ -455,7 +455,7 @@ export const ListSessionsResponseSchema: GenMessage<ListSessionsResponse> = /*@_
  *
  * @generated from message sessionmanager.v1.DeleteSessionRequest
  */
-export type DeleteSessionRequest = Message<"sessionmanager.v1.DeleteSessionRequest"> & {
+export type DeleteSessionRequest = Message$1<"sessionmanager.v1.DeleteSessionRequest"> & {
   /**
    * The session's identifier.
    *
@@ -476,7 +476,7 @@ export const DeleteSessionRequestSchema: GenMessage<DeleteSessionRequest> = /*@_
  *
  * @generated from message sessionmanager.v1.DeleteSessionResponse
  */
-export type DeleteSessionResponse = Message<"sessionmanager.v1.DeleteSessionResponse"> & {
+export type DeleteSessionResponse = Message$1<"sessionmanager.v1.DeleteSessionResponse"> & {
 };
 
 /**
@@ -485,6 +485,344 @@ export type DeleteSessionResponse = Message<"sessionmanager.v1.DeleteSessionResp
  */
 export const DeleteSessionResponseSchema: GenMessage<DeleteSessionResponse> = /*@__PURE__*/
   messageDesc(file_sessionmanager_v1_session_service, 17);
+
+/**
+ * Message is one message a session sent, and where it stands. Its status only
+ * moves forward: `pending`, then `sent`, `delivered`, `read`; or `failed`
+ * (before delivery) or `unknown` (the engine could not tell) with a reason.
+ *
+ * @generated from message sessionmanager.v1.Message
+ */
+export type Message = Message$1<"sessionmanager.v1.Message"> & {
+  /**
+   * The Session Manager's identifier of the message, as Send returned it.
+   *
+   * @generated from field: string message_id = 1;
+   */
+  messageId: string;
+
+  /**
+   * The session that sent the message.
+   *
+   * @generated from field: string instance_id = 2;
+   */
+  instanceId: string;
+
+  /**
+   * The id of the session incarnation that sent it (`WhatsAppSession.id`).
+   *
+   * @generated from field: int64 session_id = 3;
+   */
+  sessionId: bigint;
+
+  /**
+   * The idempotency key the Send carried, if any.
+   *
+   * @generated from field: optional string idempotency_key = 4;
+   */
+  idempotencyKey?: string | undefined;
+
+  /**
+   * The recipient as stored: `+` and digits, or a WhatsApp JID.
+   *
+   * @generated from field: string to = 5;
+   */
+  to: string;
+
+  /**
+   * Where the message stands.
+   *
+   * @generated from field: sessionmanager.v1.MessageStatus status = 6;
+   */
+  status: MessageStatus;
+
+  /**
+   * WhatsApp's identifier of the message, once WhatsApp accepted it.
+   *
+   * @generated from field: optional string whatsapp_message_id = 7;
+   */
+  whatsappMessageId?: string | undefined;
+
+  /**
+   * Why the message failed, or why its outcome is unknown, e.g. `SEND_REFUSED`.
+   *
+   * @generated from field: optional string error_code = 8;
+   */
+  errorCode?: string | undefined;
+
+  /**
+   * A human-readable account of `error_code`.
+   *
+   * @generated from field: optional string error_message = 9;
+   */
+  errorMessage?: string | undefined;
+
+  /**
+   * When the message was accepted and recorded.
+   *
+   * @generated from field: google.protobuf.Timestamp accepted_at = 10;
+   */
+  acceptedAt?: Timestamp | undefined;
+
+  /**
+   * When its status last changed.
+   *
+   * @generated from field: google.protobuf.Timestamp updated_at = 11;
+   */
+  updatedAt?: Timestamp | undefined;
+
+  /**
+   * When WhatsApp reported it delivered, as WhatsApp dates its receipt.
+   *
+   * @generated from field: google.protobuf.Timestamp delivered_at = 12;
+   */
+  deliveredAt?: Timestamp | undefined;
+
+  /**
+   * When WhatsApp reported it read, as WhatsApp dates its receipt.
+   *
+   * @generated from field: google.protobuf.Timestamp read_at = 13;
+   */
+  readAt?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message sessionmanager.v1.Message.
+ * Use `create(MessageSchema)` to create a new message.
+ */
+export const MessageSchema: GenMessage<Message> = /*@__PURE__*/
+  messageDesc(file_sessionmanager_v1_session_service, 18);
+
+/**
+ * GetMessageRequest names a message of a session.
+ *
+ * @generated from message sessionmanager.v1.GetMessageRequest
+ */
+export type GetMessageRequest = Message$1<"sessionmanager.v1.GetMessageRequest"> & {
+  /**
+   * The session that sent the message.
+   *
+   * @generated from field: string instance_id = 1;
+   */
+  instanceId: string;
+
+  /**
+   * The message's identifier, as Send returned it.
+   *
+   * @generated from field: string message_id = 2;
+   */
+  messageId: string;
+};
+
+/**
+ * Describes the message sessionmanager.v1.GetMessageRequest.
+ * Use `create(GetMessageRequestSchema)` to create a new message.
+ */
+export const GetMessageRequestSchema: GenMessage<GetMessageRequest> = /*@__PURE__*/
+  messageDesc(file_sessionmanager_v1_session_service, 19);
+
+/**
+ * GetMessageResponse carries the message as it stands.
+ *
+ * @generated from message sessionmanager.v1.GetMessageResponse
+ */
+export type GetMessageResponse = Message$1<"sessionmanager.v1.GetMessageResponse"> & {
+  /**
+   * The message as stored.
+   *
+   * @generated from field: sessionmanager.v1.Message message = 1;
+   */
+  message?: Message | undefined;
+};
+
+/**
+ * Describes the message sessionmanager.v1.GetMessageResponse.
+ * Use `create(GetMessageResponseSchema)` to create a new message.
+ */
+export const GetMessageResponseSchema: GenMessage<GetMessageResponse> = /*@__PURE__*/
+  messageDesc(file_sessionmanager_v1_session_service, 20);
+
+/**
+ * Event is one entry of the event log: a committed change, appended in the
+ * same transaction as the change itself.
+ *
+ * @generated from message sessionmanager.v1.Event
+ */
+export type Event = Message$1<"sessionmanager.v1.Event"> & {
+  /**
+   * The event's place in the log, strictly increasing in commit order (across
+   * nodes); a reader resumes after the last one it received.
+   *
+   * @generated from field: int64 sequence = 1;
+   */
+  sequence: bigint;
+
+  /**
+   * A stable identifier of the event, `evt_` and 32 hex digits, wherever it is read.
+   *
+   * @generated from field: string id = 2;
+   */
+  id: string;
+
+  /**
+   * What happened.
+   *
+   * @generated from field: sessionmanager.v1.EventType type = 3;
+   */
+  type: EventType;
+
+  /**
+   * When the change was committed, on the service's clock.
+   *
+   * @generated from field: google.protobuf.Timestamp occurred_at = 4;
+   */
+  occurredAt?: Timestamp | undefined;
+
+  /**
+   * The resource the event is about, after the change.
+   *
+   * @generated from oneof sessionmanager.v1.Event.resource
+   */
+  resource: {
+    /**
+     * The session, for `session.updated` and `session.deleted`.
+     *
+     * @generated from field: sessionmanager.v1.WhatsAppSession session = 5;
+     */
+    value: WhatsAppSession;
+    case: "session";
+  } | {
+    /**
+     * The message, for `message.updated`.
+     *
+     * @generated from field: sessionmanager.v1.Message message = 6;
+     */
+    value: Message;
+    case: "message";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message sessionmanager.v1.Event.
+ * Use `create(EventSchema)` to create a new message.
+ */
+export const EventSchema: GenMessage<Event> = /*@__PURE__*/
+  messageDesc(file_sessionmanager_v1_session_service, 21);
+
+/**
+ * Checkpoint says how far a list-wide stream has read the log.
+ *
+ * @generated from message sessionmanager.v1.Checkpoint
+ */
+export type Checkpoint = Message$1<"sessionmanager.v1.Checkpoint"> & {
+  /**
+   * Every event up to this sequence number that matches the stream has been
+   * sent; a reader that resumes after it misses nothing.
+   *
+   * @generated from field: int64 sequence = 1;
+   */
+  sequence: bigint;
+};
+
+/**
+ * Describes the message sessionmanager.v1.Checkpoint.
+ * Use `create(CheckpointSchema)` to create a new message.
+ */
+export const CheckpointSchema: GenMessage<Checkpoint> = /*@__PURE__*/
+  messageDesc(file_sessionmanager_v1_session_service, 22);
+
+/**
+ * WatchSessionsRequest says where a list-wide stream starts and what it carries.
+ *
+ * @generated from message sessionmanager.v1.WatchSessionsRequest
+ */
+export type WatchSessionsRequest = Message$1<"sessionmanager.v1.WatchSessionsRequest"> & {
+  /**
+   * Resume: every event after this sequence number (the last event or
+   * checkpoint received). Without it the stream starts with the current state.
+   *
+   * @generated from field: optional int64 after_sequence = 1;
+   */
+  afterSequence?: bigint | undefined;
+
+  /**
+   * Only sessions in this status: the session events that bring a session
+   * into it, keep it there or take it out (`session.deleted` included), and
+   * no message events.
+   *
+   * @generated from field: optional sessionmanager.v1.SessionStatus status = 2;
+   */
+  status?: SessionStatus | undefined;
+
+  /**
+   * Only sessions, and their messages, whose `instance_id` starts with this;
+   * empty for every session.
+   *
+   * @generated from field: string instance_id_prefix = 3;
+   */
+  instanceIdPrefix: string;
+
+  /**
+   * Only events of these types; empty for every type.
+   *
+   * @generated from field: repeated sessionmanager.v1.EventType types = 4;
+   */
+  types: EventType[];
+};
+
+/**
+ * Describes the message sessionmanager.v1.WatchSessionsRequest.
+ * Use `create(WatchSessionsRequestSchema)` to create a new message.
+ */
+export const WatchSessionsRequestSchema: GenMessage<WatchSessionsRequest> = /*@__PURE__*/
+  messageDesc(file_sessionmanager_v1_session_service, 23);
+
+/**
+ * WatchSessionsResponse is one item of a list-wide stream.
+ *
+ * @generated from message sessionmanager.v1.WatchSessionsResponse
+ */
+export type WatchSessionsResponse = Message$1<"sessionmanager.v1.WatchSessionsResponse"> & {
+  /**
+   * The item.
+   *
+   * @generated from oneof sessionmanager.v1.WatchSessionsResponse.item
+   */
+  item: {
+    /**
+     * A session as it stands now, one per matching session, sent first when
+     * the request has no `after_sequence`.
+     *
+     * @generated from field: sessionmanager.v1.WhatsAppSession session = 1;
+     */
+    value: WhatsAppSession;
+    case: "session";
+  } | {
+    /**
+     * How far the stream has read the log: after the current state, and when
+     * the stream idles past events that did not match it.
+     *
+     * @generated from field: sessionmanager.v1.Checkpoint checkpoint = 2;
+     */
+    value: Checkpoint;
+    case: "checkpoint";
+  } | {
+    /**
+     * The next matching event of the log, in sequence order.
+     *
+     * @generated from field: sessionmanager.v1.Event event = 3;
+     */
+    value: Event;
+    case: "event";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message sessionmanager.v1.WatchSessionsResponse.
+ * Use `create(WatchSessionsResponseSchema)` to create a new message.
+ */
+export const WatchSessionsResponseSchema: GenMessage<WatchSessionsResponse> = /*@__PURE__*/
+  messageDesc(file_sessionmanager_v1_session_service, 24);
 
 /**
  * MessageStatus is where an accepted message stands.
@@ -528,6 +866,20 @@ export enum MessageStatus {
    * @generated from enum value: MESSAGE_STATUS_UNKNOWN = 4;
    */
   UNKNOWN = 4,
+
+  /**
+   * WhatsApp delivered the message to the recipient's phone (a delivery receipt).
+   *
+   * @generated from enum value: MESSAGE_STATUS_DELIVERED = 5;
+   */
+  DELIVERED = 5,
+
+  /**
+   * The recipient read the message, or played it (a read receipt).
+   *
+   * @generated from enum value: MESSAGE_STATUS_READ = 6;
+   */
+  READ = 6,
 }
 
 /**
@@ -535,6 +887,49 @@ export enum MessageStatus {
  */
 export const MessageStatusSchema: GenEnum<MessageStatus> = /*@__PURE__*/
   enumDesc(file_sessionmanager_v1_session_service, 0);
+
+/**
+ * EventType says what an event of the log reports. Its text form, in JSON and
+ * in the log, is the name without `EVENT_TYPE_`, lower-cased, with a dot after
+ * the resource: `session.updated`, `session.deleted`, `message.updated`.
+ *
+ * @generated from enum sessionmanager.v1.EventType
+ */
+export enum EventType {
+  /**
+   * Never sent; a filter that names it is rejected with INVALID_ARGUMENT.
+   *
+   * @generated from enum value: EVENT_TYPE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * A session was created or changed; the event carries it after the change.
+   *
+   * @generated from enum value: EVENT_TYPE_SESSION_UPDATED = 1;
+   */
+  SESSION_UPDATED = 1,
+
+  /**
+   * A session was deleted; the event carries it as it was last committed.
+   *
+   * @generated from enum value: EVENT_TYPE_SESSION_DELETED = 2;
+   */
+  SESSION_DELETED = 2,
+
+  /**
+   * A message was accepted or its status moved; the event carries it after the change.
+   *
+   * @generated from enum value: EVENT_TYPE_MESSAGE_UPDATED = 3;
+   */
+  MESSAGE_UPDATED = 3,
+}
+
+/**
+ * Describes the enum sessionmanager.v1.EventType.
+ */
+export const EventTypeSchema: GenEnum<EventType> = /*@__PURE__*/
+  enumDesc(file_sessionmanager_v1_session_service, 1);
 
 /**
  * SessionService is the public API of the Session Manager, used by Central Hub
@@ -638,6 +1033,33 @@ export const SessionService: GenService<{
     methodKind: "unary";
     input: typeof DeleteSessionRequestSchema;
     output: typeof DeleteSessionResponseSchema;
+  },
+  /**
+   * WatchSessions follows every session, and every message's status, from the
+   * event log, in commit order. Without `after_sequence` it first sends the
+   * current state (each session that matches, then a checkpoint); with it,
+   * every event after that sequence number. Then each event as it is
+   * committed. A reader keeps the sequence number of the last event or
+   * checkpoint it received and resumes from it after any interruption:
+   * nothing is missed and nothing comes twice. A cursor older than the log
+   * keeps is CURSOR_EXPIRED.
+   *
+   * @generated from rpc sessionmanager.v1.SessionService.WatchSessions
+   */
+  watchSessions: {
+    methodKind: "server_streaming";
+    input: typeof WatchSessionsRequestSchema;
+    output: typeof WatchSessionsResponseSchema;
+  },
+  /**
+   * GetMessage returns one message a session sent, and where it stands now.
+   *
+   * @generated from rpc sessionmanager.v1.SessionService.GetMessage
+   */
+  getMessage: {
+    methodKind: "unary";
+    input: typeof GetMessageRequestSchema;
+    output: typeof GetMessageResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_sessionmanager_v1_session_service, 0);

@@ -6,13 +6,15 @@ import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobu
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { WhatsAppSession } from "./session_pb.js";
 import { file_sessionmanager_v1_session } from "./session_pb.js";
+import type { Message as Message$1 } from "./session_service_pb.js";
+import { file_sessionmanager_v1_session_service } from "./session_service_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file sessionmanager/v1/simulator_service.proto.
  */
 export const file_sessionmanager_v1_simulator_service: GenFile = /*@__PURE__*/
-  fileDesc("CilzZXNzaW9ubWFuYWdlci92MS9zaW11bGF0b3Jfc2VydmljZS5wcm90bxIRc2Vzc2lvbm1hbmFnZXIudjEiUgoNU2NhblFSUmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCRIUCgxwaG9uZV9udW1iZXIYAiABKAkSFgoOaG9sZF9oYW5kc2hha2UYAyABKAgiRQoOU2NhblFSUmVzcG9uc2USMwoHc2Vzc2lvbhgBIAEoCzIiLnNlc3Npb25tYW5hZ2VyLnYxLldoYXRzQXBwU2Vzc2lvbiIvChhDb21wbGV0ZUhhbmRzaGFrZVJlcXVlc3QSEwoLaW5zdGFuY2VfaWQYASABKAkiUAoZQ29tcGxldGVIYW5kc2hha2VSZXNwb25zZRIzCgdzZXNzaW9uGAEgASgLMiIuc2Vzc2lvbm1hbmFnZXIudjEuV2hhdHNBcHBTZXNzaW9uIkEKEkRyb3BOZXR3b3JrUmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCRIWCg5ob2xkX3JlY29ubmVjdBgCIAEoCCJKChNEcm9wTmV0d29ya1Jlc3BvbnNlEjMKB3Nlc3Npb24YASABKAsyIi5zZXNzaW9ubWFuYWdlci52MS5XaGF0c0FwcFNlc3Npb24iKgoTVW5saW5rRGV2aWNlUmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCSJLChRVbmxpbmtEZXZpY2VSZXNwb25zZRIzCgdzZXNzaW9uGAEgASgLMiIuc2Vzc2lvbm1hbmFnZXIudjEuV2hhdHNBcHBTZXNzaW9uIkgKEkZhaWxTZXNzaW9uUmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCRIMCgRjb2RlGAIgASgJEg8KB21lc3NhZ2UYAyABKAkiSgoTRmFpbFNlc3Npb25SZXNwb25zZRIzCgdzZXNzaW9uGAEgASgLMiIuc2Vzc2lvbm1hbmFnZXIudjEuV2hhdHNBcHBTZXNzaW9uIlIKEkluamVjdEZhdWx0UmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCRInCgVmYXVsdBgCIAEoDjIYLnNlc3Npb25tYW5hZ2VyLnYxLkZhdWx0IhUKE0luamVjdEZhdWx0UmVzcG9uc2UqQQoFRmF1bHQSFQoRRkFVTFRfVU5TUEVDSUZJRUQQABIRCg1GQVVMVF9QQUlSSU5HEAESDgoKRkFVTFRfU0VORBACMswEChBTaW11bGF0b3JTZXJ2aWNlEk0KBlNjYW5RUhIgLnNlc3Npb25tYW5hZ2VyLnYxLlNjYW5RUlJlcXVlc3QaIS5zZXNzaW9ubWFuYWdlci52MS5TY2FuUVJSZXNwb25zZRJuChFDb21wbGV0ZUhhbmRzaGFrZRIrLnNlc3Npb25tYW5hZ2VyLnYxLkNvbXBsZXRlSGFuZHNoYWtlUmVxdWVzdBosLnNlc3Npb25tYW5hZ2VyLnYxLkNvbXBsZXRlSGFuZHNoYWtlUmVzcG9uc2USXAoLRHJvcE5ldHdvcmsSJS5zZXNzaW9ubWFuYWdlci52MS5Ecm9wTmV0d29ya1JlcXVlc3QaJi5zZXNzaW9ubWFuYWdlci52MS5Ecm9wTmV0d29ya1Jlc3BvbnNlEl8KDFVubGlua0RldmljZRImLnNlc3Npb25tYW5hZ2VyLnYxLlVubGlua0RldmljZVJlcXVlc3QaJy5zZXNzaW9ubWFuYWdlci52MS5VbmxpbmtEZXZpY2VSZXNwb25zZRJcCgtGYWlsU2Vzc2lvbhIlLnNlc3Npb25tYW5hZ2VyLnYxLkZhaWxTZXNzaW9uUmVxdWVzdBomLnNlc3Npb25tYW5hZ2VyLnYxLkZhaWxTZXNzaW9uUmVzcG9uc2USXAoLSW5qZWN0RmF1bHQSJS5zZXNzaW9ubWFuYWdlci52MS5JbmplY3RGYXVsdFJlcXVlc3QaJi5zZXNzaW9ubWFuYWdlci52MS5JbmplY3RGYXVsdFJlc3BvbnNlYgZwcm90bzM", [file_sessionmanager_v1_session]);
+  fileDesc("CilzZXNzaW9ubWFuYWdlci92MS9zaW11bGF0b3Jfc2VydmljZS5wcm90bxIRc2Vzc2lvbm1hbmFnZXIudjEiUgoNU2NhblFSUmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCRIUCgxwaG9uZV9udW1iZXIYAiABKAkSFgoOaG9sZF9oYW5kc2hha2UYAyABKAgiRQoOU2NhblFSUmVzcG9uc2USMwoHc2Vzc2lvbhgBIAEoCzIiLnNlc3Npb25tYW5hZ2VyLnYxLldoYXRzQXBwU2Vzc2lvbiIvChhDb21wbGV0ZUhhbmRzaGFrZVJlcXVlc3QSEwoLaW5zdGFuY2VfaWQYASABKAkiUAoZQ29tcGxldGVIYW5kc2hha2VSZXNwb25zZRIzCgdzZXNzaW9uGAEgASgLMiIuc2Vzc2lvbm1hbmFnZXIudjEuV2hhdHNBcHBTZXNzaW9uIkEKEkRyb3BOZXR3b3JrUmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCRIWCg5ob2xkX3JlY29ubmVjdBgCIAEoCCJKChNEcm9wTmV0d29ya1Jlc3BvbnNlEjMKB3Nlc3Npb24YASABKAsyIi5zZXNzaW9ubWFuYWdlci52MS5XaGF0c0FwcFNlc3Npb24iKgoTVW5saW5rRGV2aWNlUmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCSJLChRVbmxpbmtEZXZpY2VSZXNwb25zZRIzCgdzZXNzaW9uGAEgASgLMiIuc2Vzc2lvbm1hbmFnZXIudjEuV2hhdHNBcHBTZXNzaW9uIkgKEkZhaWxTZXNzaW9uUmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCRIMCgRjb2RlGAIgASgJEg8KB21lc3NhZ2UYAyABKAkiSgoTRmFpbFNlc3Npb25SZXNwb25zZRIzCgdzZXNzaW9uGAEgASgLMiIuc2Vzc2lvbm1hbmFnZXIudjEuV2hhdHNBcHBTZXNzaW9uIlIKEkluamVjdEZhdWx0UmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCRInCgVmYXVsdBgCIAEoDjIYLnNlc3Npb25tYW5hZ2VyLnYxLkZhdWx0IhUKE0luamVjdEZhdWx0UmVzcG9uc2UiQAoVRGVsaXZlck1lc3NhZ2VSZXF1ZXN0EhMKC2luc3RhbmNlX2lkGAEgASgJEhIKCm1lc3NhZ2VfaWQYAiABKAkiRQoWRGVsaXZlck1lc3NhZ2VSZXNwb25zZRIrCgdtZXNzYWdlGAEgASgLMhouc2Vzc2lvbm1hbmFnZXIudjEuTWVzc2FnZSI9ChJSZWFkTWVzc2FnZVJlcXVlc3QSEwoLaW5zdGFuY2VfaWQYASABKAkSEgoKbWVzc2FnZV9pZBgCIAEoCSJCChNSZWFkTWVzc2FnZVJlc3BvbnNlEisKB21lc3NhZ2UYASABKAsyGi5zZXNzaW9ubWFuYWdlci52MS5NZXNzYWdlIlwKEkZhaWxNZXNzYWdlUmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCRISCgptZXNzYWdlX2lkGAIgASgJEgwKBGNvZGUYAyABKAkSDwoHbWVzc2FnZRgEIAEoCSJCChNGYWlsTWVzc2FnZVJlc3BvbnNlEisKB21lc3NhZ2UYASABKAsyGi5zZXNzaW9ubWFuYWdlci52MS5NZXNzYWdlKkEKBUZhdWx0EhUKEUZBVUxUX1VOU1BFQ0lGSUVEEAASEQoNRkFVTFRfUEFJUklORxABEg4KCkZBVUxUX1NFTkQQAjLvBgoQU2ltdWxhdG9yU2VydmljZRJNCgZTY2FuUVISIC5zZXNzaW9ubWFuYWdlci52MS5TY2FuUVJSZXF1ZXN0GiEuc2Vzc2lvbm1hbmFnZXIudjEuU2NhblFSUmVzcG9uc2USbgoRQ29tcGxldGVIYW5kc2hha2USKy5zZXNzaW9ubWFuYWdlci52MS5Db21wbGV0ZUhhbmRzaGFrZVJlcXVlc3QaLC5zZXNzaW9ubWFuYWdlci52MS5Db21wbGV0ZUhhbmRzaGFrZVJlc3BvbnNlElwKC0Ryb3BOZXR3b3JrEiUuc2Vzc2lvbm1hbmFnZXIudjEuRHJvcE5ldHdvcmtSZXF1ZXN0GiYuc2Vzc2lvbm1hbmFnZXIudjEuRHJvcE5ldHdvcmtSZXNwb25zZRJfCgxVbmxpbmtEZXZpY2USJi5zZXNzaW9ubWFuYWdlci52MS5VbmxpbmtEZXZpY2VSZXF1ZXN0Gicuc2Vzc2lvbm1hbmFnZXIudjEuVW5saW5rRGV2aWNlUmVzcG9uc2USXAoLRmFpbFNlc3Npb24SJS5zZXNzaW9ubWFuYWdlci52MS5GYWlsU2Vzc2lvblJlcXVlc3QaJi5zZXNzaW9ubWFuYWdlci52MS5GYWlsU2Vzc2lvblJlc3BvbnNlElwKC0luamVjdEZhdWx0EiUuc2Vzc2lvbm1hbmFnZXIudjEuSW5qZWN0RmF1bHRSZXF1ZXN0GiYuc2Vzc2lvbm1hbmFnZXIudjEuSW5qZWN0RmF1bHRSZXNwb25zZRJlCg5EZWxpdmVyTWVzc2FnZRIoLnNlc3Npb25tYW5hZ2VyLnYxLkRlbGl2ZXJNZXNzYWdlUmVxdWVzdBopLnNlc3Npb25tYW5hZ2VyLnYxLkRlbGl2ZXJNZXNzYWdlUmVzcG9uc2USXAoLUmVhZE1lc3NhZ2USJS5zZXNzaW9ubWFuYWdlci52MS5SZWFkTWVzc2FnZVJlcXVlc3QaJi5zZXNzaW9ubWFuYWdlci52MS5SZWFkTWVzc2FnZVJlc3BvbnNlElwKC0ZhaWxNZXNzYWdlEiUuc2Vzc2lvbm1hbmFnZXIudjEuRmFpbE1lc3NhZ2VSZXF1ZXN0GiYuc2Vzc2lvbm1hbmFnZXIudjEuRmFpbE1lc3NhZ2VSZXNwb25zZWIGcHJvdG8z", [file_sessionmanager_v1_session, file_sessionmanager_v1_session_service]);
 
 /**
  * ScanQRRequest names the session whose code the phone scans.
@@ -303,6 +305,167 @@ export const InjectFaultResponseSchema: GenMessage<InjectFaultResponse> = /*@__P
   messageDesc(file_sessionmanager_v1_simulator_service, 11);
 
 /**
+ * DeliverMessageRequest names a sent message the recipient's phone received.
+ *
+ * @generated from message sessionmanager.v1.DeliverMessageRequest
+ */
+export type DeliverMessageRequest = Message<"sessionmanager.v1.DeliverMessageRequest"> & {
+  /**
+   * The session that sent the message.
+   *
+   * @generated from field: string instance_id = 1;
+   */
+  instanceId: string;
+
+  /**
+   * The message's identifier, as Send returned it.
+   *
+   * @generated from field: string message_id = 2;
+   */
+  messageId: string;
+};
+
+/**
+ * Describes the message sessionmanager.v1.DeliverMessageRequest.
+ * Use `create(DeliverMessageRequestSchema)` to create a new message.
+ */
+export const DeliverMessageRequestSchema: GenMessage<DeliverMessageRequest> = /*@__PURE__*/
+  messageDesc(file_sessionmanager_v1_simulator_service, 12);
+
+/**
+ * DeliverMessageResponse carries the message after the receipt.
+ *
+ * @generated from message sessionmanager.v1.DeliverMessageResponse
+ */
+export type DeliverMessageResponse = Message<"sessionmanager.v1.DeliverMessageResponse"> & {
+  /**
+   * The message as stored after the receipt.
+   *
+   * @generated from field: sessionmanager.v1.Message message = 1;
+   */
+  message?: Message$1 | undefined;
+};
+
+/**
+ * Describes the message sessionmanager.v1.DeliverMessageResponse.
+ * Use `create(DeliverMessageResponseSchema)` to create a new message.
+ */
+export const DeliverMessageResponseSchema: GenMessage<DeliverMessageResponse> = /*@__PURE__*/
+  messageDesc(file_sessionmanager_v1_simulator_service, 13);
+
+/**
+ * ReadMessageRequest names a sent message the recipient read.
+ *
+ * @generated from message sessionmanager.v1.ReadMessageRequest
+ */
+export type ReadMessageRequest = Message<"sessionmanager.v1.ReadMessageRequest"> & {
+  /**
+   * The session that sent the message.
+   *
+   * @generated from field: string instance_id = 1;
+   */
+  instanceId: string;
+
+  /**
+   * The message's identifier, as Send returned it.
+   *
+   * @generated from field: string message_id = 2;
+   */
+  messageId: string;
+};
+
+/**
+ * Describes the message sessionmanager.v1.ReadMessageRequest.
+ * Use `create(ReadMessageRequestSchema)` to create a new message.
+ */
+export const ReadMessageRequestSchema: GenMessage<ReadMessageRequest> = /*@__PURE__*/
+  messageDesc(file_sessionmanager_v1_simulator_service, 14);
+
+/**
+ * ReadMessageResponse carries the message after the receipt.
+ *
+ * @generated from message sessionmanager.v1.ReadMessageResponse
+ */
+export type ReadMessageResponse = Message<"sessionmanager.v1.ReadMessageResponse"> & {
+  /**
+   * The message as stored after the receipt.
+   *
+   * @generated from field: sessionmanager.v1.Message message = 1;
+   */
+  message?: Message$1 | undefined;
+};
+
+/**
+ * Describes the message sessionmanager.v1.ReadMessageResponse.
+ * Use `create(ReadMessageResponseSchema)` to create a new message.
+ */
+export const ReadMessageResponseSchema: GenMessage<ReadMessageResponse> = /*@__PURE__*/
+  messageDesc(file_sessionmanager_v1_simulator_service, 15);
+
+/**
+ * FailMessageRequest names a sent message WhatsApp could not deliver after all.
+ *
+ * @generated from message sessionmanager.v1.FailMessageRequest
+ */
+export type FailMessageRequest = Message<"sessionmanager.v1.FailMessageRequest"> & {
+  /**
+   * The session that sent the message.
+   *
+   * @generated from field: string instance_id = 1;
+   */
+  instanceId: string;
+
+  /**
+   * The message's identifier, as Send returned it.
+   *
+   * @generated from field: string message_id = 2;
+   */
+  messageId: string;
+
+  /**
+   * The failure's code; empty means `SERVER_ERROR`.
+   *
+   * @generated from field: string code = 3;
+   */
+  code: string;
+
+  /**
+   * The failure's message; empty means a description of the code.
+   *
+   * @generated from field: string message = 4;
+   */
+  message: string;
+};
+
+/**
+ * Describes the message sessionmanager.v1.FailMessageRequest.
+ * Use `create(FailMessageRequestSchema)` to create a new message.
+ */
+export const FailMessageRequestSchema: GenMessage<FailMessageRequest> = /*@__PURE__*/
+  messageDesc(file_sessionmanager_v1_simulator_service, 16);
+
+/**
+ * FailMessageResponse carries the message after the failure.
+ *
+ * @generated from message sessionmanager.v1.FailMessageResponse
+ */
+export type FailMessageResponse = Message<"sessionmanager.v1.FailMessageResponse"> & {
+  /**
+   * The message as stored after the failure.
+   *
+   * @generated from field: sessionmanager.v1.Message message = 1;
+   */
+  message?: Message$1 | undefined;
+};
+
+/**
+ * Describes the message sessionmanager.v1.FailMessageResponse.
+ * Use `create(FailMessageResponseSchema)` to create a new message.
+ */
+export const FailMessageResponseSchema: GenMessage<FailMessageResponse> = /*@__PURE__*/
+  messageDesc(file_sessionmanager_v1_simulator_service, 17);
+
+/**
  * Fault is an operation of the simulated engine that can be made to fail once.
  *
  * @generated from enum sessionmanager.v1.Fault
@@ -405,6 +568,36 @@ export const SimulatorService: GenService<{
     methodKind: "unary";
     input: typeof InjectFaultRequestSchema;
     output: typeof InjectFaultResponseSchema;
+  },
+  /**
+   * DeliverMessage has WhatsApp report a sent message delivered to the recipient's phone.
+   *
+   * @generated from rpc sessionmanager.v1.SimulatorService.DeliverMessage
+   */
+  deliverMessage: {
+    methodKind: "unary";
+    input: typeof DeliverMessageRequestSchema;
+    output: typeof DeliverMessageResponseSchema;
+  },
+  /**
+   * ReadMessage has WhatsApp report a sent message read by the recipient.
+   *
+   * @generated from rpc sessionmanager.v1.SimulatorService.ReadMessage
+   */
+  readMessage: {
+    methodKind: "unary";
+    input: typeof ReadMessageRequestSchema;
+    output: typeof ReadMessageResponseSchema;
+  },
+  /**
+   * FailMessage has WhatsApp report, after it accepted a message, that it could not deliver it.
+   *
+   * @generated from rpc sessionmanager.v1.SimulatorService.FailMessage
+   */
+  failMessage: {
+    methodKind: "unary";
+    input: typeof FailMessageRequestSchema;
+    output: typeof FailMessageResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_sessionmanager_v1_simulator_service, 0);
