@@ -218,7 +218,12 @@ async def test_a_message_is_found_by_its_key_and_keeps_its_outcome(store: Store)
     message = a_message(session_id, "k1")
     await store.insert_message(message)
     assert await store.find_message(ref(session_id), "k1") == message
-    sent = dataclasses.replace(message, status=contract.SENT, whatsapp_message_id="3EB0")
+    sent = dataclasses.replace(
+        message,
+        status=contract.SENT,
+        whatsapp_message_id="3EB0",
+        updated_at=T0 + timedelta(seconds=2),
+    )
     assert await store.finish_message(sent, T0 + timedelta(seconds=2))
     assert await store.find_message(ref(session_id), "k1") == sent
     failed = dataclasses.replace(
@@ -277,7 +282,12 @@ async def test_a_late_outcome_lands_on_a_message_marked_unknown(store: Store) ->
     await store.insert_message(message)
     session = ref(session_id)
     assert await store.mark_pending_unknown("OUTCOME_UNKNOWN", "taken over", T0, session) == 1
-    sent = dataclasses.replace(message, status=contract.SENT, whatsapp_message_id="3EB0")
+    sent = dataclasses.replace(
+        message,
+        status=contract.SENT,
+        whatsapp_message_id="3EB0",
+        updated_at=T0 + timedelta(seconds=1),
+    )
     assert await store.finish_message(sent, T0 + timedelta(seconds=1))
     assert await store.mark_pending_unknown("OUTCOME_UNKNOWN", "taken over", T0, session) == 0
     assert await store.find_message(session, "k1") == sent
@@ -340,7 +350,7 @@ async def test_a_message_needs_its_session_and_a_known_status(
     session_id = await store.insert_session(a_session("sender_1"))
     await store.insert_message(a_message(session_id, "k1"))
     with pytest.raises(backend.integrity_error):
-        await backend.sql("UPDATE messages SET status = 'delivered'")
+        await backend.sql("UPDATE messages SET status = 'bounced'")
 
 
 # Many at once, and failures.

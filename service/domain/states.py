@@ -33,6 +33,7 @@ from service.domain.contract import (
     status_text,
 )
 from service.domain.qr import render_data_url
+from service.domain.receipts import MessageReceipt
 from sessionmanager.v1 import session_pb2
 
 
@@ -152,9 +153,14 @@ class PairingFailed:
     message: str
 
 
-#: What an engine reports: every event but the clock's.
-EngineEvent = QRShown | QRScanned | Reconnecting | Connected | Disconnected | Failed | PairingFailed
-Event = EngineEvent | QRExpired
+#: What an engine reports about a session's connection: every session event but the clock's.
+SessionEvent = (
+    QRShown | QRScanned | Reconnecting | Connected | Disconnected | Failed | PairingFailed
+)
+#: Everything an engine reports: a session event, or WhatsApp's receipt for messages it sent.
+EngineEvent = SessionEvent | MessageReceipt
+#: What changes a session: the engine's session events and the clock's.
+Event = SessionEvent | QRExpired
 
 _ANY_STATUS = frozenset({INIT, QR_REQUIRED, CONNECTING, CONNECTED, DISCONNECTED, ERROR})
 _QR_FROM = frozenset({INIT, QR_REQUIRED, DISCONNECTED, ERROR})

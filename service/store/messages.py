@@ -27,6 +27,15 @@ class Message:
     whatsapp_message_id: str | None = None
     error_code: str | None = None
     error_message: str | None = None
+    #: When its status last changed (``accepted_at`` until then).
+    updated_at: datetime | None = None
+    #: When WhatsApp reports it delivered, then read.
+    delivered_at: datetime | None = None
+    read_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if self.updated_at is None:  # not changed since it was accepted
+            object.__setattr__(self, "updated_at", self.accepted_at)
 
 
 def request_digest(to: str, text: str) -> str:

@@ -27,6 +27,7 @@ import functools
 import hashlib
 import logging
 import re
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -129,6 +130,9 @@ class Connection:
 
     async def execute(self, query: str, *args: Any) -> int:
         return _row_count(await self.raw.execute(numbered(query), *args))
+
+    async def execute_many(self, query: str, rows: Sequence[Sequence[Any]]) -> None:
+        await self.raw.executemany(numbered(query), rows)
 
     encode_time = staticmethod(_same)
     decode_time = staticmethod(_same)
@@ -337,6 +341,16 @@ class PostgreSQL:
         finally:
             await self._readers.release(db)
 
+    async def read_snapshot(self, operation: Operation[T]) -> T:
+        """Run ``operation`` in a read-only REPEATABLE READ transaction: one snapshot."""
+
+        async def in_snapshot(db: sql.Db) -> T:
+            assert isinstance(db, Connection)
+            async with db.raw.transaction(isolation="repeatable_read", readonly=True):
+                return await operation(db)
+
+        return await self.read(in_snapshot)
+
     async def probe(self, db: sql.Db) -> None:
         """Take a transaction id: its COMMIT then writes to the server's WAL."""
         await db.fetch("SELECT pg_current_xact_id()")
@@ -394,6 +408,9 @@ class Store(sql.SqlStore):
     def stall_limit(self) -> float:
         return self.backend.stall_limit
 
+
+#: Where every transaction that appended to the event log is announced, after its commit.
+EVENTS_CHANNEL = "events_appended"
 
 # Each entry migrates the schema from version N to N + 1 (table schema_version).
 MIGRATIONS: tuple[str, ...] = (
@@ -481,6 +498,38 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER session_changed
         AFTER INSERT OR UPDATE OR DELETE ON ll_whatsapp_qr_sessions
         FOR EACH ROW EXECUTE FUNCTION session_changed();
+    """,
+    # A message keeps WhatsApp's receipts (its status may be delivered or read) and when it
+    # last changed; every change appends to the event log (service.store.sql), and each
+    # transaction that appends wakes the nodes that follow the log.
+    f"""
+    ALTER TABLE messages DROP CONSTRAINT messages_status_check;
+    ALTER TABLE messages ADD CONSTRAINT messages_status_check {sql.MESSAGE_STATUS_CHECK};
+    ALTER TABLE messages ADD COLUMN updated_at timestamptz,
+        ADD COLUMN delivered_at timestamptz, ADD COLUMN read_at timestamptz;
+    UPDATE messages SET updated_at = coalesce(finished_at, accepted_at);
+    ALTER TABLE messages ALTER COLUMN updated_at SET NOT NULL;
+    CREATE INDEX messages_by_whatsapp_id ON messages (session_id, whatsapp_message_id);
+    CREATE TABLE events (
+        sequence bigint PRIMARY KEY,
+        id text NOT NULL UNIQUE,
+        type text NOT NULL {sql.EVENT_TYPE_CHECK},
+        occurred_at timestamptz NOT NULL,
+        instance_id text COLLATE "C" NOT NULL,
+        session_id bigint NOT NULL,
+        status text,
+        previous_status text,
+        data text NOT NULL
+    );
+    CREATE INDEX events_by_time ON events (occurred_at);
+    {sql.EVENT_LOG_TABLE}
+    CREATE FUNCTION events_appended() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('{EVENTS_CHANNEL}', '');
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER events_appended AFTER INSERT ON events
+        FOR EACH STATEMENT EXECUTE FUNCTION events_appended();
     """,
 )
 #: Where every committed change of a session is announced, in commit order

@@ -13,18 +13,32 @@ it (group commit); it returns only once its transaction is durably
 committed. Session writes and message intents pass the backend's fence, when
 it has one (several nodes: the session's lease); a message's outcome does not:
 it is written forward only (``pending`` or ``unknown`` to ``sent`` or
-``failed``), by whoever knows it.
+``failed``), by whoever knows it, and so are WhatsApp's receipts (``delivered``,
+``read``, or ``failed`` after all).
+
+**The event log.** Every write that changes a session or a message's status
+notes its change (``events.Change``); the transaction appends them to the log
+at its very end: it raises the one-row counter ``event_log.last`` by their
+number and inserts them with the numbers it got. The counter's row stays
+locked until COMMIT, so a second appender (another node's writer) waits for
+the first to commit: sequence numbers follow commit order, which an identity
+column alone would not (a transaction that took 5 could commit after one that
+took 6). Once committed, the events go to the store's listener, in commit
+order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
-from service.domain import contract
-from service.domain.contract import Status
+from service.domain import contract, events, receipts
+from service.domain.contract import DELIVERED, READ, Status
+from service.domain.events import Change, Event, EventPage, LogPosition
+from service.domain.receipts import MessageReceipt
 from service.domain.states import Session, SessionRef
 from service.faults import FaultPoints
 from service.store import failures
@@ -75,7 +89,11 @@ MESSAGE_COLUMNS = (
     "error_code",
     "error_message",
     "accepted_at",
+    "updated_at",
+    "delivered_at",
+    "read_at",
 )
+MESSAGE_TIMES = frozenset({"accepted_at", "updated_at", "delivered_at", "read_at"})
 #: The message statuses an outcome may replace (forward only).
 OPEN_MESSAGE_STATUSES = (
     contract.message_status_text(contract.PENDING),
@@ -92,18 +110,75 @@ _UPDATE_SESSION = (
     + ", ".join(f"{column} = ?" for column in SESSION_COLUMNS[1:])
     + " WHERE id = ? AND revision = ?"
 )
-_SELECT_MESSAGE = f"SELECT {', '.join(MESSAGE_COLUMNS)} FROM messages"
+_MESSAGE_LIST = ", ".join(MESSAGE_COLUMNS)
+_DELETE_SESSION = (
+    f"DELETE FROM ll_whatsapp_qr_sessions WHERE id = ? RETURNING {', '.join(SESSION_COLUMNS)}"
+)
+_SELECT_MESSAGE = f"SELECT {_MESSAGE_LIST} FROM messages"
 _INSERT_MESSAGE = (
-    f"INSERT INTO messages ({', '.join(MESSAGE_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in MESSAGE_COLUMNS)})"
+    f"INSERT INTO messages ({_MESSAGE_LIST}) VALUES ({', '.join('?' for _ in MESSAGE_COLUMNS)})"
 )
 _FINISH_MESSAGE = (
     "UPDATE messages SET status = ?, whatsapp_message_id = ?, error_code = ?, "
-    "error_message = ?, finished_at = ? WHERE id = ? AND status IN (?, ?)"
+    "error_message = ?, finished_at = ?, updated_at = ? WHERE id = ? AND status IN (?, ?) "
+    f"RETURNING {_MESSAGE_LIST}"
 )
 _MARK_UNKNOWN = (
-    "UPDATE messages SET status = ?, error_code = ?, error_message = ?, finished_at = ? "
-    "WHERE status = ?"
+    "UPDATE messages SET status = ?, error_code = ?, error_message = ?, finished_at = ?, "
+    "updated_at = ? WHERE status = ?"
+)
+_PENDING_WITH_SESSIONS = (
+    "SELECT m.id, s.instance_id FROM messages m "
+    "JOIN ll_whatsapp_qr_sessions s ON s.id = m.session_id WHERE m.status = ?"
+)
+_GET_MESSAGE = (
+    f"SELECT {', '.join('m.' + column for column in MESSAGE_COLUMNS)} FROM messages m "
+    "JOIN ll_whatsapp_qr_sessions s ON s.id = m.session_id WHERE s.instance_id = ? AND m.id = ?"
+)
+#: What each receipt writes; the message must be its own, under that WhatsApp id.
+_RECEIPT_SETS = {
+    DELIVERED: "delivered_at = coalesce(delivered_at, ?)",
+    READ: "delivered_at = coalesce(delivered_at, ?), read_at = ?",
+    contract.FAILED: "error_code = ?, error_message = ?, finished_at = coalesce(finished_at, ?)",
+}
+
+
+def _receipt_query(status: contract.MessageStatus) -> str:
+    allowed = receipts.predecessors(status)
+    return (
+        f"UPDATE messages SET status = ?, updated_at = ?, {_RECEIPT_SETS[status]} "
+        "WHERE session_id = ? AND whatsapp_message_id = ? "
+        f"AND status IN ({', '.join('?' for _ in allowed)}) RETURNING {_MESSAGE_LIST}"
+    )
+
+
+_RECEIPTS = {status: _receipt_query(status) for status in _RECEIPT_SETS}
+
+EVENT_COLUMNS = (
+    "sequence",
+    "id",
+    "type",
+    "occurred_at",
+    "instance_id",
+    "session_id",
+    "status",
+    "previous_status",
+    "data",
+)
+_INSERT_EVENT = (
+    f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in EVENT_COLUMNS)})"
+)
+_SELECT_EVENTS = (
+    f"SELECT {', '.join(EVENT_COLUMNS)} FROM events "
+    "WHERE sequence > ? AND sequence <= ? ORDER BY sequence LIMIT ?"
+)
+#: Raises the counter by the number of events to append; the row stays locked until COMMIT.
+_TAKE_SEQUENCES = "UPDATE event_log SET last = last + ? RETURNING last"
+_LOG_POSITION = "SELECT last, trimmed FROM event_log"
+_OLD_EVENTS_END = (
+    "SELECT max(sequence) FROM "
+    "(SELECT sequence FROM events WHERE occurred_at < ? ORDER BY sequence LIMIT ?) AS old"
 )
 
 
@@ -122,6 +197,15 @@ SESSION_CHECKS = f"""
         CHECK (status <> 'error'
             OR (last_error_code IS NOT NULL AND last_error_message IS NOT NULL))"""
 MESSAGE_STATUS_CHECK = f"CHECK (status IN ({in_list(contract.MESSAGE_STATUS_TEXTS)}))"
+EVENT_TYPE_CHECK = f"CHECK (type IN ({in_list(contract.EVENT_TYPE_TEXTS)}))"
+#: The log's one-row counter (the latest sequence number given) and its trim point.
+EVENT_LOG_TABLE = """
+    CREATE TABLE event_log (
+        one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one),
+        last BIGINT NOT NULL CHECK (last >= 0),
+        trimmed BIGINT NOT NULL CHECK (trimmed >= 0 AND trimmed <= last)
+    );
+    INSERT INTO event_log (last, trimmed) VALUES (0, 0);"""
 
 
 class Db(Protocol):
@@ -132,6 +216,9 @@ class Db(Protocol):
 
     async def execute(self, query: str, *args: Any) -> int:
         """Run ``query``; how many rows it changed."""
+
+    async def execute_many(self, query: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run ``query`` once for each of ``rows``."""
 
     def encode_time(self, value: datetime | None) -> Any:
         """A time as the driver stores it."""
@@ -175,6 +262,10 @@ class Backend(Protocol):
     async def read(self, operation: Operation[T]) -> T:
         """Run a single read outside the writer's queue (when ``reads_apart``)."""
 
+    async def read_snapshot(self, operation: Operation[T]) -> T:
+        """Run reads that must see one committed state, outside the writer's queue
+        (when ``reads_apart``)."""
+
     async def probe(self, db: Db) -> None:
         """Write what a commit must write, touching no session (a health probe)."""
 
@@ -206,22 +297,13 @@ def session_values(session: Session, encode_time: Callable[[Any], Any]) -> list[
     return values
 
 
-def _message_from_row(session: SessionRef, row: Sequence[Any], db: Db) -> Message:
+def _message_from_row(instance_id: str, row: Sequence[Any], db: Db) -> Message:
+    """A message from its row, in ``MESSAGE_COLUMNS`` order; ``instance_id`` is its session's."""
     values = dict(zip(MESSAGE_COLUMNS, row, strict=True))
-    return Message(
-        id=values["id"],
-        session_id=session.id,
-        instance_id=session.instance_id,
-        idempotency_key=values["idempotency_key"],
-        recipient=values["recipient"],
-        text=values["text"],
-        status=contract.message_status_from_text(values["status"]),
-        whatsapp_message_id=values["whatsapp_message_id"],
-        error_code=values["error_code"],
-        error_message=values["error_message"],
-        accepted_at=db.decode_time(values["accepted_at"]),  # type: ignore[arg-type]
-        request_digest=values["request_digest"],
-    )
+    for name in MESSAGE_TIMES:
+        values[name] = db.decode_time(values[name])
+    status = contract.message_status_from_text(values.pop("status"))
+    return Message(instance_id=instance_id, status=status, **values)
 
 
 def _message_values(message: Message, db: Db) -> list[Any]:
@@ -237,7 +319,64 @@ def _message_values(message: Message, db: Db) -> list[Any]:
         message.error_code,
         message.error_message,
         db.encode_time(message.accepted_at),
+        db.encode_time(message.updated_at or message.accepted_at),
+        db.encode_time(message.delivered_at),
+        db.encode_time(message.read_at),
     ]
+
+
+def _event_values(event: Event, db: Db) -> list[Any]:
+    return [
+        event.sequence,
+        event.id,
+        event.type,
+        db.encode_time(event.occurred_at),
+        event.instance_id,
+        event.session_id,
+        event.status,
+        event.previous_status,
+        event.data,
+    ]
+
+
+def _event_from_row(row: Sequence[Any], db: Db) -> Event:
+    values = dict(zip(EVENT_COLUMNS, row, strict=True))
+    values["occurred_at"] = db.decode_time(values["occurred_at"])
+    return Event(**values)
+
+
+async def append_events(db: Db, changes: Sequence[Change]) -> list[Event]:
+    """Append ``changes`` to the log, numbered in order; the transaction must commit next.
+
+    Raising the counter locks its row until COMMIT: another appender waits, so
+    the numbers follow commit order.
+    """
+    if not changes:
+        return []
+    rows = await db.fetch(_TAKE_SEQUENCES, len(changes))
+    first = int(rows[0][0]) - len(changes) + 1
+    appended = [change.appended(first + n) for n, change in enumerate(changes)]
+    await db.execute_many(_INSERT_EVENT, [_event_values(event, db) for event in appended])
+    return appended
+
+
+async def read_log_position(db: Db) -> LogPosition:
+    rows = await db.fetch(_LOG_POSITION)
+    return LogPosition(last=int(rows[0][0]), trimmed=int(rows[0][1]))
+
+
+async def read_events(db: Db, after: int, limit: int) -> EventPage:
+    """Up to ``limit`` events after ``after``, in order, and where the log stands.
+
+    Read in one snapshot (or one transaction): an event trimmed meanwhile
+    cannot go missing unnoticed, and one committed meanwhile is left for the
+    next page.
+    """
+    position = await read_log_position(db)
+    rows = await db.fetch(_SELECT_EVENTS, after, position.last, limit)
+    found = [_event_from_row(row, db) for row in rows]
+    through = found[-1].sequence if len(found) == limit else max(after, position.last)
+    return EventPage(found, through, position.last, position.trimmed)
 
 
 class NoFence:
@@ -248,7 +387,8 @@ class NoFence:
 
 
 class SqlStore:
-    """Sessions and messages in one database; every method is one committed operation."""
+    """Sessions, messages and their event log in one database; every method is one
+    committed operation."""
 
     def __init__(self, backend: Backend, fence: Fence | None = None) -> None:
         self.backend = backend
@@ -257,6 +397,13 @@ class SqlStore:
         self.fence: Fence = fence or NoFence()
         self._writer = Writer(self._transaction, retry_alone=backend.retry_alone)
         self._failing = False
+        #: The changes the transaction under way appends to the log at its end.
+        self._changes: list[Change] = []
+        self._on_events: Callable[[list[Event]], None] = lambda appended: None
+
+    def on_events(self, listener: Callable[[list[Event]], None]) -> None:
+        """Hand every committed transaction's events to ``listener``, in commit order."""
+        self._on_events = listener
 
     async def close(self) -> None:
         """Commit every queued operation, then close the database."""
@@ -272,14 +419,23 @@ class SqlStore:
         return self._failing
 
     async def _transaction(self, operations: list[Operation[Any]]) -> list[Any]:
+        changes: list[Change] = []
+        appended: list[Event] = []
+
+        async def append(db: Db) -> None:
+            appended.extend(await append_events(db, changes))
+
+        self._changes = changes  # the writer runs one transaction at a time
         try:
-            results = await self.backend.transaction(operations)
+            results = await self.backend.transaction([*operations, append])
         except Exception as error:
             if failures.cause_of(error) is not None:
                 self._set_failing(True, error)
             raise
         self._set_failing(False)
-        return results
+        if appended:
+            self._on_events(appended)
+        return results[:-1]
 
     def _set_failing(self, failing: bool, error: BaseException | None = None) -> None:
         if failing and not self._failing:
@@ -291,6 +447,12 @@ class SqlStore:
     async def probe(self) -> None:
         """Commit a transaction that writes nothing of the sessions: whether commits work."""
         await self.run(self.backend.probe)
+
+    async def _read_consistent(self, operation: Operation[T]) -> T:
+        """Reads that must see one committed state: a snapshot, or the writer's transaction."""
+        if self.backend.reads_apart:
+            return await self.backend.read_snapshot(operation)
+        return await self.run(operation)
 
     # Sessions.
 
@@ -318,12 +480,18 @@ class SqlStore:
             await self.fence.check(db, session.instance_id)
             rows = await db.fetch(_INSERT_SESSION, *session_values(session, db.encode_time))
             row_id: int = rows[0][0]
+            created = dataclasses.replace(session, id=row_id)
+            self._changes.append(events.session_updated(created, None))
             return row_id
 
         return await self.run(operation)
 
-    async def update_session(self, session: Session) -> None:
-        """Store the next revision of a session; the stored one must be revision - 1."""
+    async def update_session(self, session: Session, previous: Status | None = None) -> None:
+        """Store the next revision of a session; the stored one must be revision - 1.
+
+        ``previous`` is the status it had, for the log (a stream filtered by
+        status sees a session leave it).
+        """
 
         async def operation(db: Db) -> None:
             await self.fence.check(db, session.instance_id)
@@ -332,13 +500,19 @@ class SqlStore:
                 raise StaleRevision(
                     f"{session.instance_id} is not at revision {session.revision - 1}"
                 )
+            self._changes.append(events.session_updated(session, previous))
 
         await self.run(operation)
 
-    async def delete_session(self, session: SessionRef) -> None:
+    async def delete_session(self, session: SessionRef, at: datetime | None = None) -> None:
+        """Delete a session and its messages; the log keeps its last state, deleted at ``at``
+        (by default, the time of its last change)."""
+
         async def operation(db: Db) -> None:
             await self.fence.check(db, session.instance_id)
-            await db.execute("DELETE FROM ll_whatsapp_qr_sessions WHERE id = ?", session.id)
+            for row in await db.fetch(_DELETE_SESSION, session.id):
+                deleted = session_from_row(row, db.decode_time)
+                self._changes.append(events.session_deleted(deleted, at or deleted.updated_at))
 
         await self.run(operation)
 
@@ -365,6 +539,7 @@ class SqlStore:
         async def operation(db: Db) -> None:
             await self.fence.check(db, message.instance_id)
             await db.execute(_INSERT_MESSAGE, *_message_values(message, db))
+            self._changes.append(events.message_updated(message))
 
         await self.run(operation)
 
@@ -376,17 +551,52 @@ class SqlStore:
         """
 
         async def operation(db: Db) -> bool:
-            changed = await db.execute(
+            rows = await db.fetch(
                 _FINISH_MESSAGE,
                 contract.message_status_text(message.status),
                 message.whatsapp_message_id,
                 message.error_code,
                 message.error_message,
                 db.encode_time(finished_at),
+                db.encode_time(finished_at),
                 message.id,
                 *OPEN_MESSAGE_STATUSES,
             )
-            return changed == 1
+            for row in rows:
+                finished = _message_from_row(message.instance_id, row, db)
+                self._changes.append(events.message_updated(finished))
+            return bool(rows)
+
+        return await self.run(operation)
+
+    async def apply_receipt(
+        self, session: SessionRef, receipt: MessageReceipt, now: datetime
+    ) -> list[Message]:
+        """Record WhatsApp's receipt for the session's messages it names; those it moved.
+
+        Forward only (``receipts``), by WhatsApp's message id, unfenced like an
+        outcome: a message already past the receipt's status is left as it is.
+        """
+        status = contract.message_status_text(receipt.status)
+        allowed = [contract.message_status_text(s) for s in receipts.predecessors(receipt.status)]
+        query = _RECEIPTS[receipt.status]
+
+        async def operation(db: Db) -> list[Message]:
+            fields = _receipt_fields(receipt, db)
+            moved: list[Message] = []
+            for whatsapp_id in receipt.whatsapp_message_ids:
+                rows = await db.fetch(
+                    query,
+                    status,
+                    db.encode_time(now),
+                    *fields,
+                    session.id,
+                    whatsapp_id,
+                    *allowed,
+                )
+                moved += [_message_from_row(session.instance_id, row, db) for row in rows]
+            self._changes.extend(events.message_updated(message) for message in moved)
+            return moved
 
         return await self.run(operation)
 
@@ -397,8 +607,19 @@ class SqlStore:
                 session.id,
                 idempotency_key,
             )
-            return _message_from_row(session, rows[0], db) if rows else None
+            return _message_from_row(session.instance_id, rows[0], db) if rows else None
 
+        return await self.run(operation)
+
+    async def get_message(self, instance_id: str, message_id: str) -> Message | None:
+        """The message ``message_id`` of the session ``instance_id``, if it sent one."""
+
+        async def operation(db: Db) -> Message | None:
+            rows = await db.fetch(_GET_MESSAGE, instance_id, message_id)
+            return _message_from_row(instance_id, rows[0], db) if rows else None
+
+        if self.backend.reads_apart:
+            return await self.backend.read(operation)
         return await self.run(operation)
 
     async def mark_pending_unknown(
@@ -414,12 +635,81 @@ class SqlStore:
         if session is not None:
             query += " AND session_id = ?"
             only.append(session.id)
+        query += f" RETURNING {_MESSAGE_LIST}"
         unknown = contract.message_status_text(contract.UNKNOWN_MESSAGE)
         pending = contract.message_status_text(contract.PENDING)
 
         async def operation(db: Db) -> int:
-            return await db.execute(
-                query, unknown, code, message, db.encode_time(at), pending, *only
-            )
+            sessions = {row[0]: row[1] for row in await db.fetch(_PENDING_WITH_SESSIONS, pending)}
+            when = db.encode_time(at)
+            rows = await db.fetch(query, unknown, code, message, when, when, pending, *only)
+            for row in rows:
+                marked = _message_from_row(sessions[row[0]], row, db)
+                self._changes.append(events.message_updated(marked))
+            return len(rows)
 
         return await self.run(operation)
+
+    # The event log.
+
+    async def log_position(self) -> LogPosition:
+        """The latest sequence number given and the last one trimmed."""
+        return await self._read_consistent(read_log_position)
+
+    async def read_events(self, after: int, limit: int) -> EventPage:
+        """Up to ``limit`` events after the sequence number ``after``, in order.
+
+        The page says how far it read (``through``: the next page starts after
+        it) and where the log stands; a reader whose ``after`` is below
+        ``trimmed`` has missed events that are gone.
+        """
+        return await self._read_consistent(lambda db: read_events(db, after, limit))
+
+    async def current_state(
+        self, status: Status | None, instance_id_prefix: str
+    ) -> tuple[list[Session], int]:
+        """Every session in ``status`` (any, if None) whose instance_id starts with the prefix,
+        ordered by instance_id, and the sequence number of the last event they reflect."""
+        where: list[str] = ["1 = 1"]
+        params: list[Any] = []
+        if status is not None:
+            where.append("status = ?")
+            params.append(contract.status_text(status))
+        if instance_id_prefix:
+            where.append("substr(instance_id, 1, ?) = ?")
+            params += [len(instance_id_prefix), instance_id_prefix]
+        query = f"{SELECT_SESSION} WHERE {' AND '.join(where)} ORDER BY instance_id"
+
+        async def operation(db: Db) -> tuple[list[Session], int]:
+            position = await read_log_position(db)
+            rows = await db.fetch(query, *params)
+            return [session_from_row(row, db.decode_time) for row in rows], position.last
+
+        return await self._read_consistent(operation)
+
+    async def trim_events(self, before: datetime, batch: int) -> int:
+        """Remove up to ``batch`` of the oldest events, those older than ``before``; how many.
+
+        What goes is always a prefix of the log: the trim point only moves up.
+        """
+
+        async def operation(db: Db) -> int:
+            rows = await db.fetch(_OLD_EVENTS_END, db.encode_time(before), batch)
+            end = rows[0][0]
+            if end is None:
+                return 0
+            removed = await db.execute("DELETE FROM events WHERE sequence <= ?", end)
+            await db.execute("UPDATE event_log SET trimmed = ? WHERE trimmed < ?", end, end)
+            return removed
+
+        return await self.run(operation)
+
+
+def _receipt_fields(receipt: MessageReceipt, db: Db) -> list[Any]:
+    """The values of ``_RECEIPT_SETS`` for the receipt's status, in order."""
+    at = db.encode_time(receipt.at)
+    if receipt.status == DELIVERED:
+        return [at]
+    if receipt.status == READ:
+        return [at, at]
+    return [receipt.code, receipt.message, at]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -94,6 +95,42 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE store_probe (payload BLOB NOT NULL);
     """,
+    # 4: a message keeps WhatsApp's receipts (its status may be delivered or read) and
+    # when it last changed; every change appends to the event log (service.store.sql).
+    f"""
+    {
+        _messages_table(
+            "messages_4",
+            "request_digest TEXT NOT NULL DEFAULT '',",
+            "updated_at TEXT NOT NULL,",
+            "delivered_at TEXT,",
+            "read_at TEXT,",
+        )
+    }
+    INSERT INTO messages_4 (id, session_id, idempotency_key, request_digest, recipient, text,
+        status, whatsapp_message_id, error_code, error_message, accepted_at, finished_at,
+        updated_at)
+        SELECT id, session_id, idempotency_key, request_digest, recipient, text, status,
+            whatsapp_message_id, error_code, error_message, accepted_at, finished_at,
+            coalesce(finished_at, accepted_at) FROM messages;
+    DROP TABLE messages;
+    ALTER TABLE messages_4 RENAME TO messages;
+    CREATE INDEX messages_by_session ON messages (session_id, accepted_at);
+    CREATE INDEX messages_by_whatsapp_id ON messages (session_id, whatsapp_message_id);
+    CREATE TABLE events (
+        sequence INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        type TEXT NOT NULL {sql.EVENT_TYPE_CHECK},
+        occurred_at TEXT NOT NULL,
+        instance_id TEXT NOT NULL,
+        session_id INTEGER NOT NULL,
+        status TEXT,
+        previous_status TEXT,
+        data TEXT NOT NULL
+    );
+    CREATE INDEX events_by_time ON events (occurred_at);
+    {sql.EVENT_LOG_TABLE}
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -122,6 +159,9 @@ class Connection:
         changed = cursor.rowcount
         await cursor.close()
         return changed
+
+    async def execute_many(self, query: str, rows: Sequence[Sequence[Any]]) -> None:
+        await self.raw.executemany(query, rows)
 
     encode_time = staticmethod(_ts)
     decode_time = staticmethod(_dt)
@@ -155,6 +195,9 @@ class SQLite:
         return True
 
     async def read(self, operation: Operation[T]) -> T:
+        raise AssertionError("SQLite reads go through the writer")
+
+    async def read_snapshot(self, operation: Operation[T]) -> T:
         raise AssertionError("SQLite reads go through the writer")
 
     async def probe(self, db: sql.Db) -> None:
