@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from service.api.auth import parse_tokens
+from service.domain import contract
 from service.store import postgres
 
 ENGINES = ("simulated", "simulated-worker", "whatsmeow")
@@ -129,6 +130,13 @@ def origins(value: str) -> str | None:
     return None
 
 
+def optional_instance_id(value: str) -> str | None:
+    """Empty (off), or an ``instance_id`` as the contract allows it."""
+    if value and not re.fullmatch(contract.INSTANCE_ID_PATTERN, value):
+        return f"must be an instance_id (1-64 of [A-Za-z0-9_.-], not starting with _ . -), got {value!r}"
+    return None
+
+
 def one_of(*choices: str) -> Check:
     def check(value: str) -> str | None:
         return None if value in choices else f"must be one of {', '.join(choices)}, got {value!r}"
@@ -224,6 +232,17 @@ class Settings:
     )
     sse_keepalive: float = setting(
         15.0, "seconds between keep-alive comments on an idle event stream", seconds
+    )
+    event_retention: float = setting(
+        7 * 24 * 3600.0,
+        "seconds the event log keeps each event: a list-wide stream resumes within it",
+        seconds,
+    )
+    legacy_instance: str = setting(
+        "",
+        "serve the deprecated single-session routes of the old service (/status, /qr, "
+        "/connect, /disconnect, /send) for this instance_id (off when empty)",
+        optional_instance_id,
     )
     # Several nodes over one PostgreSQL database (README, Running several nodes).
     node_id: str = setting(

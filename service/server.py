@@ -24,6 +24,7 @@ from service.cluster.runtime import ClusterRuntime
 from service.config import PostgresURL, Settings, is_loopback
 from service.domain.facade import Sessions
 from service.domain.limits import Limits
+from service.domain.retention import Retention
 from service.domain.sessions import SessionManager
 from service.engine.credentials import PostgresCredentials
 from service.engine.phone import WorkerPhone
@@ -98,6 +99,8 @@ class RunningServer:
     #: With PostgreSQL: this node's leases, change feed and channels to the other nodes.
     cluster: ClusterRuntime | None = None
     serving: Serving | None = None
+    #: Trims the event log past its retention.
+    retention: Retention | None = None
 
     @property
     def engine(self) -> Engine:
@@ -126,6 +129,8 @@ class RunningServer:
             await self.http.close()
         if self.cluster is not None:  # its sessions go to the other nodes at once
             await self.cluster.close()
+        if self.retention is not None:
+            await self.retention.stop()
         await self.manager.close()
         await self.store.close()
         if self.metrics is not None:
@@ -276,11 +281,13 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         engine.on_restart = metrics.worker_restarts.inc
     server: grpc.aio.Server | None = None
     cluster: ClusterRuntime | None = None
+    retention = Retention(store, clock, settings.event_retention)
     try:
         if isinstance(store, postgres.Store):
             await manager.start_as_node()
         else:
             await manager.start()
+        retention.start()
         store.faults.arm(FaultPoints.from_environment())  # tests only: after recovery
         interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
         if metrics is not None:
@@ -293,12 +300,13 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         forwarding: ClusterSessions | None = None
         if isinstance(store, postgres.Store):
             cluster = ClusterRuntime.build(settings, port, store, manager, limits, tokens, metrics)
+            cluster.feed.on_appended = manager.events.wake  # other nodes' events, from the log
             sessions = forwarding = cluster.sessions
             node_service_pb2_grpc.add_NodeServiceServicer_to_server(
                 NodeService(cluster.sessions.owner_only()), server
             )
         session_service_pb2_grpc.add_SessionServiceServicer_to_server(
-            SessionService(sessions), server
+            SessionService(sessions, idle=settings.sse_keepalive), server
         )
         engine_service_pb2_grpc.add_EngineServiceServicer_to_server(EngineService(sessions), server)
         services = [SESSION_SERVICE, ENGINE_SERVICE]
@@ -337,6 +345,7 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
             metrics.close()
         if cluster is not None:
             await cluster.close()
+        await retention.stop()
         await manager.close()
         await store.close()
         if ownership is not None:
@@ -360,6 +369,7 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         ownership,
         cluster,
         serving,
+        retention,
     )
 
 

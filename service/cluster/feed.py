@@ -9,6 +9,10 @@ first, then every change in order, a slow reader skipping to the latest. A
 watcher never sees a revision go back. A row too large for a notification
 comes without it, and the feed reads it from the database (which may skip to
 a later revision, never back).
+
+The same connection listens to ``events_appended``: every transaction that
+appended to the event log, on any node, wakes this node's list-wide streams,
+which read the log itself (``service.domain.event_stream``).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -43,6 +48,9 @@ class Feed:
     def __init__(self, url: str, limits: Limits, buffer: int = 16) -> None:
         self._url = url
         self._limits = limits
+        #: Called when any node appended to the event log, and after a reconnection
+        #: (what was appended meanwhile is read from the log itself).
+        self.on_appended: Callable[[], None] = lambda: None
         self.hub: WatchHub[Session] = WatchHub(buffer)
         self._db: asyncpg.Connection | None = None
         self._dirty: set[str] = set()
@@ -57,8 +65,10 @@ class Feed:
     async def _listen(self) -> None:
         db = await postgres.connect(self._url)
         await db.add_listener(postgres.CHANGES_CHANNEL, self._notified)
+        await db.add_listener(postgres.EVENTS_CHANNEL, self._appended)
         db.add_termination_listener(self._terminated)
         self._db = db
+        self.on_appended()
 
     @property
     def connected(self) -> bool:
@@ -110,6 +120,9 @@ class Feed:
             self.hub.publish_if(instance_id, postgres.session_from_json(change["row"]), newer)
         else:
             self._mark(instance_id)
+
+    def _appended(self, connection: object, pid: int, channel: str, payload: object) -> None:
+        self.on_appended()
 
     def _mark(self, instance_id: str) -> None:
         self._dirty.add(instance_id)

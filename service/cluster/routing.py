@@ -22,11 +22,14 @@ from service.cluster.forwarding import Peers
 from service.cluster.node import Local, Node
 from service.domain import errors
 from service.domain.contract import Status
+from service.domain.event_stream import EventStream, Opened
+from service.domain.events import EventFilter
 from service.domain.sending import SendResult
 from service.domain.sessions import SessionManager
-from service.domain.states import EngineEvent, Session, SessionRef
+from service.domain.states import Session, SessionEvent, SessionRef
 from service.domain.watch import Watcher
 from service.engine.port import EngineError
+from service.store.messages import Message
 from service.store.postgres import Store
 from sessionmanager.v1 import node_service_pb2 as node_pb
 from sessionmanager.v1 import session_pb2
@@ -92,6 +95,22 @@ class ClusterSessions:
 
     def unwatch(self, instance_id: str, watcher: Watcher[Session]) -> None:
         self._feed.unwatch(instance_id, watcher)
+
+    async def watch_events(self, selected: EventFilter, after: int | None) -> Opened:
+        """The event log is the database's: any node streams all of it, in commit order."""
+        return await self._manager.watch_events(selected, after)
+
+    def unwatch_events(self, stream: EventStream) -> None:
+        self._manager.unwatch_events(stream)
+
+    async def get_message(self, instance_id: str, message_id: str) -> Message:
+        if self._manager.holds(instance_id):  # it may know an outcome not stored yet
+            return await self._manager.get_message(instance_id, message_id)
+        await self.get(instance_id)
+        message = await self._store.get_message(instance_id, message_id)
+        if message is None:
+            raise errors.message_not_found(instance_id, message_id)
+        return message
 
     def status_counts(self) -> dict[str, int]:
         """The sessions this node owns, by status."""
@@ -200,7 +219,7 @@ class ClusterSessions:
             return response
         return wire.session_from_message(response.response.session)
 
-    async def report_current(self, instance_id: str, event: EngineEvent) -> Session:
+    async def report_current(self, instance_id: str, event: SessionEvent) -> Session:
         """An engine side's report: only the owner's engine can make one."""
         if not self._manager.holds(instance_id):
             await self.get(instance_id)  # SESSION_NOT_FOUND first, if that is the case

@@ -18,7 +18,7 @@ def _time(stamp: timestamp_pb2.Timestamp) -> datetime:
 
 
 def session_from_message(m: session_pb2.WhatsAppSession) -> Session:
-    """The inverse of ``service.api.rpc.session_message``."""
+    """The inverse of ``service.api.resources.session_message``."""
 
     def optional_time(name: str) -> datetime | None:
         return _time(getattr(m, name)) if m.HasField(name) else None  # type: ignore[arg-type]

@@ -10,9 +10,12 @@ from __future__ import annotations
 from typing import Protocol
 
 from service.domain.contract import Status
+from service.domain.event_stream import EventStream, Opened
+from service.domain.events import EventFilter
 from service.domain.sending import SendResult
-from service.domain.states import EngineEvent, Session, SessionRef
+from service.domain.states import Session, SessionEvent, SessionRef
 from service.domain.watch import Watcher
+from service.store.messages import Message
 
 
 class Sessions(Protocol):
@@ -28,6 +31,12 @@ class Sessions(Protocol):
 
     def unwatch(self, instance_id: str, watcher: Watcher[Session]) -> None: ...
 
+    async def watch_events(self, selected: EventFilter, after: int | None) -> Opened: ...
+
+    def unwatch_events(self, stream: EventStream) -> None: ...
+
+    async def get_message(self, instance_id: str, message_id: str) -> Message: ...
+
     async def create(self, instance_id: str) -> Session: ...
 
     async def delete(self, instance_id: str) -> None: ...
@@ -42,7 +51,7 @@ class Sessions(Protocol):
 
     async def disconnect(self, instance_id: str) -> Session: ...
 
-    async def report_current(self, instance_id: str, event: EngineEvent) -> Session: ...
+    async def report_current(self, instance_id: str, event: SessionEvent) -> Session: ...
 
     def status_counts(self) -> dict[str, int]: ...
 

@@ -199,7 +199,7 @@ class Registry:
             await self._settle(cell)
             session = cell.current
             try:
-                await self._store.delete_session(session.ref)
+                await self._store.delete_session(session.ref, self._clock.now())
             except CommitUnknown:
                 self._doubt(cell, Doubt(None, None, effect))
                 raise
@@ -278,7 +278,7 @@ class Registry:
         if updated is None:
             return None
         try:
-            await self._store.update_session(updated)
+            await self._store.update_session(updated, previous=current.status)
         except CommitUnknown:
             self._doubt(cell, Doubt(event, updated, effect))
             raise

@@ -10,6 +10,11 @@ outcome was never recorded (the service stopped while the engine had it) is
 the engine provably never received (its intent's commit was in doubt, or the
 service stopped before handing it over) is ``failed`` with ``NOT_SENT``: the
 caller may send it again under a new idempotency key.
+
+WhatsApp's receipts then move a sent message forward (``delivered``, ``read``,
+or ``failed`` after all), by WhatsApp's message id, never back
+(``service.domain.receipts``). Each move, like each outcome, is an event of
+the log.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from service.clock import Clock
 from service.domain import errors, states
 from service.domain.cell import SessionCell
 from service.domain.contract import FAILED, PENDING, SENT, UNKNOWN_MESSAGE
+from service.domain.receipts import MessageReceipt
 from service.domain.registry import Registry
+from service.domain.states import SessionRef
 from service.engine.port import Engine, EngineError
 from service.faults import FaultPoints
 from service.store.failures import CommitUnknown
@@ -67,6 +74,9 @@ class Sending:
         self._on_outcome = on_outcome or (lambda message: None)
         #: Outcomes known but not yet committed, by message id.
         self._unrecorded: dict[str, Message] = {}
+        #: Messages between their intent and their recorded outcome, by id: the session id,
+        #: and a future done once the outcome is recorded (a receipt may overtake it).
+        self._in_flight: dict[str, tuple[int, asyncio.Future[None]]] = {}
 
     async def send(self, instance_id: str, to: str, text: str, key: str | None) -> SendResult:
         cell = await self._registry.settled(instance_id)
@@ -134,8 +144,21 @@ class Sending:
         self, cell: SessionCell, to: str, text: str, key: str | None, digest: str
     ) -> SendResult:
         session = cell.current
+        message_id = str(uuid.uuid4())
+        recorded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._in_flight[message_id] = (session.id, recorded)
+        try:
+            return await self._send_message(cell, message_id, to, text, key, digest)
+        finally:
+            del self._in_flight[message_id]
+            recorded.set_result(None)
+
+    async def _send_message(
+        self, cell: SessionCell, message_id: str, to: str, text: str, key: str | None, digest: str
+    ) -> SendResult:
+        session = cell.current
         message = Message(
-            id=str(uuid.uuid4()),
+            id=message_id,
             session_id=session.id,
             instance_id=session.instance_id,
             idempotency_key=key,
@@ -159,6 +182,36 @@ class Sending:
         await self._record(message)
         self._on_outcome(message)
         return SendResult(message, replayed=False)
+
+    async def receipt(self, session: SessionRef, receipt: MessageReceipt) -> list[Message]:
+        """Record WhatsApp's receipt for messages ``session`` sent; the messages it moved.
+
+        A receipt can overtake the outcome it follows: it names WhatsApp's id,
+        which only the recorded outcome stores. When it finds a message short
+        while sends of the session still await their outcomes, it is applied
+        once more when those are recorded (forward only: nothing moves twice).
+        """
+        moved = await self._store.apply_receipt(session, receipt, self._clock.now())
+        for message in moved:
+            self._on_outcome(message)
+        awaited = [done for owner, done in self._in_flight.values() if owner == session.id]
+        if len(moved) < len(receipt.whatsapp_message_ids) and awaited:
+            self._registry.spawn(self._receipt_after(session, receipt, awaited))
+        return moved
+
+    async def _receipt_after(
+        self, session: SessionRef, receipt: MessageReceipt, awaited: list[asyncio.Future[None]]
+    ) -> None:
+        await asyncio.wait(awaited)
+        for message in await self._store.apply_receipt(session, receipt, self._clock.now()):
+            self._on_outcome(message)
+
+    async def get(self, instance_id: str, message_id: str) -> Message | None:
+        """The message as stored, or as known here when its outcome is not stored yet."""
+        known = self._unrecorded.get(message_id)
+        if known is not None and known.instance_id == instance_id:
+            return known
+        return await self._store.get_message(instance_id, message_id)
 
     async def _record_intent(self, message: Message) -> None:
         """Commit the intent: nothing is sent unrecorded.

@@ -25,11 +25,14 @@ from service.domain.contract import (
     Status,
     status_text,
 )
+from service.domain.event_stream import EventStream, EventStreams, Opened
+from service.domain.events import EventFilter
 from service.domain.limits import Limits, check_watchers
 from service.domain.pairing import Pairing
+from service.domain.receipts import MessageReceipt
 from service.domain.registry import Registry
 from service.domain.sending import Sending, SendResult
-from service.domain.states import EngineEvent, Session, SessionRef
+from service.domain.states import EngineEvent, Session, SessionEvent, SessionRef
 from service.domain.watch import WatchClosed, Watcher, WatchHub
 from service.engine.port import EngineError, EngineFactory
 from service.faults import FaultPoints
@@ -87,6 +90,9 @@ class SessionManager:
         on_message = metrics.on_message if metrics is not None else None
         self._sending = Sending(self._registry, store, self.engine, clock, self._faults, on_message)
         self._registry.on_commit(self._after_commit)
+        #: The list-wide streams of the event log, fed by the store's commits.
+        self.events = EventStreams(store, self._limits)
+        store.on_events(self.events.appended)
 
     # Life cycle.
 
@@ -97,6 +103,7 @@ class SessionManager:
         of sessions deleted or logged out are forgotten; codes are expired or
         kept; paired sessions reconnect.
         """
+        await self.events.start()
         await self._registry.load()
         code, message = OUTCOME_UNKNOWN
         unknown = await self._store.mark_pending_unknown(code, message, self._clock.now())
@@ -114,6 +121,7 @@ class SessionManager:
         Credentials of deleted sessions are forgotten (what a crash between a
         deletion and its effect left behind, on any node).
         """
+        await self.events.start()
         await self.engine.forget_all_but(set())
 
     async def _resume(self, cell: SessionCell, session: Session) -> None:
@@ -172,12 +180,15 @@ class SessionManager:
             log.warning("restoring %s failed: %s", session.instance_id, error)
 
     def close_watches(self) -> None:
-        """End every watch stream: the server is shutting down."""
-        self.hub.close_all(WatchClosed("the Session Manager is shutting down"))
+        """End every watch stream, per session and list-wide: the server is shutting down."""
+        closing = WatchClosed("the Session Manager is shutting down")
+        self.hub.close_all(closing)
+        self.events.close_all(closing)
 
     async def close(self) -> None:
         """End every watch, stop timers and the engine; the store is closed by its owner."""
         self.close_watches()
+        await self.events.stop()
         await self._registry.close()
         await self.engine.close()
 
@@ -213,6 +224,22 @@ class SessionManager:
 
     def unwatch(self, instance_id: str, watcher: Watcher[Session]) -> None:
         self.hub.unsubscribe(instance_id, watcher)
+
+    async def watch_events(self, selected: EventFilter, after: int | None) -> Opened:
+        """A list-wide stream: the current state (or every event after ``after``), then
+        every event that matches ``selected``."""
+        return await self.events.open(selected, after)
+
+    def unwatch_events(self, stream: EventStream) -> None:
+        self.events.close(stream)
+
+    async def get_message(self, instance_id: str, message_id: str) -> Message:
+        """A message the session sent, as it stands; MESSAGE_NOT_FOUND if it sent none."""
+        await self.get(instance_id)
+        message = await self._sending.get(instance_id, message_id)
+        if message is None:
+            raise errors.message_not_found(instance_id, message_id)
+        return message
 
     # Administration.
 
@@ -266,20 +293,31 @@ class SessionManager:
 
     # The engine's reports.
 
-    async def report(self, session: SessionRef, event: EngineEvent) -> Session:
-        """Commit what the engine reports about one incarnation; returns the committed state.
+    async def report(self, session: SessionRef, event: EngineEvent) -> object:
+        """Commit what the engine reports about one incarnation: the session's committed
+        state, or the messages a receipt moved.
 
-        A report about a deleted incarnation is refused (SESSION_NOT_FOUND). After a
-        logout, what would bring the old connection back is refused until a new
-        pairing starts: it can only come from the connection that was unlinked.
+        A report about a deleted incarnation is refused (SESSION_NOT_FOUND).
+        """
+        if isinstance(event, MessageReceipt):
+            self._registry.cell_of(session)
+            return await self._sending.receipt(session, event)
+        return await self._report_session(session, event)
+
+    async def _report_session(self, session: SessionRef, event: SessionEvent) -> Session:
+        """Commit a session event; returns the committed state.
+
+        After a logout, what would bring the old connection back is refused
+        until a new pairing starts: it can only come from the connection that
+        was unlinked.
         """
         cell = self._registry.cell_of(session)
         check = _refuse_revival if _from_old_connection(event) else None
         return await self._registry.apply(cell, event, check=check)
 
-    async def report_current(self, instance_id: str, event: EngineEvent) -> Session:
+    async def report_current(self, instance_id: str, event: SessionEvent) -> Session:
         """Commit a report of the engine side's internal API about the current incarnation."""
-        return await self.report(await self.ref(instance_id), event)
+        return await self._report_session(await self.ref(instance_id), event)
 
     def _after_commit(self, cell: SessionCell, session: Session, event: states.Event) -> None:
         if isinstance(event, states.Disconnected) and event.reason == LOGOUT:
@@ -292,7 +330,7 @@ class SessionManager:
 _REVIVALS = (states.QRShown, states.QRScanned, states.Reconnecting, states.Connected)
 
 
-def _from_old_connection(event: EngineEvent) -> bool:
+def _from_old_connection(event: SessionEvent) -> bool:
     """Whether, after a logout, the event can only come from the connection that was unlinked:
     one that would bring it back, or a network drop of it (a logout needs no second one)."""
     if isinstance(event, states.Disconnected):

@@ -10,12 +10,14 @@ import base64
 import binascii
 import re
 import unicodedata
+from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
 
 from service.domain import contract, errors
+from service.domain.events import EventFilter
 from service.logs import escape_controls
 from sessionmanager.v1 import session_pb2
 
@@ -42,6 +44,9 @@ MAX_ERROR_MESSAGE = 1024
 MAX_PAIRING_CODE = 2048
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
+MAX_MESSAGE_ID = 128
+#: What an instance_id may start with: its own characters, up to its length.
+_PREFIX = re.compile(f"[{contract.INSTANCE_ID_REST}]{{0,{contract.INSTANCE_ID_MAX}}}")
 
 
 def _shown(value: str) -> str:
@@ -193,3 +198,38 @@ def page_token(token: str) -> str:
     if not INSTANCE_ID.fullmatch(last):
         raise errors.invalid_argument("page_token", "page_token is not a token this service gave")
     return last
+
+
+def message_id(value: str, iid: str) -> str:
+    """A message's identifier as Send returned it: 1 to 128 characters, no control ones."""
+    if not value or len(value) > MAX_MESSAGE_ID or not has_visible(value):
+        raise errors.invalid_argument(
+            "message_id",
+            f"message_id must be 1-{MAX_MESSAGE_ID} characters, as Send returned it, "
+            f"got '{_shown(value)}'",
+            iid,
+        )
+    _no_controls(value, "message_id", iid)
+    return value
+
+
+def event_filter(status: str | None, prefix: str, types: Iterable[str]) -> EventFilter:
+    """What a list-wide stream carries: a status (text form), an instance_id prefix and
+    event types (text forms); each optional."""
+    if status is not None and status not in contract.STATUS_TEXTS:
+        raise errors.invalid_argument("status", f"status has no valid value ({_shown(status)!r})")
+    if not _PREFIX.fullmatch(prefix):
+        raise errors.invalid_argument(
+            "instance_id_prefix",
+            f"instance_id_prefix must be at most {contract.INSTANCE_ID_MAX} characters of "
+            f"[{contract.INSTANCE_ID_REST}], got '{_shown(prefix)}'",
+        )
+    wanted = frozenset(types)
+    unknown = sorted(wanted - set(contract.EVENT_TYPE_TEXTS))
+    if unknown:
+        raise errors.invalid_argument(
+            "types",
+            f"types must be among {', '.join(contract.EVENT_TYPE_TEXTS)}; "
+            f"got '{_shown(', '.join(unknown))}'",
+        )
+    return EventFilter(status=status, instance_id_prefix=prefix, types=wanted)
