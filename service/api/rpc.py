@@ -6,21 +6,32 @@ unexpected becomes SESSION_MANAGER_ERROR and is logged, never UNKNOWN.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 import grpc
-from google.protobuf import timestamp_pb2
 
 from service.api.aborts import abort
+from service.api.resources import event_proto, message_proto, session_message, timestamp
 from service.domain import errors, states, validation
-from service.domain.contract import Status
+from service.domain.contract import (
+    DELIVERED,
+    FAILED,
+    READ,
+    MessageStatus,
+    Status,
+    event_type_text,
+    message_status_text,
+    status_text,
+)
+from service.domain.event_stream import Opened
+from service.domain.events import Event
 from service.domain.facade import Sessions
 from service.domain.sending import SendResult
-from service.domain.states import EngineEvent, Session, SessionRef
+from service.domain.states import Session, SessionEvent, SessionRef
 from service.domain.watch import WatchClosed
 from service.engine.port import EngineError, Phone
 from service.store import failures
@@ -50,45 +61,15 @@ Request = TypeVar("Request")
 Response = TypeVar("Response")
 Context = grpc.aio.ServicerContext[Any, Any]
 
+#: Seconds a list-wide stream idles before it sends a checkpoint (``SessionService(idle=)``).
+IDLE_CHECKPOINT = 15.0
+_EVENT_TYPES = {number for number in pb.EventType.values() if number != 0}
 _DISCONNECT_REASONS = {
     session_pb2.DISCONNECT_REASON_LOGOUT,
     session_pb2.DISCONNECT_REASON_NETWORK,
     session_pb2.DISCONNECT_REASON_TIMEOUT,
     session_pb2.DISCONNECT_REASON_UNKNOWN,
 }
-
-
-def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
-
-
-@functools.lru_cache(maxsize=4096)
-def session_message(s: Session) -> session_pb2.WhatsAppSession:
-    """The contract's ``WhatsAppSession`` for a committed session state.
-
-    Built once per state (states are immutable and hashable) and shared by
-    every reply and watcher that sends it: never modify the result.
-    """
-    message = session_pb2.WhatsAppSession(
-        id=s.id,
-        instance_id=s.instance_id,
-        status=s.status,
-        qr_status=s.qr_status,
-        created_at=_timestamp(s.created_at),
-        updated_at=_timestamp(s.updated_at),
-        revision=s.revision,
-    )
-    for name in ("phone_number", "qr_string", "last_error_code", "last_error_message"):
-        value = getattr(s, name)
-        if value is not None:
-            setattr(message, name, value)
-    for name in ("qr_generated_at", "qr_expires_at", "connected_at", "disconnected_at"):
-        value = getattr(s, name)
-        if value is not None:
-            getattr(message, name).FromDatetime(value)
-    return message
 
 
 @functools.lru_cache(maxsize=1024)
@@ -125,8 +106,10 @@ def unary(
 
 
 class SessionService(session_service_pb2_grpc.SessionServiceServicer):
-    def __init__(self, manager: Sessions) -> None:
+    def __init__(self, manager: Sessions, idle: float = IDLE_CHECKPOINT) -> None:
         self._manager = manager
+        #: Seconds a list-wide stream idles before it sends how far it has read the log.
+        self._idle = idle
 
     @unary
     async def GetSession(
@@ -144,7 +127,7 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
         assert session.qr_expires_at is not None
         return pb.RequestQRResponse(
             qr_string=session.qr_string,
-            qr_expires_at=_timestamp(session.qr_expires_at),
+            qr_expires_at=timestamp(session.qr_expires_at),
             session=session_message(session),
         )
 
@@ -195,6 +178,44 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
         finally:
             self._manager.unwatch(iid, watcher)
 
+    async def WatchSessions(
+        self, request: pb.WatchSessionsRequest, context: Context
+    ) -> AsyncIterator[pb.WatchSessionsResponse]:
+        try:
+            selected = validation.event_filter(
+                status_text(request.status) if request.HasField("status") else None,
+                request.instance_id_prefix,
+                [_event_type(number) for number in request.types],
+            )
+            after = request.after_sequence if request.HasField("after_sequence") else None
+            opened = await self._manager.watch_events(selected, after)
+        except errors.ContractError as error:
+            await abort(context, error)
+            return
+        except Exception as error:  # noqa: BLE001 - the contract's error for it
+            await abort(context, _unexpected(error))
+            return
+        try:
+            async for item in _stream_items(opened, self._idle):
+                yield item
+        except WatchClosed as closed:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, closed.why)
+        except errors.ContractError as error:  # the log was trimmed past this reader
+            await abort(context, error)
+        except Exception as error:  # noqa: BLE001 - the contract's error for it
+            await abort(context, _unexpected(error))
+        finally:
+            self._manager.unwatch_events(opened.stream)
+
+    @unary
+    async def GetMessage(
+        self, request: pb.GetMessageRequest, context: Context
+    ) -> pb.GetMessageResponse:
+        iid = validation.instance_id(request.instance_id)
+        message_id = validation.message_id(request.message_id, iid)
+        message = await self._manager.get_message(iid, message_id)
+        return pb.GetMessageResponse(message=message_proto(message))
+
     @unary
     async def CreateSession(
         self, request: pb.CreateSessionRequest, context: Context
@@ -227,12 +248,54 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
         return pb.DeleteSessionResponse()
 
 
+def _event_type(number: int) -> str:
+    if number not in _EVENT_TYPES:
+        raise errors.invalid_argument("types", f"types has no valid value ({number})")
+    return event_type_text(number)  # type: ignore[arg-type]
+
+
+async def _stream_items(opened: Opened, idle: float) -> AsyncIterator[pb.WatchSessionsResponse]:
+    """A list-wide stream's items: the current state and its checkpoint (without a cursor),
+    then each event; a checkpoint when it idles past events that did not match."""
+    stream = opened.stream
+    if opened.current is not None:
+        for session in opened.current:
+            yield _state_response(session)
+        yield _checkpoint(opened.position)
+    sent = opened.position
+    while True:
+        try:
+            async with asyncio.timeout(idle):
+                event = await stream.next()
+        except TimeoutError:
+            if stream.position > sent:
+                sent = stream.position
+                yield _checkpoint(sent)
+            continue
+        sent = event.sequence
+        yield _event_response(event)
+
+
+def _state_response(session: Session) -> pb.WatchSessionsResponse:
+    return pb.WatchSessionsResponse(session=session_message(session))
+
+
+def _checkpoint(sequence: int) -> pb.WatchSessionsResponse:
+    return pb.WatchSessionsResponse(checkpoint=pb.Checkpoint(sequence=sequence))
+
+
+@functools.lru_cache(maxsize=1024)
+def _event_response(event: Event) -> pb.WatchSessionsResponse:
+    """One message per event, shared by all of its readers."""
+    return pb.WatchSessionsResponse(event=event_proto(event))
+
+
 def _send_response(result: SendResult) -> pb.SendResponse:
     message = result.message
     response = pb.SendResponse(
         message_id=message.id,
         status=message.status,
-        accepted_at=_timestamp(message.accepted_at),
+        accepted_at=timestamp(message.accepted_at),
         replayed=result.replayed,
     )
     if message.whatsapp_message_id is not None:
@@ -293,7 +356,7 @@ class EngineService(engine_service_pb2_grpc.EngineServiceServicer):
     def __init__(self, manager: Sessions) -> None:
         self._manager = manager
 
-    async def _report(self, instance_id: str, event: EngineEvent) -> session_pb2.WhatsAppSession:
+    async def _report(self, instance_id: str, event: SessionEvent) -> session_pb2.WhatsAppSession:
         """Commit ``event`` on the current incarnation of ``instance_id``."""
         session = await self._manager.report_current(instance_id, event)
         return session_message(session)
@@ -483,6 +546,54 @@ class SimulatorService(simulator_service_pb2_grpc.SimulatorServiceServicer):
             session, code, validation.error_message(message, session.instance_id)
         )
         return sim_pb.FailSessionResponse(session=await self._current(session))
+
+    @simulated
+    async def DeliverMessage(
+        self, request: sim_pb.DeliverMessageRequest, context: Context
+    ) -> sim_pb.DeliverMessageResponse:
+        message = await self._receipt(request.instance_id, request.message_id, DELIVERED)
+        return sim_pb.DeliverMessageResponse(message=message)
+
+    @simulated
+    async def ReadMessage(
+        self, request: sim_pb.ReadMessageRequest, context: Context
+    ) -> sim_pb.ReadMessageResponse:
+        message = await self._receipt(request.instance_id, request.message_id, READ)
+        return sim_pb.ReadMessageResponse(message=message)
+
+    @simulated
+    async def FailMessage(
+        self, request: sim_pb.FailMessageRequest, context: Context
+    ) -> sim_pb.FailMessageResponse:
+        iid = validation.instance_id(request.instance_id)
+        code = validation.error_code(request.code or "SERVER_ERROR", iid)
+        text = request.message or "WhatsApp could not deliver the message"
+        failure = (code, validation.error_message(text, iid))
+        message = await self._receipt(iid, request.message_id, FAILED, failure)
+        return sim_pb.FailMessageResponse(message=message)
+
+    async def _receipt(
+        self,
+        instance_id: str,
+        message_id: str,
+        status: MessageStatus,
+        failure: tuple[str, str] = ("", ""),
+    ) -> pb.Message:
+        """Have WhatsApp report a receipt for a sent message; the message after it."""
+        session = await self._existing(instance_id)
+        iid = session.instance_id
+        message_id = validation.message_id(message_id, iid)
+        message = await self._manager.get_message(iid, message_id)
+        if message.whatsapp_message_id is None:
+            raise errors.ContractError(
+                session_pb2.ERROR_REASON_INVALID_TRANSITION,
+                f"message {message_id!r} was never accepted by WhatsApp "
+                f"({message_status_text(message.status)}): it gets no receipt",
+                instance_id=iid,
+                message_id=message_id,
+            )
+        await self._engine.receipt(session, message.whatsapp_message_id, status, *failure)
+        return message_proto(await self._manager.get_message(iid, message_id))
 
     @simulated
     async def InjectFault(

@@ -27,8 +27,10 @@ def start_http(
         cors_origins=settings.cors_origin_list,
         metrics=metrics,
     )
+    app = build_app(manager, options)
+    app.state.legacy_instance = settings.legacy_instance  # the old routes' session, if any
     server = HttpServer.start(
-        build_app(manager, options),
+        app,
         settings.http_address,
         grace=settings.shutdown_grace,
         tls_cert=settings.tls_cert,

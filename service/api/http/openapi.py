@@ -58,7 +58,78 @@ _EVENT: dict[str, Any] = {
     ]
 }
 
-_RESPONSE_MODELS: tuple[type[BaseModel], ...] = (schemas.ErrorJSON, schemas.EndEvent)
+
+def _json_data(model: str) -> dict[str, Any]:
+    return {
+        "type": "string",
+        "contentMediaType": JSON,
+        "contentSchema": {"$ref": _REF.format(model=model)},
+    }
+
+
+#: One event of the event log's stream (``GET /events``).
+_LOG_EVENT: dict[str, Any] = {
+    "oneOf": [
+        {
+            "type": "object",
+            "required": ["event", "data"],
+            "properties": {"event": {"const": "session"}, "data": _json_data("SessionJSON")},
+        },
+        {
+            "type": "object",
+            "required": ["event", "id", "data"],
+            "properties": {
+                "event": {"enum": ["checkpoint"]},
+                "id": {"type": "string", "pattern": "^[0-9]+$"},
+                "data": _json_data("CheckpointJSON"),
+            },
+        },
+        {
+            "type": "object",
+            "required": ["event", "id", "data"],
+            "properties": {
+                "event": {"enum": ["session.updated", "session.deleted", "message.updated"]},
+                "id": {"type": "string", "pattern": "^[0-9]+$"},
+                "data": _json_data("EventJSON"),
+            },
+        },
+        {
+            "type": "object",
+            "required": ["event", "data"],
+            "properties": {"event": {"const": "end"}, "data": _json_data("EndEvent")},
+        },
+    ]
+}
+
+#: What each event stream says it sends, by its handler's name.
+_STREAMS: dict[str, tuple[str, dict[str, Any]]] = {
+    "events": (
+        "An event stream: `retry: 2000`, then `event: session` events "
+        "(`id:` the revision, `data:` a SessionJSON), `: keep-alive` comments while idle, "
+        "and a final `event: end` whose data is an EndEvent.",
+        _EVENT,
+    ),
+    "all_events": (
+        "An event stream: `retry: 2000`; without a cursor the current state (`event: "
+        "session`, a SessionJSON each, no `id:`) and an `event: checkpoint`; then each event "
+        "(`event:` its type, `id:` its sequence number, `data:` an EventJSON); while idle a "
+        "checkpoint or a `: keep-alive` comment; a final `event: end` (EndEvent) when the "
+        "server stops or the log was trimmed past the reader.",
+        _LOG_EVENT,
+    ),
+}
+
+_RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
+    schemas.ErrorJSON,
+    schemas.EndEvent,
+    schemas.EventJSON,
+    schemas.CheckpointJSON,
+)
+#: The pattern of each path parameter.
+_PATH_PATTERNS = {
+    "instance_id": (schemas.INSTANCE_ID_PATTERN, "sender_51"),
+    "message_id": (schemas.MESSAGE_ID_PATTERN, "0f8b1c2e-4d5a-4b6c-9d7e-8f9a0b1c2d3e"),
+}
 
 
 def _reason_status(reason: session_pb2.ErrorReason.ValueType) -> int:
@@ -109,13 +180,14 @@ def _error_response(status: int, codes: list[str]) -> dict[str, Any]:
 def _parameters(spec: Endpoint) -> list[dict[str, Any]]:
     parameters: list[dict[str, Any]] = []
     for name in _PATH_PARAMETER.findall(spec.path):
+        pattern, example = _PATH_PATTERNS[name]
         parameters.append(
             {
                 "name": name,
                 "in": "path",
                 "required": True,
-                "schema": {"type": "string", "pattern": schemas.INSTANCE_ID_PATTERN},
-                "example": "sender_51",
+                "schema": {"type": "string", "pattern": pattern},
+                "example": example,
             }
         )
     if spec.query is not None:
@@ -157,12 +229,8 @@ def _success(spec: Endpoint) -> dict[str, Any]:
     if spec.response is None and spec.status == 204:
         return {"description": "Done; no body."}
     if spec.media_type == "text/event-stream":
-        return {
-            "description": "An event stream: `retry: 2000`, then `event: session` events "
-            "(`id:` the revision, `data:` a SessionJSON), `: keep-alive` comments while idle, "
-            "and a final `event: end` whose data is an EndEvent.",
-            "content": {"text/event-stream": {"schema": _EVENT}},
-        }
+        description, events = _STREAMS[spec.handler.__name__]
+        return {"description": description, "content": {"text/event-stream": {"schema": events}}}
     schema: dict[str, Any] = (
         {"$ref": _REF.format(model=spec.response.__name__)}
         if spec.response is not None
@@ -193,6 +261,13 @@ def _operation(spec: Endpoint) -> dict[str, Any]:
             "content": {JSON: {"schema": {"$ref": _REF.format(model=spec.body.__name__)}}},
         }
     operation["security"] = [] if spec.access is Access.OPEN else [{"bearer": []}, {"cookie": []}]
+    if spec.deprecated:
+        operation["deprecated"] = True
+        operation["description"] = (
+            "The old single-session service's route, served only with --legacy-instance "
+            "(otherwise 404) until its Sunset date; every answer carries Deprecation, Sunset "
+            "and a Link to the route that replaces it."
+        )
     return operation
 
 

@@ -1,69 +1,30 @@
-"""Domain values in their JSON form: seed 004's session, send results, errors.
+"""Domain values in their JSON form: seed 004's session, messages, send results, errors.
 
-Enums travel in their text form, timestamps as RFC 3339 in UTC with ``Z``
-(0, 3 or 6 fractional digits, as protobuf's JSON mapping writes them).
+The resources (a session, a message) have one JSON codec, ``service.domain.events``,
+shared with the event log; this module adds the HTTP API's own bodies. Enums
+travel in their text form, timestamps as RFC 3339 in UTC with ``Z`` (0, 3 or
+6 fractional digits, as protobuf's JSON mapping writes them).
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from datetime import UTC, datetime
 from typing import Any
 
-from service.domain.contract import message_status_text, qr_status_text, status_text
+from service.domain.contract import message_status_text
 from service.domain.errors import ContractError
+from service.domain.events import message_json, rfc3339, session_json, session_text
 from service.domain.sessions import SendResult
 from service.domain.states import Session
 
-_OPTIONAL_TIMES = ("qr_generated_at", "qr_expires_at", "connected_at", "disconnected_at")
-_OPTIONAL_ERRORS = ("last_error_code", "last_error_message")
-
-
-def rfc3339(value: datetime) -> str:
-    """``2026-01-04T12:34:56Z``, with milliseconds or microseconds only when present."""
-    value = value.astimezone(UTC)
-    text = value.strftime("%Y-%m-%dT%H:%M:%S")
-    micro = value.microsecond
-    if micro == 0:
-        return text + "Z"
-    if micro % 1000 == 0:
-        return f"{text}.{micro // 1000:03d}Z"
-    return f"{text}.{micro:06d}Z"
-
-
-def _optional_time(value: datetime | None) -> str | None:
-    return None if value is None else rfc3339(value)
-
-
-@functools.lru_cache(maxsize=4096)
-def session_json(s: Session) -> dict[str, Any]:
-    """The JSON object of one committed state, in seed 004's field order.
-
-    Built once per state (states are immutable) and shared: never modify it.
-    """
-    body: dict[str, Any] = {
-        "id": s.id,
-        "instance_id": s.instance_id,
-        "phone_number": s.phone_number,
-        "status": status_text(s.status),
-        "qr_status": qr_status_text(s.qr_status),
-        "qr_string": s.qr_string,
-    }
-    for name in _OPTIONAL_TIMES:
-        body[name] = _optional_time(getattr(s, name))
-    for name in _OPTIONAL_ERRORS:
-        body[name] = getattr(s, name)
-    body["created_at"] = rfc3339(s.created_at)
-    body["updated_at"] = rfc3339(s.updated_at)
-    body["revision"] = s.revision
-    return body
+__all__ = ["encode", "error_json", "message_json", "send_json", "session_bytes", "session_json"]
 
 
 @functools.lru_cache(maxsize=4096)
 def session_bytes(s: Session) -> bytes:
     """``session_json`` encoded, shared by every reply and event stream that sends it."""
-    return encode(session_json(s))
+    return session_text(s).encode()
 
 
 def send_json(result: SendResult) -> dict[str, Any]:

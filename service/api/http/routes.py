@@ -8,6 +8,7 @@ what the OpenAPI document is generated from.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -16,11 +17,17 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service.api.http import schemas
+from service.api.http import legacy, schemas
 from service.api.http.auth import COOKIE, COOKIE_SECONDS, Access, Authenticator
 from service.api.http.errors import JSON, invalid
-from service.api.http.payloads import encode, send_json, session_bytes, session_json
-from service.api.http.sse import SessionEventStream
+from service.api.http.payloads import (
+    encode,
+    message_json,
+    send_json,
+    session_bytes,
+    session_json,
+)
+from service.api.http.sse import EventLogStream, SessionEventStream
 from service.domain import states, validation
 from service.domain.contract import Reason, Status, status_from_text
 from service.domain.facade import Sessions
@@ -76,6 +83,8 @@ class Endpoint:
     headers: dict[str, str] = field(default_factory=dict)
     media_type: str = JSON
     tags: tuple[str, ...] = ("sessions",)
+    #: Served for the transition only, with a date it stops (``legacy``).
+    deprecated: bool = False
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -150,6 +159,35 @@ async def events(call: Call) -> Response:
         return Response(media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     watcher = await call.manager.watch(iid)
     return SessionEventStream(watcher, lambda: call.manager.unwatch(iid, watcher), call.keepalive)
+
+
+async def all_events(call: Call) -> Response:
+    query = call.parsed(schemas.EventsQuery)
+    types = [name.strip() for name in query.types.split(",") if name.strip()]
+    selected = validation.event_filter(query.status, query.instance_id_prefix, types)
+    opened = await call.manager.watch_events(selected, _cursor(call.request, query.after))
+    release = functools.partial(call.manager.unwatch_events, opened.stream)
+    if call.request.method == "HEAD":  # the headers a stream would have, and no stream
+        release()
+        return Response(media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return EventLogStream(opened, release, call.keepalive)
+
+
+def _cursor(request: Request, after: int | None) -> int | None:
+    """Where a list-wide stream resumes: ``Last-Event-ID`` (a reconnecting EventSource),
+    else the ``after`` parameter, else nowhere (the current state first)."""
+    last_id = request.headers.get("last-event-id")
+    if last_id is None or not last_id.strip():
+        return after
+    if not last_id.strip().isdigit():
+        raise invalid("Last-Event-ID", f"Last-Event-ID must be a sequence number, got {last_id!r}")
+    return int(last_id)
+
+
+async def get_message(call: Call) -> Response:
+    iid = call.instance_id
+    message_id = validation.message_id(call.request.path_params["message_id"], iid)
+    return _json(message_json(await call.manager.get_message(iid, message_id)))
 
 
 async def create_session(call: Call) -> Response:
@@ -227,6 +265,8 @@ async def clear_cookie(call: Call) -> Response:
 
 _SESSION = f"{PREFIX}/sessions/{{instance_id}}"
 _ID = (R.ERROR_REASON_INVALID_INSTANCE_ID, R.ERROR_REASON_SESSION_NOT_FOUND)
+#: The old routes: 404 when they are not served, or when their session is missing.
+_LEGACY = (R.ERROR_REASON_SESSION_NOT_FOUND,)
 
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
@@ -363,6 +403,31 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         reasons=(*_ID, R.ERROR_REASON_LIMIT_EXCEEDED),
     ),
     Endpoint(
+        "GET",
+        f"{_SESSION}/messages/{{message_id}}",
+        get_message,
+        "A message the session sent, and where it stands (GetMessage).",
+        Access.PUBLIC,
+        response=schemas.MessageJSON,
+        reasons=(*_ID, R.ERROR_REASON_INVALID_ARGUMENT, R.ERROR_REASON_MESSAGE_NOT_FOUND),
+    ),
+    Endpoint(
+        "GET",
+        f"{PREFIX}/events",
+        all_events,
+        "Server-Sent Events of every session and message, from the event log: the current "
+        "state, or every event after a cursor, then every event (WatchSessions).",
+        Access.PUBLIC,
+        query=schemas.EventsQuery,
+        media_type="text/event-stream",
+        headers={"Last-Event-ID": "Resume after this sequence number (EventSource sends it)."},
+        reasons=(
+            R.ERROR_REASON_INVALID_ARGUMENT,
+            R.ERROR_REASON_CURSOR_EXPIRED,
+            R.ERROR_REASON_LIMIT_EXCEEDED,
+        ),
+    ),
+    Endpoint(
         "POST",
         f"{PREFIX}/sessions",
         create_session,
@@ -413,5 +478,75 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         body=schemas.DisconnectedEvent,
         reasons=(*_ID, R.ERROR_REASON_INVALID_ARGUMENT, R.ERROR_REASON_INVALID_TRANSITION),
         tags=("internal",),
+    ),
+    # The old single-session service (seed 003 §0), for the transition: --legacy-instance.
+    Endpoint(
+        "GET",
+        "/status",
+        legacy.legacy_status,
+        "Deprecated: the legacy session's status word (GET /api/session-manager/sessions/{id}).",
+        Access.PUBLIC,
+        response=schemas.LegacyStatus,
+        reasons=_LEGACY,
+        tags=("legacy",),
+        deprecated=True,
+    ),
+    Endpoint(
+        "GET",
+        "/qr",
+        legacy.legacy_qr,
+        "Deprecated: the legacy session's valid QR code (POST .../sessions/{id}/qr).",
+        Access.PUBLIC,
+        response=schemas.LegacyStatus,
+        reasons=(
+            *_LEGACY,
+            R.ERROR_REASON_SESSION_ALREADY_CONNECTED,
+            R.ERROR_REASON_QR_NOT_AVAILABLE,
+        ),
+        tags=("legacy",),
+        deprecated=True,
+    ),
+    Endpoint(
+        "POST",
+        "/connect",
+        legacy.legacy_connect,
+        "Deprecated: create the legacy session if needed and show its QR code "
+        "(POST .../sessions/{id}/qr).",
+        Access.PUBLIC,
+        response=schemas.LegacyStatus,
+        reasons=(*_LEGACY, R.ERROR_REASON_QR_GENERATION_FAILED),
+        tags=("legacy",),
+        deprecated=True,
+    ),
+    Endpoint(
+        "POST",
+        "/disconnect",
+        legacy.legacy_disconnect,
+        "Deprecated: unlink the legacy session's device (POST .../sessions/{id}/disconnect).",
+        Access.PUBLIC,
+        response=schemas.LegacyStatus,
+        reasons=(*_LEGACY, R.ERROR_REASON_SESSION_NOT_CONNECTED),
+        tags=("legacy",),
+        deprecated=True,
+    ),
+    Endpoint(
+        "POST",
+        "/send",
+        legacy.legacy_send,
+        "Deprecated: send from the legacy session; cliente_id is ignored "
+        "(POST .../sessions/{id}/send).",
+        Access.PUBLIC,
+        response=schemas.SendResponse,
+        body=schemas.LegacySendBody,
+        headers={"Idempotency-Key": "Same as the body's idempotency_key."},
+        reasons=(
+            *_LEGACY,
+            R.ERROR_REASON_INVALID_ARGUMENT,
+            R.ERROR_REASON_SESSION_NOT_CONNECTED,
+            R.ERROR_REASON_WHATSAPP_ERROR,
+            R.ERROR_REASON_LIMIT_EXCEEDED,
+        ),
+        tags=("legacy",),
+        deprecated=True,
     ),
 )

@@ -12,11 +12,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.config import JsonDict
 
-from service.domain import validation
+from service.domain import contract, validation
 
 StatusText = Literal["init", "qr_required", "connecting", "connected", "disconnected", "error"]
 QRStatusText = Literal["none", "generated", "expired", "used"]
-MessageStatusText = Literal["pending", "sent", "failed"]
+MessageStatusText = Literal["pending", "sent", "failed", "unknown", "delivered", "read"]
+EventTypeText = Literal["session.updated", "session.deleted", "message.updated"]
+LegacyStatusText = Literal["INIT", "QR_REQUIRED", "AUTHENTICATED", "READY", "DISCONNECTED", "ERROR"]
 DisconnectReasonText = Literal["LOGOUT", "NETWORK", "TIMEOUT", "UNKNOWN"]
 
 # The patterns and lengths say in JSON Schema what ``validation`` accepts, so
@@ -34,6 +36,10 @@ _NO_CONTROL = r"[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
 #: Not blank, no control characters.
 KEY_PATTERN = rf"^{_NO_CONTROL}*[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f\s]{_NO_CONTROL}*$"
 
+#: A message id as Send gave it (a UUID); ``validation.message_id`` checks it.
+MESSAGE_ID_PATTERN = r"^[^\x00-\x1f\x7f]{1,128}$"
+#: The start of an instance_id: a stream's filter.
+PREFIX_PATTERN = f"^[{contract.INSTANCE_ID_REST}]{{0,{contract.INSTANCE_ID_MAX}}}$"
 _INSTANCE_ID: JsonDict = {"pattern": INSTANCE_ID_PATTERN}
 _PHONE: JsonDict = {"pattern": PHONE_PATTERN}
 _TIMESTAMP: JsonDict = {"format": "date-time", "examples": ["2026-01-04T12:34:56Z"]}
@@ -104,6 +110,32 @@ class ListQuery(BaseModel):
     status: StatusText | None = Field(default=None, description="Only sessions in this status.")
 
 
+class EventsQuery(BaseModel):
+    """The query of ``GET /events``; strings are converted, unknown parameters ignored."""
+
+    after: int | None = Field(
+        default=None,
+        description="Resume: every event after this sequence number, instead of the current "
+        "state first. The Last-Event-ID header, which a reconnecting EventSource sends, wins.",
+        json_schema_extra={"minimum": 0},
+    )
+    status: StatusText | None = Field(
+        default=None,
+        description="Only sessions in this status: the session events that bring a session "
+        "into it, keep it there or take it out; no message events.",
+    )
+    instance_id_prefix: str = Field(
+        default="",
+        description="Only sessions (and their messages) whose instance_id starts with this.",
+        json_schema_extra={"pattern": PREFIX_PATTERN},
+    )
+    types: str = Field(
+        default="",
+        description="Only these event types, comma-separated: session.updated, "
+        "session.deleted, message.updated; empty for all.",
+    )
+
+
 class SessionJSON(_Response):
     """Seed 004's ``WhatsAppSession``: every field present, ``null`` when absent."""
 
@@ -122,6 +154,41 @@ class SessionJSON(_Response):
     created_at: str = Field(json_schema_extra=_TIMESTAMP)
     updated_at: str = Field(json_schema_extra=_TIMESTAMP)
     revision: int = Field(description="+1 on every committed change of this session.")
+
+
+class MessageJSON(_Response):
+    """A message a session sent, and where it stands (forward only)."""
+
+    message_id: str
+    instance_id: str
+    session_id: int = Field(description="The id of the session incarnation that sent it.")
+    idempotency_key: str | None
+    to: str
+    status: MessageStatusText
+    whatsapp_message_id: str | None
+    error_code: str | None
+    error_message: str | None
+    accepted_at: str = Field(json_schema_extra=_TIMESTAMP)
+    updated_at: str = Field(json_schema_extra=_TIMESTAMP)
+    delivered_at: str | None = Field(json_schema_extra=_TIMESTAMP)
+    read_at: str | None = Field(json_schema_extra=_TIMESTAMP)
+
+
+class EventJSON(_Response):
+    """One event of the log: ``session`` for session events, ``message`` for message events."""
+
+    sequence: int = Field(description="Strictly increasing in commit order; resume after it.")
+    id: str = Field(description="evt_ and 32 hex digits: stable wherever it is read.")
+    type: EventTypeText
+    occurred_at: str = Field(json_schema_extra=_TIMESTAMP)
+    session: SessionJSON | None = None
+    message: MessageJSON | None = None
+
+
+class CheckpointJSON(_Response):
+    """How far a list-wide stream has read the log: resume after ``sequence``."""
+
+    sequence: int
 
 
 class QRResponse(_Response):
@@ -165,5 +232,34 @@ class ErrorJSON(_Response):
 class EndEvent(_Response):
     """The data of the final ``end`` event of a stream."""
 
-    reason: Literal["deleted", "shutdown"]
+    reason: Literal["deleted", "shutdown", "expired"]
     message: str
+
+
+class LegacySendBody(_Request):
+    """``POST /send`` of the old single-session service: ``cliente_id`` is accepted and ignored."""
+
+    to: str = Field(json_schema_extra={"pattern": RECIPIENT_PATTERN}, examples=["+5491100000000"])
+    message: str | None = Field(
+        default=None,
+        json_schema_extra={"pattern": TEXT_PATTERN, "maxLength": validation.MAX_TEXT},
+        description="The text (the old name); `text` works too.",
+    )
+    text: str | None = Field(
+        default=None,
+        json_schema_extra={"pattern": TEXT_PATTERN, "maxLength": validation.MAX_TEXT},
+    )
+    cliente_id: int | str | None = Field(default=None, description="Accepted and ignored.")
+    idempotency_key: str | None = Field(
+        default=None,
+        json_schema_extra={"pattern": KEY_PATTERN, "maxLength": validation.MAX_IDEMPOTENCY_KEY},
+    )
+
+
+class LegacyStatus(_Response):
+    """The old service's answer: its status word, and the session in the contract's form."""
+
+    status: LegacyStatusText
+    session: SessionJSON
+    qr_string: str | None = None
+    qr_expires_at: str | None = Field(default=None, json_schema_extra=_TIMESTAMP)

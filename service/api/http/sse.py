@@ -1,4 +1,5 @@
-"""A session's live events as Server-Sent Events.
+"""Live events as Server-Sent Events: one session's (``SessionEventStream``) and the
+event log's, list-wide (``EventLogStream``).
 
 The stream is a ``WatchSession`` over HTTP: the same bounded, coalescing
 watcher, so a slow reader skips to the latest state and never holds anybody
@@ -7,6 +8,14 @@ committed change in revision order (``id:`` is the revision), a comment line
 while idle, and a final ``end`` event when the session is deleted or the
 server stops. A reconnecting ``EventSource`` simply opens a new watch and gets
 the current state again.
+
+The list-wide stream follows the event log: the current state (each session as
+``event: session``, without an ``id``), then ``event: checkpoint`` with ``id:``
+its sequence number, then every event as ``event: <type>`` (``session.updated``,
+``session.deleted``, ``message.updated``) with ``id:`` its sequence number. A
+reconnecting ``EventSource`` sends the last id as ``Last-Event-ID`` and gets
+every event after it, each exactly once. While idle it sends a checkpoint if it
+has looked past events that did not match, else a comment line.
 """
 
 from __future__ import annotations
@@ -18,6 +27,9 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from service.api.http.payloads import encode, session_bytes
+from service.domain.errors import ContractError
+from service.domain.event_stream import Opened
+from service.domain.events import Event, event_text
 from service.domain.states import Session
 from service.domain.watch import WatchClosed, Watcher
 
@@ -32,6 +44,56 @@ def session_event(session: Session) -> bytes:
 def end_event(closed: WatchClosed) -> bytes:
     data = {"reason": "deleted" if closed.deleted else "shutdown", "message": closed.why}
     return b"event: end\ndata: %s\n\n" % encode(data)
+
+
+def state_item(session: Session) -> bytes:
+    """A session of a list-wide stream's current state: no ``id``, it is no place in the log."""
+    return b"event: session\ndata: %s\n\n" % session_bytes(session)
+
+
+def checkpoint(sequence: int) -> bytes:
+    return b'id: %d\nevent: checkpoint\ndata: {"sequence":%d}\n\n' % (sequence, sequence)
+
+
+def log_event(event: Event) -> bytes:
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (
+        event.sequence,
+        event.type.encode(),
+        event_text(event).encode(),
+    )
+
+
+def expired_event(error: ContractError) -> bytes:
+    return b"event: end\ndata: %s\n\n" % encode({"reason": "expired", "message": error.message})
+
+
+async def _log_events(opened: Opened, keepalive: float) -> AsyncIterator[bytes]:
+    yield RETRY
+    stream = opened.stream
+    if opened.current is not None:
+        for session in opened.current:
+            yield state_item(session)
+        yield checkpoint(opened.position)
+    sent = opened.position
+    while True:
+        try:
+            async with asyncio.timeout(keepalive):
+                event = await stream.next()
+        except TimeoutError:
+            if stream.position > sent:
+                sent = stream.position
+                yield checkpoint(sent)
+            else:
+                yield KEEP_ALIVE
+            continue
+        except WatchClosed as closed:
+            yield end_event(closed)
+            return
+        except ContractError as error:  # CURSOR_EXPIRED: the log was trimmed past this reader
+            yield expired_event(error)
+            return
+        sent = event.sequence
+        yield log_event(event)
 
 
 async def _events(watcher: Watcher[Session], keepalive: float) -> AsyncIterator[bytes]:
@@ -58,6 +120,24 @@ class SessionEventStream(StreamingResponse):
     ) -> None:
         super().__init__(
             _events(watcher, keepalive),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
+class EventLogStream(StreamingResponse):
+    """The event log as an event stream; it closes its reader however the response ends."""
+
+    def __init__(self, opened: Opened, release: Callable[[], None], keepalive: float) -> None:
+        super().__init__(
+            _log_events(opened, keepalive),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
