@@ -9,6 +9,7 @@ action (a scan with no valid code, say) fails the action with that error.
 from __future__ import annotations
 
 from service.domain import errors
+from service.domain.contract import DELIVERED, FAILED, READ, MessageStatus
 from service.domain.states import SessionRef
 from service.engine.process import WorkerProcess
 from service.engine.protocol import Command
@@ -16,6 +17,12 @@ from service.engine.supervisor import WorkerEngine
 from sessionmanager.v1 import session_pb2
 
 Action = Command.SimulatePhone
+#: The phone action that has WhatsApp report each receipt.
+_RECEIPT_ACTIONS = {
+    DELIVERED: Action.ACTION_DELIVER,
+    READ: Action.ACTION_READ,
+    FAILED: Action.ACTION_FAIL_MESSAGE,
+}
 
 
 class WorkerPhone:
@@ -52,6 +59,22 @@ class WorkerPhone:
             self._pairing_faults.add(session)
             return
         await self._act(session, Action(action=Action.ACTION_FAULT_SEND))
+
+    async def receipt(
+        self,
+        session: SessionRef,
+        whatsapp_message_id: str,
+        status: MessageStatus,
+        code: str = "",
+        message: str = "",
+    ) -> None:
+        action = Action(
+            action=_RECEIPT_ACTIONS[status],
+            message_id=whatsapp_message_id,
+            code=code,
+            message=message,
+        )
+        await self._act(session, action)
 
     async def _arm_pairing_fault(self, session: SessionRef, worker: WorkerProcess) -> None:
         if session in self._pairing_faults:

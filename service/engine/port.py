@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+from service.domain.contract import MessageStatus
 from service.domain.states import EngineEvent, SessionRef
 
 #: Where an engine reports a fact about a session; raises the contract error
@@ -108,6 +109,16 @@ class Phone(Protocol):
     async def fail(self, session: SessionRef, code: str, message: str) -> None: ...
 
     async def inject_fault(self, session: SessionRef, fault: str) -> None: ...
+
+    async def receipt(
+        self,
+        session: SessionRef,
+        whatsapp_message_id: str,
+        status: MessageStatus,
+        code: str = "",
+        message: str = "",
+    ) -> None:
+        """WhatsApp reports the message delivered, read or (``code``, ``message``) failed."""
 
 
 EngineFactory = Callable[[Report], Engine]

@@ -5,19 +5,22 @@ Frames are a 4-byte big-endian length, then the message: ``WorkerCommand``
 (server to worker, on the worker's standard input) and ``WorkerEvent``
 (worker to server, on its standard output), defined in
 ``protos/sessionmanager/v1/worker.proto``. A report is a ``states`` event on
-both sides of the pipe; only this module spells out how each one travels.
+both sides of the pipe (a receipt for sent messages is a ``MessageReceipt``);
+only this module spells out how each one travels.
 """
 
 from __future__ import annotations
 
 import asyncio
 import struct
-from datetime import datetime
+from datetime import UTC, datetime
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from service.domain import states
+from service.domain.receipts import RECEIPT_STATUSES, MessageReceipt
 from service.engine.port import EngineError
 from sessionmanager.v1 import worker_pb2
 
@@ -89,6 +92,13 @@ def report_frame(event: states.EngineEvent, now: datetime) -> Event:
             return Event(failed=Event.Failed(code=code, message=message))
         case states.PairingFailed(code, message):
             return Event(pairing_failed=Event.PairingFailed(code=code, message=message))
+        case MessageReceipt(ids, status, at, code, message):
+            stamp = Timestamp()
+            stamp.FromDatetime(at)
+            receipt = Event.Receipt(
+                message_ids=ids, status=status, at=stamp, code=code or "", message=message or ""
+            )
+            return Event(receipt=receipt)
     raise AssertionError(f"unknown report {event!r}")
 
 
@@ -110,6 +120,8 @@ def report_of(frame: Event, now: datetime) -> states.EngineEvent:
             return states.Failed(frame.failed.code, frame.failed.message)
         case "pairing_failed":
             return states.PairingFailed(frame.pairing_failed.code, frame.pairing_failed.message)
+        case "receipt":
+            return _receipt(frame.receipt)
     raise ProtocolError(f"not a report: {frame.WhichOneof('event')}")
 
 
@@ -127,3 +139,15 @@ def check_reply(reply: Reply) -> Reply:
     if reply.error_code:
         raise EngineError(reply.error_code, reply.error_message, definite=not reply.outcome_unknown)
     return reply
+
+
+def _receipt(frame: Event.Receipt) -> MessageReceipt:
+    if frame.status not in RECEIPT_STATUSES:
+        raise ProtocolError(f"a receipt reports delivered, read or failed, not {frame.status}")
+    return MessageReceipt(
+        tuple(frame.message_ids),
+        frame.status,
+        frame.at.ToDatetime(tzinfo=UTC),
+        frame.code or None,
+        frame.message or None,
+    )

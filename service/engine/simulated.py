@@ -5,7 +5,8 @@ first code valid for 60 s, then rotates to a new code every 20 s, six codes
 in all (durations configurable), and reports everything as ``states`` events
 through its one ``Report``. On command (``SimulatorService``) the phone scans, the
 handshake completes, the network drops and comes back, the phone unlinks the
-device, or the session fails for good. Codes are realistic whatsmeow pairing
+device, or the session fails for good; and WhatsApp reports a sent message
+delivered, read, or failed after all. Codes are realistic whatsmeow pairing
 payloads, derived from the instance id and a counter so runs are repeatable.
 
 In a worker the simulated engine keeps credentials like the real one: a
@@ -27,7 +28,8 @@ from datetime import datetime, timedelta
 
 from service.clock import Clock
 from service.domain import states
-from service.domain.contract import LOGOUT, NETWORK
+from service.domain.contract import LOGOUT, NETWORK, MessageStatus
+from service.domain.receipts import MessageReceipt
 from service.domain.states import SessionRef
 from service.engine.credentials import DeviceStore
 from service.engine.port import EngineError, Report
@@ -231,3 +233,16 @@ class SimulatedEngine:
 
     async def inject_fault(self, session: SessionRef, fault: str) -> None:
         self._device(session).faults.add(fault)
+
+    async def receipt(
+        self,
+        session: SessionRef,
+        whatsapp_message_id: str,
+        status: MessageStatus,
+        code: str = "",
+        message: str = "",
+    ) -> None:
+        receipt = MessageReceipt(
+            (whatsapp_message_id,), status, self._clock.now(), code or None, message or None
+        )
+        await self._report(session, receipt)

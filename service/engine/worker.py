@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 
 from service.clock import SystemClock
+from service.domain.contract import DELIVERED, FAILED, READ
 from service.domain.states import EngineEvent, SessionRef
 from service.engine.credentials import LOCATION_VARIABLE, DeviceStore, device_store
 from service.engine.port import Engine, EngineError, Report
@@ -228,6 +229,12 @@ class Worker:
                 await phone.inject_fault(session, "pairing")
             case Action.ACTION_FAULT_SEND:
                 await phone.inject_fault(session, "send")
+            case Action.ACTION_DELIVER:
+                await phone.receipt(session, action.message_id, DELIVERED)
+            case Action.ACTION_READ:
+                await phone.receipt(session, action.message_id, READ)
+            case Action.ACTION_FAIL_MESSAGE:
+                await phone.receipt(session, action.message_id, FAILED, action.code, action.message)
             case _:
                 raise EngineError("UNKNOWN_ACTION", f"unknown phone action {action.action}")
 
