@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -249,6 +250,88 @@ def test_retry_policy_covers_only_idempotent_reads() -> None:
     config = json.loads(options["grpc.service_config"])
     (method_config,) = config["methodConfig"]
     names = {entry["method"] for entry in method_config["name"]}
-    assert names == {"GetSession", "ListSessions", "WatchSession"}
+    assert names == {"GetSession", "ListSessions", "WatchSession", "WatchSessions", "GetMessage"}
     assert method_config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
     assert "grpc.service_config" not in dict(ChannelSettings(retry=False).channel_options())
+
+
+def test_a_send_with_its_key_is_sent_again_after_unavailable(
+    client: SessionManagerClient, channel: Any, pool: Calls
+) -> None:
+    """The server answers a repeated key with the first result: trying again is safe."""
+    future = call(pool, lambda: client.send("sender_51", "+5491100000000", "hola", "order-1"))
+    _, first, rpc = channel.take_unary_unary(method("Send"))
+    rpc.terminate(None, (), grpc.StatusCode.UNAVAILABLE, "connection reset")
+    _, second, rpc = channel.take_unary_unary(method("Send"))
+    assert second == first
+    assert second.idempotency_key == "order-1"
+    rpc.terminate(pb.SendResponse(message_id="m-1", replayed=True), (), grpc.StatusCode.OK, "")
+    assert future.result(5).message_id == "m-1"
+
+
+def test_a_send_without_a_key_is_never_sent_again(
+    client: SessionManagerClient, channel: Any, pool: Calls
+) -> None:
+    future = call(pool, lambda: client.send("sender_51", "+5491100000000", "hola"))
+    _, request, rpc = channel.take_unary_unary(method("Send"))
+    assert not request.HasField("idempotency_key")
+    rpc.terminate(None, (), grpc.StatusCode.UNAVAILABLE, "connection reset")
+    with pytest.raises(errors.SessionManagerUnavailableError):
+        future.result(5)  # answered after one call: a second one would keep it waiting
+
+
+def test_a_keyed_send_refused_by_the_contract_is_not_sent_again(
+    client: SessionManagerClient, channel: Any, pool: Calls
+) -> None:
+    future = call(pool, lambda: client.send("sender_51", "+5491100000000", "hola", "order-2"))
+    _, _, rpc = channel.take_unary_unary(method("Send"))
+    refused = trailers("WHATSAPP_ERROR", grpc.StatusCode.UNAVAILABLE, "no", instance_id="s")
+    rpc.terminate(None, refused, grpc.StatusCode.UNAVAILABLE, "no")
+    with pytest.raises(errors.WhatsAppError):
+        future.result(5)
+
+
+def test_the_list_stream_resumes_after_the_last_event_it_received(
+    client: SessionManagerClient, channel: Any, pool: Calls
+) -> None:
+    """After UNAVAILABLE the stream subscribes again after its cursor: nothing twice."""
+
+    items: list[str] = []
+
+    def first_five() -> list[str]:
+        stream = client.watch_sessions(types=["session.updated"])
+        items.extend(_item(next(stream)) for _ in range(5))
+        stream.close()
+        return items
+
+    future = call(pool, first_five)
+    _, request, rpc = channel.take_unary_stream(method("WatchSessions"))
+    assert not request.HasField("after_sequence")
+    assert list(request.types) == [pb.EVENT_TYPE_SESSION_UPDATED]
+    rpc.send_response(pb.WatchSessionsResponse(session=session_pb2.WhatsAppSession(id=1)))
+    rpc.send_response(pb.WatchSessionsResponse(checkpoint=pb.Checkpoint(sequence=5)))
+    rpc.send_response(pb.WatchSessionsResponse(event=pb.Event(sequence=6)))
+    _until(lambda: len(items) == 3)  # read before the stream breaks, as over a real connection
+    rpc.terminate((), grpc.StatusCode.UNAVAILABLE, "the server restarted")
+    _, again, rpc = channel.take_unary_stream(method("WatchSessions"))
+    assert again.after_sequence == 6
+    for sequence in (6, 7, 8):  # a repeated event is not handed out twice
+        rpc.send_response(pb.WatchSessionsResponse(event=pb.Event(sequence=sequence)))
+    assert future.result(5) == ["session 1", "checkpoint 5", "event 6", "event 7", "event 8"]
+    rpc.terminate((), grpc.StatusCode.OK, "")
+
+
+def _item(item: pb.WatchSessionsResponse) -> str:
+    kind = item.WhichOneof("item")
+    if kind == "session":
+        return f"session {item.session.id}"
+    if kind == "checkpoint":
+        return f"checkpoint {item.checkpoint.sequence}"
+    return f"event {item.event.sequence}"
+
+
+def _until(condition: Callable[[], bool], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not hold in time"
+        time.sleep(0.01)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -183,6 +184,24 @@ async def test_every_reason_has_its_status_and_body(
     assert (details["engine_code"], details["replayed"]) == ("ENGINE_TIMEOUT", "false")
     assert details["message_id"]
     seen.add("MESSAGE_OUTCOME_UNKNOWN")
+
+    expect(
+        await http.get("/sessions/sender_4/messages/no-such-message"),
+        404,
+        "MESSAGE_NOT_FOUND",
+        instance_id="sender_4",
+        message_id="no-such-message",
+    )
+    store = harness.running.store
+    removed = await store.trim_events(harness.clock.now() + timedelta(days=1), 100_000)
+    assert removed == (await store.log_position()).trimmed > 1
+    expect(
+        await http.get("/events", params={"after": "1"}),
+        410,
+        "CURSOR_EXPIRED",
+        after_sequence="1",
+        trimmed_through=str(removed),
+    )
 
     async def read_only(db: sql.Db) -> None:
         await db.execute("PRAGMA query_only = ON")  # SQLite refuses every write from now on

@@ -35,10 +35,11 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 10.0
 SESSION_SERVICE = pb.DESCRIPTOR.services_by_name["SessionService"].full_name
 
-#: Only idempotent reads are retried, and only on UNAVAILABLE; never Send or
-#: any other write. For WatchSession, gRPC retries only the opening of the
-#: stream (before the first message arrives).
-RETRIED_METHODS = ("GetSession", "ListSessions", "WatchSession")
+#: Only idempotent reads are retried by the channel, and only on UNAVAILABLE; never
+#: Send or any other write. For WatchSession and WatchSessions, gRPC retries only
+#: the opening of the stream (before the first message arrives). A Send that
+#: carries its idempotency key is retried by the client itself (``SendRetry``).
+RETRIED_METHODS = ("GetSession", "ListSessions", "WatchSession", "WatchSessions", "GetMessage")
 
 
 def service_config(
@@ -122,6 +123,54 @@ class Backoff:
 
     def delay(self, attempt: int) -> float:
         return float(min(self.maximum, self.initial * self.multiplier ** max(0, attempt - 1)))
+
+
+#: How a Send that carries its idempotency key is tried again after UNAVAILABLE.
+SEND_RETRY = Backoff(initial=0.2, maximum=2.0, multiplier=2.0, max_attempts=3)
+
+
+class SendRetry:
+    """When a Send is tried again: only with its idempotency key, only on UNAVAILABLE from
+    the transport (never a contract error, not even WHATSAPP_ERROR), a few times.
+
+    The server answers a repeated key with the first result and sends nothing again,
+    so the retry cannot send a message twice; a Send without a key never is retried.
+    """
+
+    def __init__(self, idempotency_key: str | None, backoff: Backoff = SEND_RETRY) -> None:
+        self._keyed = idempotency_key is not None
+        self._backoff = backoff
+        self._failures = 0
+
+    def delay_after(self, error: SessionManagerClientError) -> float | None:
+        """Seconds to wait before sending again, or ``None``: the call fails with ``error``."""
+        if not self._keyed or not isinstance(error, SessionManagerUnavailableError):
+            return None
+        self._failures += 1
+        limit = self._backoff.max_attempts
+        if limit is not None and self._failures > limit:
+            return None
+        return self._backoff.delay(self._failures)
+
+
+class StreamCursor:
+    """Where a list-wide stream stands: the sequence number of the last event or
+    checkpoint received (``None`` until the first one: resuming then starts over
+    from the current state). Keep ``sequence`` to resume in another process."""
+
+    def __init__(self, after_sequence: int | None = None) -> None:
+        self.sequence = after_sequence
+
+    def admit(self, item: pb.WatchSessionsResponse) -> bool:
+        """Whether ``item`` reaches the caller; it never repeats an event nor goes back."""
+        kind = item.WhichOneof("item")
+        if kind == "session":
+            return True
+        number = item.event.sequence if kind == "event" else item.checkpoint.sequence
+        if self.sequence is not None and number <= self.sequence:
+            return False
+        self.sequence = number
+        return True
 
 
 @dataclass(frozen=True)
@@ -230,3 +279,28 @@ def fault_request(instance_id: str, fault: str) -> sim.InjectFaultRequest:
     return sim.InjectFaultRequest(
         instance_id=instance_id, fault=FAULTS.get(fault, sim.FAULT_UNSPECIFIED)
     )
+
+
+def get_message_request(instance_id: str, message_id: str) -> pb.GetMessageRequest:
+    return pb.GetMessageRequest(instance_id=instance_id, message_id=message_id)
+
+
+def event_type_number(text: str) -> pb.EventType.ValueType:
+    """``session.updated`` -> ``EVENT_TYPE_SESSION_UPDATED``."""
+    try:
+        return pb.EventType.Value("EVENT_TYPE_" + text.replace(".", "_").upper())
+    except ValueError:
+        raise ValueError(f"no event type {text!r}") from None
+
+
+def watch_sessions_request(
+    after_sequence: int | None, status: str | None, instance_id_prefix: str, types: Sequence[str]
+) -> pb.WatchSessionsRequest:
+    request = pb.WatchSessionsRequest(
+        instance_id_prefix=instance_id_prefix, types=[event_type_number(t) for t in types]
+    )
+    if after_sequence is not None:
+        request.after_sequence = after_sequence
+    if status is not None:
+        request.status = status_number(status)
+    return request

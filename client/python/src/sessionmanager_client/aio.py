@@ -28,12 +28,14 @@ from sessionmanager_client._base import (
     ChannelSettings,
     Page,
     Resubscription,
+    SendRetry,
     Session,
+    StreamCursor,
     WatchCursor,
     pb,
     sim,
 )
-from sessionmanager_client.errors import from_rpc_error
+from sessionmanager_client.errors import SessionManagerClientError, from_rpc_error
 
 RequestT = TypeVar("RequestT", bound=Message)
 ResponseT = TypeVar("ResponseT", bound=Message)
@@ -107,6 +109,35 @@ class AsyncSimulator(_Calls):
     ) -> None:
         """Make the next ``"pairing"`` or ``"send"`` of the session fail."""
         await self._call(self._stub.InjectFault, _base.fault_request(instance_id, fault), timeout)
+
+    async def deliver_message(
+        self, instance_id: str, message_id: str, *, timeout: float | None = None
+    ) -> pb.Message:
+        """WhatsApp reports the sent message delivered to the recipient's phone."""
+        request = sim.DeliverMessageRequest(instance_id=instance_id, message_id=message_id)
+        return (await self._call(self._stub.DeliverMessage, request, timeout)).message
+
+    async def read_message(
+        self, instance_id: str, message_id: str, *, timeout: float | None = None
+    ) -> pb.Message:
+        """WhatsApp reports the sent message read by the recipient."""
+        request = sim.ReadMessageRequest(instance_id=instance_id, message_id=message_id)
+        return (await self._call(self._stub.ReadMessage, request, timeout)).message
+
+    async def fail_message(
+        self,
+        instance_id: str,
+        message_id: str,
+        code: str = "",
+        message: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> pb.Message:
+        """WhatsApp reports that it could not deliver the sent message after all."""
+        request = sim.FailMessageRequest(
+            instance_id=instance_id, message_id=message_id, code=code, message=message
+        )
+        return (await self._call(self._stub.FailMessage, request, timeout)).message
 
 
 class AsyncSessionManagerClient(_Calls):
@@ -194,8 +225,29 @@ class AsyncSessionManagerClient(_Calls):
         *,
         timeout: float | None = None,
     ) -> pb.SendResponse:
+        """Send a text from a connected session.
+
+        With an ``idempotency_key`` it is tried again after UNAVAILABLE (a lost
+        connection, a restart): the server answers a repeated key with the first
+        result and sends nothing again. Without one it is never retried.
+        """
         request = _base.send_request(instance_id, to, text, idempotency_key)
-        return await self._call(self._stub.Send, request, timeout)
+        retry = SendRetry(idempotency_key)
+        while True:
+            try:
+                return await self._call(self._stub.Send, request, timeout)
+            except SessionManagerClientError as error:
+                delay = retry.delay_after(error)
+                if delay is None:
+                    raise
+            await asyncio.sleep(delay)
+
+    async def get_message(
+        self, instance_id: str, message_id: str, *, timeout: float | None = None
+    ) -> pb.Message:
+        """A message the session sent, and where it stands (delivered, read, ...)."""
+        request = _base.get_message_request(instance_id, message_id)
+        return (await self._call(self._stub.GetMessage, request, timeout)).message
 
     async def disconnect(self, instance_id: str, *, timeout: float | None = None) -> Session:
         request = _base.disconnect_request(instance_id)
@@ -265,6 +317,52 @@ class AsyncSessionManagerClient(_Calls):
                     resubscription.received()
                     if cursor.admit(response.session):
                         yield response.session
+                return
+            except grpc.RpcError as error:
+                mapped = from_rpc_error(error)
+                delay = resubscription.delay_after(mapped)
+                if delay is None:
+                    raise mapped from error
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
+
+    async def watch_sessions(
+        self,
+        *,
+        after_sequence: int | None = None,
+        status: str | None = None,
+        instance_id_prefix: str = "",
+        types: Sequence[str] = (),
+        cursor: StreamCursor | None = None,
+        backoff: Backoff | None = None,
+    ) -> AsyncGenerator[pb.WatchSessionsResponse, None]:
+        """Every session and message, from the event log, as they change.
+
+        Without ``after_sequence``: the current state first (``item.session``,
+        one per session, then ``item.checkpoint``), then each event
+        (``item.event``: ``session.updated``, ``session.deleted``,
+        ``message.updated``). With it: every event after that sequence number.
+        After UNAVAILABLE it subscribes again by itself from the last event or
+        checkpoint received (kept in ``cursor``; pass your own to read it, and
+        keep ``cursor.sequence`` to resume in another process), so nothing is
+        missed and nothing comes twice. ``status``, ``instance_id_prefix`` and
+        ``types`` (``"session.updated"``, ...) narrow it. CURSOR_EXPIRED ends
+        it when the log no longer keeps what follows the cursor: start again
+        without one.
+        """
+        cursor = cursor or StreamCursor(after_sequence)
+        resubscription = Resubscription(backoff or self._backoff)
+        while True:
+            request = _base.watch_sessions_request(
+                cursor.sequence, status, instance_id_prefix, types
+            )
+            call = self._stub.WatchSessions(request, metadata=self._metadata)
+            try:
+                async for item in call:
+                    resubscription.received()
+                    if cursor.admit(item):
+                        yield item
                 return
             except grpc.RpcError as error:
                 mapped = from_rpc_error(error)

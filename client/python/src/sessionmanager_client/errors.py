@@ -157,6 +157,25 @@ class SessionMovingError(SessionManagerClientError):
     """
 
 
+class CursorExpiredError(SessionManagerClientError):
+    """CURSOR_EXPIRED (OUT_OF_RANGE, 410): the events after the stream's cursor are no
+    longer kept; start again without a cursor, from the current state."""
+
+    @property
+    def trimmed_through(self) -> int | None:
+        """The last sequence number the log no longer keeps."""
+        value = self.metadata.get("trimmed_through")
+        return int(value) if value is not None else None
+
+
+class MessageNotFoundError(SessionManagerClientError):
+    """MESSAGE_NOT_FOUND (NOT_FOUND, 404): the session sent no message with that id."""
+
+    @property
+    def message_id(self) -> str | None:
+        return self.metadata.get("message_id")
+
+
 class SessionManagerTimeoutError(SessionManagerClientError):
     """The call's deadline passed (DEADLINE_EXCEEDED)."""
 
@@ -184,6 +203,8 @@ REASONS: dict[str, type[SessionManagerClientError]] = {
     "MESSAGE_OUTCOME_UNKNOWN": MessageOutcomeUnknownError,
     "STORAGE_UNAVAILABLE": StorageUnavailableError,
     "SESSION_MOVING": SessionMovingError,
+    "CURSOR_EXPIRED": CursorExpiredError,
+    "MESSAGE_NOT_FOUND": MessageNotFoundError,
 }
 
 #: Failures that carry no ErrorInfo, by gRPC code.

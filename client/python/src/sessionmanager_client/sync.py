@@ -28,12 +28,14 @@ from sessionmanager_client._base import (
     ChannelSettings,
     Page,
     Resubscription,
+    SendRetry,
     Session,
+    StreamCursor,
     WatchCursor,
     pb,
     sim,
 )
-from sessionmanager_client.errors import from_rpc_error
+from sessionmanager_client.errors import SessionManagerClientError, from_rpc_error
 
 RequestT = TypeVar("RequestT", bound=Message)
 ResponseT = TypeVar("ResponseT", bound=Message)
@@ -103,6 +105,35 @@ class Simulator(_Calls):
     def inject_fault(self, instance_id: str, fault: str, *, timeout: float | None = None) -> None:
         """Make the next ``"pairing"`` or ``"send"`` of the session fail."""
         self._call(self._stub.InjectFault, _base.fault_request(instance_id, fault), timeout)
+
+    def deliver_message(
+        self, instance_id: str, message_id: str, *, timeout: float | None = None
+    ) -> pb.Message:
+        """WhatsApp reports the sent message delivered to the recipient's phone."""
+        request = sim.DeliverMessageRequest(instance_id=instance_id, message_id=message_id)
+        return (self._call(self._stub.DeliverMessage, request, timeout)).message
+
+    def read_message(
+        self, instance_id: str, message_id: str, *, timeout: float | None = None
+    ) -> pb.Message:
+        """WhatsApp reports the sent message read by the recipient."""
+        request = sim.ReadMessageRequest(instance_id=instance_id, message_id=message_id)
+        return (self._call(self._stub.ReadMessage, request, timeout)).message
+
+    def fail_message(
+        self,
+        instance_id: str,
+        message_id: str,
+        code: str = "",
+        message: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> pb.Message:
+        """WhatsApp reports that it could not deliver the sent message after all."""
+        request = sim.FailMessageRequest(
+            instance_id=instance_id, message_id=message_id, code=code, message=message
+        )
+        return (self._call(self._stub.FailMessage, request, timeout)).message
 
 
 class SessionManagerClient(_Calls):
@@ -182,8 +213,24 @@ class SessionManagerClient(_Calls):
         *,
         timeout: float | None = None,
     ) -> pb.SendResponse:
+        """As ``AsyncSessionManagerClient.send``: retried only with an idempotency key."""
         request = _base.send_request(instance_id, to, text, idempotency_key)
-        return self._call(self._stub.Send, request, timeout)
+        retry = SendRetry(idempotency_key)
+        while True:
+            try:
+                return self._call(self._stub.Send, request, timeout)
+            except SessionManagerClientError as error:
+                delay = retry.delay_after(error)
+                if delay is None:
+                    raise
+            time.sleep(delay)
+
+    def get_message(
+        self, instance_id: str, message_id: str, *, timeout: float | None = None
+    ) -> pb.Message:
+        """A message the session sent, and where it stands (delivered, read, ...)."""
+        request = _base.get_message_request(instance_id, message_id)
+        return self._call(self._stub.GetMessage, request, timeout).message
 
     def disconnect(self, instance_id: str, *, timeout: float | None = None) -> Session:
         request = _base.disconnect_request(instance_id)
@@ -243,6 +290,39 @@ class SessionManagerClient(_Calls):
                     resubscription.received()
                     if cursor.admit(response.session):
                         yield response.session
+                return
+            except grpc.RpcError as error:
+                mapped = from_rpc_error(error)
+                delay = resubscription.delay_after(mapped)
+                if delay is None:
+                    raise mapped from error
+            finally:
+                call.cancel()  # type: ignore[no-untyped-call]
+            time.sleep(delay)
+
+    def watch_sessions(
+        self,
+        *,
+        after_sequence: int | None = None,
+        status: str | None = None,
+        instance_id_prefix: str = "",
+        types: Sequence[str] = (),
+        cursor: StreamCursor | None = None,
+        backoff: Backoff | None = None,
+    ) -> Generator[pb.WatchSessionsResponse, None, None]:
+        """As ``AsyncSessionManagerClient.watch_sessions``, blocking; ``close()`` it when done."""
+        cursor = cursor or StreamCursor(after_sequence)
+        resubscription = Resubscription(backoff or self._backoff)
+        while True:
+            request = _base.watch_sessions_request(
+                cursor.sequence, status, instance_id_prefix, types
+            )
+            call = self._stub.WatchSessions(request, metadata=self._metadata)
+            try:
+                for item in call:
+                    resubscription.received()
+                    if cursor.admit(item):
+                        yield item
                 return
             except grpc.RpcError as error:
                 mapped = from_rpc_error(error)
