@@ -16,7 +16,7 @@ import json
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from service.clock import ManualClock
 from service.config import Settings
-from service.domain.contract import LOGOUT, NETWORK, TIMEOUT, UNKNOWN
+from service.domain.contract import DELIVERED, FAILED, LOGOUT, NETWORK, READ, TIMEOUT, UNKNOWN
+from service.domain.receipts import MessageReceipt
 from service.domain.states import SessionRef
 from service.engine.protocol import EXIT_DONE, EXIT_RETRY
 from service.engine.supervisor import WorkerEngine
 from service.engine.supervisor import device_dir as device_dir_of
-from service.engine.whatsmeow import map_event, phone_from_jid_user
+from service.engine.whatsmeow import map_event, map_receipt, phone_from_jid_user
 from sessionmanager.v1 import engine_service_pb2 as eng
 from sessionmanager.v1 import session_pb2 as s
 from sessionmanager.v1 import session_service_pb2 as pb
@@ -120,6 +121,27 @@ def test_the_details_of_an_event_reach_the_message() -> None:
     assert keepalive.reconnects
     assert "3 missed" in keepalive.message
     assert map_event("HistorySync", {}, paired=True) is None
+
+
+def test_whatsmeow_receipts_move_sent_messages() -> None:
+    now = datetime(2026, 12, 4, 12, tzinfo=UTC)
+    delivered = map_receipt(_recorded("Receipt", 0), now)
+    assert delivered == MessageReceipt(
+        ("3EB0A1B2C3D4E5F60718", "3EB0A1B2C3D4E5F60719"),
+        DELIVERED,
+        datetime.fromtimestamp(1796342400, UTC),
+    )
+    read = map_receipt(_recorded("Receipt", 1), now)
+    assert read is not None
+    assert (read.whatsapp_message_ids, read.status) == (("3EB0A1B2C3D4E5F60718",), READ)
+    played = map_receipt(_recorded("Receipt", 2), now)
+    assert played is not None
+    assert played.status == READ  # a voice note heard is read
+    refused = map_receipt(_recorded("Receipt", 3), now)
+    assert refused is not None
+    assert (refused.status, refused.code) == (FAILED, "SERVER_ERROR")
+    assert refused.message
+    assert map_receipt(_recorded("Receipt", 4), now) is None  # read on this account's own phone
 
 
 def test_phone_numbers_come_from_the_device_jid() -> None:

@@ -7,7 +7,8 @@ so the event mapping below can be tested without it.
 
 whatsmeow's events are turned into the contract's reports by ``map_event``, a
 pure function of the event's name and its fields (as ``MessageToDict`` gives
-them); every cause gets its own ``last_error_code``.
+them); every cause gets its own ``last_error_code``. Its receipts for sent
+messages become ``MessageReceipt`` reports (``map_receipt``).
 """
 
 from __future__ import annotations
@@ -18,12 +19,22 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from service.clock import Clock
 from service.domain import states
-from service.domain.contract import LOGOUT, NETWORK, TIMEOUT, UNKNOWN, DisconnectReason
+from service.domain.contract import (
+    DELIVERED,
+    FAILED,
+    LOGOUT,
+    NETWORK,
+    READ,
+    TIMEOUT,
+    UNKNOWN,
+    DisconnectReason,
+)
+from service.domain.receipts import MessageReceipt
 from service.domain.states import SessionRef
 from service.engine.credentials import DeviceStore
 from service.engine.port import EngineError, Report
@@ -196,6 +207,30 @@ def map_event(name: str, fields: dict[str, Any], *, paired: bool) -> Outcome | N
     return None
 
 
+#: whatsmeow's receipt types that move a sent message, and where to (a played voice
+#: note was heard: read). The others are about this account's own devices or retries.
+_RECEIPTS = {"DELIVERED": DELIVERED, "READ": READ, "PLAYED": READ, "SERVER_ERROR": FAILED}
+
+
+def map_receipt(fields: dict[str, Any], now: datetime) -> MessageReceipt | None:
+    """The contract's reading of whatsmeow's ``Receipt`` event (fields as for ``map_event``).
+
+    ``None`` for a receipt that moves no sent message (read on this account's
+    own phone, a retry request).
+    """
+    status = _RECEIPTS.get(str(fields.get("Type", "")))
+    ids = tuple(str(message_id) for message_id in fields.get("MessageIDs", ()))
+    if status is None or not ids:
+        return None
+    seconds = int(fields.get("Timestamp", 0) or 0)
+    at = datetime.fromtimestamp(seconds, UTC) if seconds > 0 else now
+    if status == FAILED:
+        return MessageReceipt(
+            ids, status, at, "SERVER_ERROR", "WhatsApp could not deliver the message"
+        )
+    return MessageReceipt(ids, status, at)
+
+
 #: The neonize event classes the engine listens to, by their proto name.
 EVENT_NAMES = (
     "PairStatus",
@@ -209,6 +244,7 @@ EVENT_NAMES = (
     "ClientOutdated",
     "StreamError",
     "Disconnected",
+    "Receipt",
 )
 
 
@@ -363,6 +399,11 @@ class WhatsmeowEngine:
         self._settle()
 
     async def _on_event(self, name: str, fields: dict[str, Any]) -> None:
+        if name == "Receipt":
+            receipt = map_receipt(fields, self._clock.now())
+            if receipt is not None:
+                await self._report(self._session, receipt)
+            return
         outcome = map_event(name, fields, paired=self._paired)
         if outcome is None or (self._stopping and outcome.report != "connected"):
             return
