@@ -45,6 +45,8 @@ MAX_PAIRING_CODE = 2048
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 MAX_MESSAGE_ID = 128
+#: The largest sequence number of the event log (a signed 64-bit integer).
+MAX_SEQUENCE = 2**63 - 1
 #: What an instance_id may start with: its own characters, up to its length.
 _PREFIX = re.compile(f"[{contract.INSTANCE_ID_REST}]{{0,{contract.INSTANCE_ID_MAX}}}")
 
@@ -202,7 +204,7 @@ def page_token(token: str) -> str:
 
 def message_id(value: str, iid: str) -> str:
     """A message's identifier as Send returned it: 1 to 128 characters, no control ones."""
-    if not value or len(value) > MAX_MESSAGE_ID or not has_visible(value):
+    if not value or len(value) > MAX_MESSAGE_ID:
         raise errors.invalid_argument(
             "message_id",
             f"message_id must be 1-{MAX_MESSAGE_ID} characters, as Send returned it, "
@@ -211,6 +213,15 @@ def message_id(value: str, iid: str) -> str:
         )
     _no_controls(value, "message_id", iid)
     return value
+
+
+def sequence(value: str, field: str) -> int:
+    """A sequence number of the event log given as text (``Last-Event-ID``)."""
+    if not re.fullmatch(r"[0-9]{1,19}", value) or int(value) > MAX_SEQUENCE:
+        raise errors.invalid_argument(
+            field, f"{field} must be a sequence number of the event log, got '{_shown(value)}'"
+        )
+    return int(value)
 
 
 def event_filter(status: str | None, prefix: str, types: Iterable[str]) -> EventFilter:

@@ -125,6 +125,10 @@ _RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     schemas.EventJSON,
     schemas.CheckpointJSON,
 )
+#: Request headers whose values have a form of their own.
+_HEADER_SCHEMAS: dict[str, dict[str, Any]] = {
+    "Last-Event-ID": {"type": "string", "pattern": schemas.SEQUENCE_PATTERN},
+}
 #: The pattern of each path parameter.
 _PATH_PATTERNS = {
     "instance_id": (schemas.INSTANCE_ID_PATTERN, "sender_51"),
@@ -210,7 +214,9 @@ def _parameters(spec: Endpoint) -> list[dict[str, Any]]:
                 "in": "header",
                 "required": False,
                 "description": description,
-                "schema": {"type": "string", "minLength": 1, "maxLength": 128},
+                "schema": _HEADER_SCHEMAS.get(
+                    name, {"type": "string", "minLength": 1, "maxLength": 128}
+                ),
             }
         )
     return parameters

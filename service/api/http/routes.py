@@ -177,11 +177,9 @@ def _cursor(request: Request, after: int | None) -> int | None:
     """Where a list-wide stream resumes: ``Last-Event-ID`` (a reconnecting EventSource),
     else the ``after`` parameter, else nowhere (the current state first)."""
     last_id = request.headers.get("last-event-id")
-    if last_id is None or not last_id.strip():
+    if last_id is None:
         return after
-    if not last_id.strip().isdigit():
-        raise invalid("Last-Event-ID", f"Last-Event-ID must be a sequence number, got {last_id!r}")
-    return int(last_id)
+    return validation.sequence(last_id, "Last-Event-ID")
 
 
 async def get_message(call: Call) -> Response:

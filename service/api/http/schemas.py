@@ -37,7 +37,9 @@ _NO_CONTROL = r"[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
 KEY_PATTERN = rf"^{_NO_CONTROL}*[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f\s]{_NO_CONTROL}*$"
 
 #: A message id as Send gave it (a UUID); ``validation.message_id`` checks it.
-MESSAGE_ID_PATTERN = r"^[^\x00-\x1f\x7f]{1,128}$"
+MESSAGE_ID_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]{1,128}$"
+#: A sequence number of the event log, as Last-Event-ID carries it.
+SEQUENCE_PATTERN = r"^[0-9]{1,19}$"
 #: The start of an instance_id: a stream's filter.
 PREFIX_PATTERN = f"^[{contract.INSTANCE_ID_REST}]{{0,{contract.INSTANCE_ID_MAX}}}$"
 _INSTANCE_ID: JsonDict = {"pattern": INSTANCE_ID_PATTERN}
@@ -117,7 +119,7 @@ class EventsQuery(BaseModel):
         default=None,
         description="Resume: every event after this sequence number, instead of the current "
         "state first. The Last-Event-ID header, which a reconnecting EventSource sends, wins.",
-        json_schema_extra={"minimum": 0},
+        json_schema_extra={"minimum": 0, "maximum": validation.MAX_SEQUENCE},
     )
     status: StatusText | None = Field(
         default=None,
