@@ -248,6 +248,49 @@ async def status_history(page: Page) -> list[str]:
 # ---------------------------------------------------------------------------
 
 
+async def test_the_list_follows_other_clients_live_on_one_connection(
+    page: Visit, console: Console
+) -> None:
+    """Another client creates, pairs and deletes sessions: the list shows each change as
+    it is committed, from the one event stream of the page, without reading the list."""
+    ui = page.page
+    rows = ui.locator("#sessions-body tr")
+    await expect(ui.locator("#list-caption")).to_have_text("No sessions yet.")
+    reads_before = [url for url in page.requests if "/api/session-manager/sessions" in url]
+
+    await console.sessions.CreateSession(pb.CreateSessionRequest(instance_id="live_2"))
+    await console.sessions.CreateSession(pb.CreateSessionRequest(instance_id="live_1"))
+    await expect(rows).to_have_count(2)
+    await expect(rows.first).to_contain_text("live_1")  # in instance_id order
+    await expect(rows.first.locator(".badge")).to_have_text("init")
+    await console.sessions.RequestQR(pb.RequestQRRequest(instance_id="live_1"))
+    await expect(rows.first.locator(".badge")).to_have_text("qr_required")
+    await console.simulator.ScanQR(sim.ScanQRRequest(instance_id="live_1", phone_number=PHONE))
+    await expect(rows.first.locator(".badge")).to_have_text("connected")
+    await expect(rows.first).to_contain_text(PHONE)
+    await ui.get_by_label("Status").select_option("connected")
+    await expect(rows).to_have_count(1)
+    await console.simulator.UnlinkDevice(sim.UnlinkDeviceRequest(instance_id="live_1"))
+    await expect(rows).to_have_count(0)  # it left the status shown
+    await ui.get_by_label("Status").select_option("")
+    await console.sessions.DeleteSession(pb.DeleteSessionRequest(instance_id="live_2"))
+    await expect(rows).to_have_count(1)
+    await expect(ui.get_by_role("link", name="live_2")).to_have_count(0)
+
+    # One stream for the whole page, the open session included; the list was never read again.
+    await ui.goto(console.url + "#/sessions/live_1")
+    await expect(ui.locator("#connection")).to_have_text("Live")
+    await console.sessions.RequestQR(pb.RequestQRRequest(instance_id="live_1"))
+    await expect(ui.locator("#detail-status")).to_have_text("qr_required")
+    streams = [url for url in page.requests if "/events" in url]
+    assert streams == [
+        console.url + "api/session-manager/events?types=session.updated,session.deleted"
+    ]
+    reads = [url for url in page.requests if "/api/session-manager/sessions" in url]
+    assert reads == [*reads_before, console.url + "api/session-manager/sessions/live_1"]
+    assert len(page.loads) == 1
+
+
 async def test_create_pair_by_qr_and_connect_live(page: Visit, console: Console) -> None:
     ui = page.page
     await ui.get_by_label("New session").fill("sender_51")

@@ -1,7 +1,10 @@
 // The Session Manager console: the sessions list and one live session.
 //
-// Everything it shows comes from the service's HTTP API under /api/session-manager;
-// one session follows its Server-Sent Events stream and is never polled.
+// Everything it shows comes from the service's HTTP API under /api/session-manager.
+// One Server-Sent Events stream of the event log (/events) keeps the whole page live:
+// it starts with every session as it stands, then each change; the list and the open
+// session are drawn from it and never polled. After a drop or a restart the browser
+// resumes it after the last event it received (Last-Event-ID).
 
 const API = "/api/session-manager";
 const INSTANCE_ID = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
@@ -189,9 +192,9 @@ function clockText(milliseconds) {
 }
 
 // ---------------------------------------------------------------------------
-// The sessions list: one page at a time, filtered by status.
+// The sessions list: every session, live from the event log; 50 per page, filtered by status.
 
-const list = { status: "", tokens: [""], index: 0, next: "", reads: 0 };
+const list = { status: "", index: 0, sessions: new Map(), drawn: false };
 
 function badge(status) {
   const element = document.createElement("span");
@@ -224,32 +227,31 @@ function sessionRow(session) {
   return row;
 }
 
-async function loadList() {
-  const read = ++list.reads; // only the latest read is shown, whatever order answers come in
-  const params = new URLSearchParams({ page_size: String(PAGE_SIZE) });
-  if (list.tokens[list.index]) params.set("page_token", list.tokens[list.index]);
-  if (list.status) params.set("status", list.status);
-  let page;
-  try {
-    page = await api("GET", `/sessions?${params}`);
-  } catch (error) {
-    // A token of another role (the engine side's) may not read sessions: ask for another.
-    if (error.status === 403) showGate(`This token may not use the console. ${describe(error)}`);
-    else if (error.status !== 401 && read === list.reads) {
-      $("main").hidden = false;
-      showListError(describe(error));
-    }
-    return;
-  }
-  if (read !== list.reads) return;
-  $("main").hidden = false;
-  showListError("");
-  list.next = page.next_page_token || "";
-  $("sessions-body").replaceChildren(...page.sessions.map(sessionRow));
-  renderPager(page.sessions.length);
+/** The sessions the filter shows, ordered by instance_id (its characters are ASCII). */
+function shownSessions() {
+  const shown = [...list.sessions.values()].filter((s) => !list.status || s.status === list.status);
+  return shown.sort((a, b) => (a.instance_id < b.instance_id ? -1 : a.instance_id > b.instance_id ? 1 : 0));
 }
 
-function renderPager(shown) {
+/** Draws the current page from the sessions as the stream last told them. */
+function renderList() {
+  list.drawn = false;
+  const shown = shownSessions();
+  const pages = Math.max(1, Math.ceil(shown.length / PAGE_SIZE));
+  list.index = Math.min(list.index, pages - 1);
+  const page = shown.slice(list.index * PAGE_SIZE, (list.index + 1) * PAGE_SIZE);
+  $("sessions-body").replaceChildren(...page.map(sessionRow));
+  renderPager(page.length, list.index < pages - 1);
+}
+
+/** Many changes at once are drawn once. */
+function scheduleRender() {
+  if (list.drawn) return;
+  list.drawn = true;
+  requestAnimationFrame(renderList);
+}
+
+function renderPager(shown, more) {
   const filter = list.status ? ` with status ${list.status}` : "";
   $("list-caption").textContent =
     shown === 0 && list.index === 0
@@ -258,7 +260,7 @@ function renderPager(shown) {
   $("page-number").textContent = `Page ${list.index + 1}`;
   $("first-page").disabled = list.index === 0;
   $("previous-page").disabled = list.index === 0;
-  $("next-page").disabled = !list.next;
+  $("next-page").disabled = !more;
 }
 
 function showListError(text) {
@@ -266,26 +268,19 @@ function showListError(text) {
   $("list-error").textContent = text;
 }
 
-async function goToPage(index) {
-  if (index > list.index) list.tokens[index] = list.next;
-  list.index = index;
-  list.tokens.length = index + 1;
-  await loadList();
+function goToPage(index) {
+  list.index = Math.max(0, index);
+  renderList();
 }
 
-async function filterList() {
+function filterList() {
   list.status = $("status-filter").value;
-  list.tokens = [""];
   list.index = 0;
-  await loadList();
+  renderList();
 }
 
 function rowOf(instanceId) {
   return document.querySelector(`#sessions-body tr[data-instance="${CSS.escape(instanceId)}"]`);
-}
-
-function updateRow(session) {
-  rowOf(session.instance_id)?.replaceWith(sessionRow(session));
 }
 
 async function createSession(event) {
@@ -306,7 +301,6 @@ async function createSession(event) {
     }
     setFieldError(input, $("new-instance-error"), "");
     input.value = "";
-    await loadList();
     location.hash = `#/sessions/${encodeURIComponent(instanceId)}`;
     return;
   }
@@ -321,17 +315,136 @@ function setFieldError(input, holder, text) {
 }
 
 // ---------------------------------------------------------------------------
-// One session, live from its event stream.
+// The event log's stream: one connection for the whole page.
 
-/** The open session: what is shown, its stream and the linking code, if one was asked for. */
+const LIST_EVENTS = `${API}/events?types=session.updated,session.deleted`;
+
+/** The open stream: the current state it is receiving, and where it stands in the log. */
+let feed = null;
+
+/** Opens the stream: after `after` (a sequence number), or from the current state. */
+function openFeed(after = null) {
+  closeFeed();
+  const url = after === null ? LIST_EVENTS : `${LIST_EVENTS}&after=${after}`;
+  const source = new EventSource(url);
+  const view = {
+    source,
+    state: after === null ? new Map() : null,
+    lastId: after,
+    attempts: 0,
+    live: false,
+    wasLive: after !== null,
+  };
+  feed = view;
+  source.addEventListener("open", () => {
+    view.live = view.wasLive = true;
+    view.attempts = 0;
+    if (view.state !== null) view.state = new Map(); // a current state (again) follows
+    showFeedState();
+  });
+  // The current state: every session as it stands, then a checkpoint.
+  source.addEventListener("session", (event) => {
+    view.state ??= new Map();
+    const session = JSON.parse(event.data);
+    view.state.set(session.instance_id, session);
+  });
+  source.addEventListener("checkpoint", (event) => {
+    view.lastId = Number(event.lastEventId);
+    if (view.state === null) return;
+    list.sessions = view.state;
+    view.state = null;
+    $("main").hidden = false;
+    renderList();
+    if (current) {
+      const session = list.sessions.get(current.instanceId);
+      if (session) applySession(current, session);
+    }
+  });
+  source.addEventListener("session.updated", (event) => {
+    view.lastId = Number(event.lastEventId);
+    const session = JSON.parse(event.data).session;
+    // Every change on the stream was committed a moment ago.
+    noteServerTime(Date.parse(session.updated_at));
+    const previous = list.sessions.get(session.instance_id);
+    if (previous && previous.id === session.id && previous.revision >= session.revision) return;
+    list.sessions.set(session.instance_id, session);
+    scheduleRender();
+    if (current?.instanceId === session.instance_id) applySession(current, session);
+  });
+  source.addEventListener("session.deleted", (event) => {
+    view.lastId = Number(event.lastEventId);
+    const session = JSON.parse(event.data).session;
+    if (list.sessions.get(session.instance_id)?.id !== session.id) return;
+    list.sessions.delete(session.instance_id);
+    scheduleRender();
+    if (current?.instanceId === session.instance_id) showGone(current, `${session.instance_id} was deleted.`);
+  });
+  source.addEventListener("end", (event) => {
+    if (feed !== view) return;
+    const end = JSON.parse(event.data);
+    view.live = false;
+    if (end.reason === "expired") {
+      openFeed(); // the log no longer keeps what followed: start again from the current state
+      return;
+    }
+    showFeedState("The service is restarting: reconnecting…");
+  });
+  source.addEventListener("error", () => {
+    if (feed !== view) return;
+    view.live = false;
+    showFeedState();
+    // The browser retries a dropped stream by itself, after the last event it received;
+    // a refused one is closed for good: ask why (a token, an expired cursor), then reopen.
+    if (source.readyState === EventSource.CLOSED) reopenLater(view);
+  });
+}
+
+function closeFeed() {
+  feed?.source.close();
+  clearTimeout(feed?.retryTimer);
+  feed = null;
+}
+
+function reopenLater(view) {
+  view.source.close();
+  const delay = RECONNECT_DELAYS_MS[Math.min(view.attempts, RECONNECT_DELAYS_MS.length - 1)];
+  view.attempts += 1;
+  view.retryTimer = setTimeout(async () => {
+    if (feed !== view) return;
+    let after = view.state === null ? view.lastId : null;
+    if (after !== null) {
+      try {
+        await api("HEAD", `/events?types=session.updated&after=${after}`);
+      } catch (error) {
+        if (error.status === 401 || feed !== view) return;
+        if (error.status === 410) after = null; // expired: from the current state again
+        else return reopenLater(view);
+      }
+    }
+    const attempts = view.attempts;
+    openFeed(after);
+    feed.attempts = attempts;
+  }, delay);
+}
+
+/** The page's connection, shown while a session is open. */
+function showFeedState(text = "Connection lost: reconnecting…") {
+  if (!current || current.closed) return;
+  if (feed?.live) setConnection("live", "Live");
+  else setConnection("reconnecting", feed?.wasLive ? text : "Connecting…");
+}
+
+// ---------------------------------------------------------------------------
+// One session, live from the page's stream.
+
+/** The open session: what is shown, and the linking code, if one was asked for. */
 let current = null;
 
 function openSession(instanceId) {
-  closeStream();
+  closeSession();
   current = {
     instanceId,
     session: null,
-    stream: null,
     linkingCode: null,
     attempts: 0,
     retryTimer: null,
@@ -351,15 +464,14 @@ function openSession(instanceId) {
   follow(current);
 }
 
-function closeStream() {
+function stopFollowing() {
   if (!current) return;
-  current.stream?.close();
   clearTimeout(current.retryTimer);
   clearInterval(current.countdownTimer);
   current.closed = true;
 }
 
-/** Reads the session, then follows its stream; on a failure, tries again with backoff. */
+/** Reads the session (which tells a missing one apart); its changes then come from the stream. */
 async function follow(view) {
   let session;
   try {
@@ -367,76 +479,39 @@ async function follow(view) {
   } catch (error) {
     if (view.closed || error.status === 401) return;
     if (error.status === 404) {
-      // Shown before, then gone: deleted meanwhile (while the stream was down).
+      // Shown before, then gone: deleted meanwhile.
       return showGone(view, view.session ? `${view.instanceId} was deleted.` : describe(error));
     }
     setConnection("reconnecting", "Connection lost: reconnecting…");
-    return retryLater(view);
+    const delay = RECONNECT_DELAYS_MS[Math.min(view.attempts, RECONNECT_DELAYS_MS.length - 1)];
+    view.attempts += 1;
+    view.retryTimer = setTimeout(() => {
+      if (!view.closed) follow(view);
+    }, delay);
+    return;
   }
   if (view.closed) return;
-  applySession(view, session);
-  openStream(view);
-  if (!rowOf(view.instanceId)) loadList(); // opened by its address, or created elsewhere
-}
-
-function openStream(view) {
-  const stream = new EventSource(`${API}${sessionPath(view.instanceId)}/events`);
-  view.stream = stream;
-  stream.addEventListener("open", () => {
-    if (view.attempts > 0 || view.interrupted) loadList();
-    view.attempts = 0;
-    view.interrupted = false;
-    setConnection("live", "Live");
-  });
-  let first = true;
-  stream.addEventListener("session", (event) => {
-    const session = JSON.parse(event.data);
-    // Every state after the first on a stream was committed a moment ago.
-    if (!first) noteServerTime(Date.parse(session.updated_at));
-    first = false;
-    applySession(view, session);
-  });
-  stream.addEventListener("end", (event) => {
-    if (view.closed) return;
-    const end = JSON.parse(event.data);
-    if (end.reason === "deleted") {
-      stream.close();
-      showGone(view, `${view.instanceId} was deleted.`);
-      loadList();
-    } else {
-      view.interrupted = true;
-      setConnection("reconnecting", "The service is restarting: reconnecting…");
-    }
-  });
-  stream.addEventListener("error", () => {
-    if (view.closed || view.stream !== stream) return;
-    view.interrupted = true;
-    setConnection("reconnecting", "Connection lost: reconnecting…");
-    // The browser retries a dropped stream by itself; a refused one is closed for good,
-    // so read the session again (it tells why: a token, a deleted session) and reopen.
-    if (stream.readyState === EventSource.CLOSED) retryLater(view);
-  });
-}
-
-function retryLater(view) {
-  view.stream?.close();
-  view.stream = null;
-  const delay = RECONNECT_DELAYS_MS[Math.min(view.attempts, RECONNECT_DELAYS_MS.length - 1)];
-  view.attempts += 1;
-  view.retryTimer = setTimeout(() => {
-    if (!view.closed) follow(view);
-  }, delay);
+  remember(session);
+  applySession(view, list.sessions.get(session.instance_id) ?? session);
+  showFeedState();
 }
 
 function showGone(view, text) {
   if (view.closed) return;
   view.closed = true;
-  view.stream?.close();
   clearInterval(view.countdownTimer);
   setConnection(null);
   $("detail-body").hidden = true;
   $("detail-empty").hidden = false;
   $("detail-empty").textContent = text;
+}
+
+/** Keeps a state an answer carried, unless the stream already told a newer one. */
+function remember(session) {
+  const known = list.sessions.get(session.instance_id);
+  if (known && known.id === session.id && known.revision >= session.revision) return;
+  list.sessions.set(session.instance_id, session);
+  scheduleRender();
 }
 
 /** Shows a state of the session, unless an older one of the same incarnation. */
@@ -448,7 +523,6 @@ function applySession(view, session) {
   view.session = session;
   if (session.status !== "qr_required") view.linkingCode = null;
   renderSession(view, previous);
-  updateRow(session);
   if (!previous || previous.status !== session.status || !sameIncarnation) {
     announce(`${session.instance_id} is ${session.status}.`);
   }
@@ -596,6 +670,7 @@ async function act(button, call) {
 
 async function requestQr(view) {
   const reply = await api("POST", `${sessionPath(view.instanceId)}/qr`);
+  remember(reply.session);
   applySession(view, reply.session);
 }
 
@@ -610,6 +685,7 @@ async function pairByPhone(view) {
     phone_number: phoneNumber,
   });
   view.linkingCode = reply.linking_code;
+  remember(reply.session);
   applySession(view, reply.session);
   renderSession(view, view.session);
 }
@@ -621,7 +697,9 @@ async function disconnect(view) {
     "Disconnect",
   );
   if (!sure) return;
-  applySession(view, await api("POST", `${sessionPath(view.instanceId)}/disconnect`));
+  const session = await api("POST", `${sessionPath(view.instanceId)}/disconnect`);
+  remember(session);
+  applySession(view, session);
 }
 
 async function deleteSession(view) {
@@ -634,7 +712,10 @@ async function deleteSession(view) {
   await api("DELETE", sessionPath(view.instanceId));
   showGone(view, `${view.instanceId} was deleted.`);
   history.replaceState(null, "", location.pathname);
-  await loadList();
+  if (list.sessions.get(view.instanceId)?.id === view.session?.id) {
+    list.sessions.delete(view.instanceId);
+    scheduleRender();
+  }
   $("sessions-title").focus();
 }
 
@@ -661,15 +742,35 @@ function routedInstance() {
 
 function clearView() {
   closeSession();
+  closeFeed();
+  list.sessions = new Map();
   $("sessions-body").replaceChildren();
   $("list-caption").textContent = "";
 }
 
+/** Whether this page may read the sessions (EventSource cannot tell a 401 apart). */
+async function mayRead() {
+  try {
+    await api("GET", "/sessions?page_size=1");
+    showListError("");
+    return true;
+  } catch (error) {
+    // A token of another role (the engine side's) may not read sessions: ask for another.
+    if (error.status === 403) showGate(`This token may not use the console. ${describe(error)}`);
+    else if (error.status !== 401) {
+      $("main").hidden = false;
+      showListError(describe(error));
+    }
+    return false;
+  }
+}
+
 async function startConsole() {
   clearView();
-  await loadList();
-  if (!$("gate").hidden) return; // the service asked for a token
+  if (!(await mayRead())) return;
+  $("main").hidden = false;
   $("logout").hidden = localStorage.getItem("sm.signedIn") !== "1";
+  openFeed();
   const instanceId = routedInstance();
   if (instanceId) openSession(instanceId);
 }
@@ -683,7 +784,7 @@ function route() {
 
 /** Back to the list alone (the browser's Back button from a session). */
 function closeSession() {
-  closeStream();
+  stopFollowing();
   current = null;
   setConnection(null);
   $("main").classList.remove("has-session");
@@ -701,7 +802,7 @@ function wire() {
   $("logout").addEventListener("click", signOut);
   $("create-form").addEventListener("submit", createSession);
   $("status-filter").addEventListener("change", filterList);
-  $("refresh").addEventListener("click", () => loadList());
+  $("refresh").addEventListener("click", () => openFeed()); // the current state, read again
   $("first-page").addEventListener("click", () => goToPage(0));
   $("previous-page").addEventListener("click", () => goToPage(list.index - 1));
   $("next-page").addEventListener("click", () => goToPage(list.index + 1));
