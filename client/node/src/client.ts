@@ -19,12 +19,22 @@ import { statusNumber, type SessionStatus } from "./enums.js";
 import { fromError, SessionManagerUnavailableError } from "./errors.js";
 import type { WhatsAppSession } from "./gen/sessionmanager/v1/session_pb.js";
 import {
+  EventType,
+  type Message,
   type PairPhoneResponse,
   type SendResponse,
   SessionService,
+  type WatchSessionsResponse,
 } from "./gen/sessionmanager/v1/session_service_pb.js";
 import { Fault, SimulatorService } from "./gen/sessionmanager/v1/simulator_service_pb.js";
-import { type Backoff, backoffDelay, Resubscription, WATCH_BACKOFF, WatchCursor } from "./watch.js";
+import {
+  type Backoff,
+  backoffDelay,
+  Resubscription,
+  StreamCursor,
+  WATCH_BACKOFF,
+  WatchCursor,
+} from "./watch.js";
 
 export const DEFAULT_ADDRESS = "127.0.0.1:50051";
 export const DEFAULT_TIMEOUT_MS = 10_000;
@@ -93,6 +103,28 @@ export interface WatchOptions {
   /** Aborting it ends the watch. */
   signal?: AbortSignal;
   backoff?: Backoff;
+}
+
+/** The event types of the log, by their text form. */
+export type EventTypeText = "session.updated" | "session.deleted" | "message.updated";
+
+const EVENT_TYPES: Readonly<Record<EventTypeText, EventType>> = Object.freeze({
+  "session.updated": EventType.SESSION_UPDATED,
+  "session.deleted": EventType.SESSION_DELETED,
+  "message.updated": EventType.MESSAGE_UPDATED,
+});
+
+export interface WatchSessionsOptions extends WatchOptions {
+  /** Resume: every event after this sequence number, instead of the current state first. */
+  afterSequence?: bigint;
+  /** Keeps where the stream stands; pass your own to read `cursor.sequence` and store it. */
+  cursor?: StreamCursor;
+  /** Only sessions in this status: the events that bring one into it, keep it or take it out. */
+  status?: SessionStatus;
+  /** Only sessions (and their messages) whose instance id starts with this. */
+  instanceIdPrefix?: string;
+  /** Only these event types. */
+  types?: EventTypeText[];
 }
 
 function baseUrl(address: string, tls: boolean): string {
@@ -193,6 +225,31 @@ export class Simulator {
     return present((await this.calls.once(call, options?.signal)).session, "session");
   }
 
+  /** WhatsApp reports the sent message delivered to the recipient's phone. */
+  async deliverMessage(instanceId: string, messageId: string, options?: CallOptions): Promise<Message> {
+    const call = () => this.rpc.deliverMessage({ instanceId, messageId }, this.calls.options(options));
+    return present((await this.calls.once(call, options?.signal)).message, "message");
+  }
+
+  /** WhatsApp reports the sent message read by the recipient. */
+  async readMessage(instanceId: string, messageId: string, options?: CallOptions): Promise<Message> {
+    const call = () => this.rpc.readMessage({ instanceId, messageId }, this.calls.options(options));
+    return present((await this.calls.once(call, options?.signal)).message, "message");
+  }
+
+  /** WhatsApp reports that it could not deliver the sent message after all. */
+  async failMessage(
+    instanceId: string,
+    messageId: string,
+    code = "",
+    message = "",
+    options?: CallOptions,
+  ): Promise<Message> {
+    const request = { instanceId, messageId, code, message };
+    const call = () => this.rpc.failMessage(request, this.calls.options(options));
+    return present((await this.calls.once(call, options?.signal)).message, "message");
+  }
+
   /** Makes the session's next `"pairing"` or `"send"` fail. */
   async injectFault(instanceId: string, fault: "pairing" | "send", options?: CallOptions): Promise<void> {
     const request = { instanceId, fault: fault === "pairing" ? Fault.PAIRING : Fault.SEND };
@@ -259,6 +316,12 @@ export class SessionManagerClient {
     return this.calls.idempotent(call, options?.signal);
   }
 
+  /** A message the session sent, and where it stands (delivered, read, ...). */
+  async getMessage(instanceId: string, messageId: string, options?: CallOptions): Promise<Message> {
+    const call = () => this.rpc.getMessage({ instanceId, messageId }, this.calls.options(options));
+    return present((await this.calls.idempotent(call, options?.signal)).message, "message");
+  }
+
   /** Unlinks the device: disconnected, reason LOGOUT. */
   async disconnect(instanceId: string, options?: CallOptions): Promise<WhatsAppSession> {
     const call = () => this.rpc.disconnect({ instanceId }, this.calls.options(options));
@@ -321,6 +384,50 @@ export class SessionManagerClient {
           const session = present(response.session, "session");
           if (cursor.admit(session)) {
             yield session;
+          }
+        }
+        return;
+      } catch (thrown) {
+        const error = fromError(thrown, options.signal);
+        delay = options.signal?.aborted ? undefined : resubscription.delayAfter(error);
+        if (delay === undefined) {
+          throw error;
+        }
+      }
+      await sleep(delay, undefined, { signal: options.signal });
+    }
+  }
+
+  /**
+   * Every session and message, from the event log, as they change.
+   *
+   * Without `afterSequence`: the current state first (`item.case === "session"`,
+   * one per session, then `"checkpoint"`), then each event (`"event"`:
+   * `session.updated`, `session.deleted`, `message.updated`, with its resource).
+   * With it: every event after that sequence number. After UNAVAILABLE (a
+   * restart, a lost connection) it subscribes again by itself after the last
+   * event or checkpoint received (kept in `cursor`), so nothing is missed and
+   * nothing comes twice. `CursorExpiredError` ends it when the log no longer
+   * keeps what follows the cursor: start again without one. Stop it with
+   * `break` or the `signal`.
+   */
+  async *watchSessions(options: WatchSessionsOptions = {}): AsyncGenerator<WatchSessionsResponse> {
+    const cursor = options.cursor ?? new StreamCursor(options.afterSequence);
+    const resubscription = new Resubscription(options.backoff ?? this.watchBackoff);
+    const streamOptions = { ...this.calls.options({ signal: options.signal }), timeoutMs: undefined };
+    for (;;) {
+      const request = {
+        afterSequence: cursor.sequence,
+        status: options.status === undefined ? undefined : statusNumber(options.status),
+        instanceIdPrefix: options.instanceIdPrefix ?? "",
+        types: (options.types ?? []).map((type) => EVENT_TYPES[type]),
+      };
+      let delay: number | undefined;
+      try {
+        for await (const item of this.rpc.watchSessions(request, streamOptions)) {
+          resubscription.received();
+          if (cursor.admit(item)) {
+            yield item;
           }
         }
         return;

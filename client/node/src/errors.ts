@@ -125,6 +125,23 @@ export class StorageUnavailableError extends SessionManagerClientError {
  * owner. Nothing was changed; retry after `retryAfter` seconds.
  */
 export class SessionMovingError extends SessionManagerClientError {}
+/**
+ * CURSOR_EXPIRED (OUT_OF_RANGE, 410): the events after the stream's cursor are
+ * no longer kept (retention). Start again without a cursor, from the current state.
+ */
+export class CursorExpiredError extends SessionManagerClientError {
+  /** The last sequence number the log no longer keeps. */
+  get trimmedThrough(): bigint | undefined {
+    const value = this.metadata["trimmed_through"];
+    return value === undefined ? undefined : BigInt(value);
+  }
+}
+/** MESSAGE_NOT_FOUND (NOT_FOUND, 404): the session sent no message with that id. */
+export class MessageNotFoundError extends SessionManagerClientError {
+  get messageId(): string | undefined {
+    return this.metadata["message_id"];
+  }
+}
 /** The call's deadline passed (DEADLINE_EXCEEDED); no ErrorInfo. */
 export class SessionManagerTimeoutError extends SessionManagerClientError {}
 /** The Session Manager could not be reached (UNAVAILABLE without ErrorInfo). */
@@ -151,6 +168,8 @@ export const REASONS: Readonly<Record<string, ErrorClass>> = Object.freeze({
   MESSAGE_OUTCOME_UNKNOWN: MessageOutcomeUnknownError,
   STORAGE_UNAVAILABLE: StorageUnavailableError,
   SESSION_MOVING: SessionMovingError,
+  CURSOR_EXPIRED: CursorExpiredError,
+  MESSAGE_NOT_FOUND: MessageNotFoundError,
 });
 
 /** Failures that carry no ErrorInfo, by gRPC code. */

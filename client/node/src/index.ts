@@ -19,7 +19,9 @@ export {
   SessionManagerClient,
   Simulator,
   type TLSOptions,
+  type EventTypeText,
   type WatchOptions,
+  type WatchSessionsOptions,
 } from "./client.js";
 export { QRStatus, qrStatusOf, SessionStatus, statusNumber, statusOf } from "./enums.js";
 export * from "./errors.js";
@@ -32,8 +34,15 @@ export {
   SessionManagerSessionNotReadyError,
   SessionNotReadyError,
 } from "./reaction.js";
-export { type Backoff, WATCH_BACKOFF, WatchCursor } from "./watch.js";
+export { type Backoff, StreamCursor, WATCH_BACKOFF, WatchCursor } from "./watch.js";
 export type { WhatsAppSession } from "./gen/sessionmanager/v1/session_pb.js";
-export type { PairPhoneResponse, SendResponse } from "./gen/sessionmanager/v1/session_service_pb.js";
-export { MessageStatus } from "./gen/sessionmanager/v1/session_service_pb.js";
+export type {
+  Checkpoint,
+  Event,
+  Message,
+  PairPhoneResponse,
+  SendResponse,
+  WatchSessionsResponse,
+} from "./gen/sessionmanager/v1/session_service_pb.js";
+export { EventType, MessageStatus } from "./gen/sessionmanager/v1/session_service_pb.js";
 export { timestampDate } from "@bufbuild/protobuf/wkt";

@@ -4,6 +4,7 @@
  */
 
 import type { WhatsAppSession } from "./gen/sessionmanager/v1/session_pb.js";
+import type { WatchSessionsResponse } from "./gen/sessionmanager/v1/session_service_pb.js";
 import { SessionManagerClientError, SessionManagerUnavailableError } from "./errors.js";
 
 /** Exponential, bounded waits between attempts. */
@@ -77,5 +78,28 @@ export class Resubscription {
       return undefined;
     }
     return backoffDelay(this.backoff, this.failures);
+  }
+}
+
+/**
+ * Where a list-wide stream stands: the sequence number of the last event or
+ * checkpoint received (`undefined` until the first one: resuming then starts
+ * over from the current state). Keep `sequence` to resume in another process.
+ */
+export class StreamCursor {
+  constructor(public sequence: bigint | undefined = undefined) {}
+
+  /** Whether `item` reaches the caller: it never repeats an event nor goes back. */
+  admit(item: WatchSessionsResponse): boolean {
+    const kind = item.item.case;
+    if (kind === "session") {
+      return true;
+    }
+    const sequence = kind === "event" ? item.item.value.sequence : kind === "checkpoint" ? item.item.value.sequence : undefined;
+    if (sequence === undefined || (this.sequence !== undefined && sequence <= this.sequence)) {
+      return false;
+    }
+    this.sequence = sequence;
+    return true;
   }
 }
