@@ -3,12 +3,13 @@
 ``AsyncSessionManagerClient`` (``.aio``) and ``SessionManagerClient``
 (``.sync``) speak the public ``SessionService``; every contract error becomes
 one exception of ``.errors``; ``.reaction`` encodes Central Hub's reaction
-table; ``smctl`` (``.cli``) is the command line. Sessions are returned as the
-generated ``sessionmanager.v1`` messages (``WhatsAppSession``), which this
-distribution carries.
+table; ``smctl`` (``.cli``) is the command line. ``watch_sessions`` follows
+every session and message from the event log, resuming after its
+``StreamCursor``. Sessions are returned as the generated ``sessionmanager.v1``
+messages (``WhatsAppSession``), which this distribution carries.
 """
 
-from sessionmanager_client._base import TLS, Backoff
+from sessionmanager_client._base import TLS, Backoff, StreamCursor
 from sessionmanager_client.aio import AsyncSessionManagerClient
 from sessionmanager_client.enums import QRStatus, SessionStatus, qr_status_of, status_of
 from sessionmanager_client.errors import SessionManagerClientError, from_rpc_error
@@ -25,6 +26,7 @@ __all__ = [
     "SessionManagerClientError",
     "SessionNotReadyError",
     "SessionStatus",
+    "StreamCursor",
     "ensure_can_send",
     "from_rpc_error",
     "qr_status_of",
