@@ -101,6 +101,16 @@ def _real_command(database: Path, *flags: str) -> list[str]:
 BARE_COMMAND = [sys.executable, "-m", "bench.bare"]
 
 
+def real_command(database: Path, *flags: str) -> list[str]:
+    """The command line of the Session Manager as the benchmarks run it (see ``real``)."""
+    return _real_command(database, *flags)
+
+
+def launch(command: list[str]) -> Server:
+    """Start a server ``command`` that prints its listening line, as ``real`` and ``bare`` do."""
+    return _launch(command)[0]
+
+
 def real(database: Path, *flags: str) -> Server:
     """The Session Manager on ``database``: simulated engine, no rate limit, QR codes valid a day."""
     return _launch(_real_command(database, *flags))[0]

@@ -512,7 +512,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX messages_by_whatsapp_id ON messages (session_id, whatsapp_message_id);
     CREATE TABLE events (
         sequence bigint PRIMARY KEY,
-        id text NOT NULL UNIQUE,
+        id text NOT NULL,
         type text NOT NULL {sql.EVENT_TYPE_CHECK},
         occurred_at timestamptz NOT NULL,
         instance_id text COLLATE "C" NOT NULL,
@@ -521,7 +521,6 @@ MIGRATIONS: tuple[str, ...] = (
         previous_status text,
         data text NOT NULL
     );
-    CREATE INDEX events_by_time ON events (occurred_at);
     {sql.EVENT_LOG_TABLE}
     CREATE FUNCTION events_appended() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN

@@ -176,9 +176,12 @@ _SELECT_EVENTS = (
 #: Raises the counter by the number of events to append; the row stays locked until COMMIT.
 _TAKE_SEQUENCES = "UPDATE event_log SET last = last + ? RETURNING last"
 _LOG_POSITION = "SELECT last, trimmed FROM event_log"
+#: The end of the oldest stretch of the log older than a time: the log's first rows only,
+#: so that a trim with nothing to do reads little (times follow sequence numbers closely).
 _OLD_EVENTS_END = (
     "SELECT max(sequence) FROM "
-    "(SELECT sequence FROM events WHERE occurred_at < ? ORDER BY sequence LIMIT ?) AS old"
+    "(SELECT sequence, occurred_at FROM events ORDER BY sequence LIMIT ?) AS oldest "
+    "WHERE occurred_at < ?"
 )
 
 
@@ -694,7 +697,7 @@ class SqlStore:
         """
 
         async def operation(db: Db) -> int:
-            rows = await db.fetch(_OLD_EVENTS_END, db.encode_time(before), batch)
+            rows = await db.fetch(_OLD_EVENTS_END, batch, db.encode_time(before))
             end = rows[0][0]
             if end is None:
                 return 0

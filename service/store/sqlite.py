@@ -119,7 +119,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX messages_by_whatsapp_id ON messages (session_id, whatsapp_message_id);
     CREATE TABLE events (
         sequence INTEGER PRIMARY KEY,
-        id TEXT NOT NULL UNIQUE,
+        id TEXT NOT NULL,
         type TEXT NOT NULL {sql.EVENT_TYPE_CHECK},
         occurred_at TEXT NOT NULL,
         instance_id TEXT NOT NULL,
@@ -128,7 +128,6 @@ MIGRATIONS: tuple[str, ...] = (
         previous_status TEXT,
         data TEXT NOT NULL
     );
-    CREATE INDEX events_by_time ON events (occurred_at);
     {sql.EVENT_LOG_TABLE}
     """,
 )
