@@ -151,7 +151,7 @@ def report(figures: list[Figure], sizes: Sizes, seconds: float, load: str) -> st
         rows.append(
             f"| {figure.name} | {_us(figure.logged)} | {_us(figure.unlogged)} | "
             f"{_us(figure.bare)} | {ratio:.2f} x | {_spread(figure.ratios())} | "
-            f"+{(ratio - 1) * 100:.0f} % | {met if figure is figures[0] else '—'} |"
+            f"{(ratio - 1) * 100:+.0f} % | {met if figure is figures[0] else '—'} |"
         )
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return "\n".join(

@@ -177,3 +177,32 @@ def test_quick_cluster_benchmark_reports_failover_and_cpu_for_one_to_three_nodes
     for name in CLUSTER_ROWS:
         if "/ " in name:
             assert _row(text, re.escape(name))[3] != "baseline", name
+
+
+@pytest.mark.timeout(300)
+def test_quick_event_log_benchmark_reports_what_the_log_adds(tmp_path: Path) -> None:
+    output = tmp_path / "RESULTS.md"
+    workers = "## Engine workers: resident memory per worker\n\nTheir table.\n"
+    output.write_text(f"# Benchmark results\n\n{workers}")
+
+    finished = subprocess.run(
+        [sys.executable, "-m", "bench.event_log", "--quick", f"--output={output}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert finished.returncode == 0, finished.stderr[-2000:]
+
+    text = output.read_text()
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings == [
+        "## Event log: what it adds to a committed change",
+        "## Engine workers: resident memory per worker",
+    ]
+    for name in ("ReportError, one committed change", "Send, new idempotency key"):
+        _, logged, unlogged, bare, ratio, spread, adds, met = _row(text, re.escape(name) + ".*")
+        assert _number(logged) > 0
+        assert _number(unlogged) > 0
+        assert _number(bare) > 0
+        assert _number(ratio) > 0
+        assert re.fullmatch(r"[0-9.]+ to [0-9.]+", spread)
+        assert re.fullmatch(r"[+-]\d+ %", adds)
+        assert met in ("yes", "**no**", "—")
