@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from service.api.auth import parse_tokens
 from service.store import postgres
 
 ENGINES = ("simulated", "simulated-worker", "whatsmeow")
@@ -447,3 +446,10 @@ def _tokens(environ: Mapping[str, str], role: str, file: object) -> tuple[bytes,
                 f"cannot read the token file {file}: {error.strerror}"
             ) from error
     return parse_tokens(text)
+
+
+def parse_tokens(text: str) -> tuple[bytes, ...]:
+    """Tokens from an environment variable or file: comma- or newline-separated."""
+    return tuple(
+        token.strip().encode() for token in text.replace("\n", ",").split(",") if token.strip()
+    )

@@ -45,7 +45,7 @@ from service.startup import (
 )
 from service.startup import InsecureAddress as InsecureAddress
 from service.store import postgres, sqlite
-from service.store.ownership import Ownership
+from service.store.ownership import InUse, NotWritable, Ownership
 from service.store.port import Store
 from sessionmanager.v1 import (
     engine_service_pb2,
@@ -228,7 +228,10 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
     # One owner per database, before the address checks (a second server on the same
     # database and port names the database): a lock file beside a SQLite file; for
     # PostgreSQL, the advisory lock the store's connection takes as it opens.
-    ownership = None if isinstance(database, PostgresURL) else Ownership.acquire(database)
+    try:
+        ownership = None if isinstance(database, PostgresURL) else Ownership.acquire(database)
+    except (InUse, NotWritable) as error:
+        raise database_failure(database, error) or error from error
     store: Store | None = None
     try:
         if isinstance(database, PostgresURL):

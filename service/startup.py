@@ -24,7 +24,7 @@ from typing import Any
 import asyncpg
 
 from service.config import PostgresURL, Settings
-from service.store import failures, postgres
+from service.store import failures, ownership, postgres
 from service.store.port import SchemaTooNew
 
 
@@ -268,6 +268,10 @@ def _trial_bind(family: int, kind: int, proto: int, sockaddr: Any) -> OSError | 
 def database_failure(database: Path | PostgresURL, error: BaseException) -> StartupError | None:
     """Why the database could not be opened, or None when ``error`` is not about the database."""
     shown = postgres.display(database) if isinstance(database, PostgresURL) else str(database)
+    if isinstance(error, ownership.InUse):
+        return StartupError(ExitCode.DATABASE_IN_USE, str(error))
+    if isinstance(error, ownership.NotWritable):
+        return StartupError(ExitCode.DATABASE_NOT_WRITABLE, str(error))
     if isinstance(error, SchemaTooNew):
         return StartupError(
             ExitCode.SCHEMA_TOO_NEW,
