@@ -329,3 +329,29 @@ async def test_a_restarted_server_resumes_a_stream_from_the_same_log(settings: S
         stream.cancel()
     finally:
         await again.stop()
+
+
+async def test_an_idle_filtered_stream_says_how_far_it_has_read(settings: Settings) -> None:
+    """A stream that looked past events it does not carry sends a checkpoint once idle, so
+    that its reader's cursor keeps up with the log (and never falls out of its retention)."""
+    running = await start_harness(replace(settings, sse_keepalive=0.1), ManualClock())
+    try:
+        only_messages = pb.WatchSessionsRequest(types=[MESSAGE])
+        stream = running.sessions.WatchSessions(only_messages)
+        start = (await next_item(stream)).checkpoint.sequence
+        await running.sessions.CreateSession(pb.CreateSessionRequest(instance_id="sender_1"))
+        await running.sessions.RequestQR(pb.RequestQRRequest(instance_id="sender_1"))
+        checkpoint = await next_item(stream)
+        assert checkpoint.WhichOneof("item") == "checkpoint"
+        assert checkpoint.checkpoint.sequence == start + 2
+        stream.cancel()
+        async with httpx.AsyncClient(base_url=running.http_url + API, timeout=10) as http:
+            headers = {"Last-Event-ID": str(start)}
+            query = {"types": "message.updated"}
+            async with aconnect_sse(http, "GET", "/events", params=query, headers=headers) as sse:
+                items = sse.aiter_sse()
+                assert (await anext(items)).retry == 2000
+                idle = await anext(items)
+        assert (idle.event, idle.id) == ("checkpoint", str(start + 2))
+    finally:
+        await running.stop()

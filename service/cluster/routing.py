@@ -117,7 +117,8 @@ class ClusterSessions:
         return self._manager.status_counts()
 
     def watcher_count(self) -> int:
-        return self._feed.hub.count()
+        """Open watch streams: of one session, and of the event log."""
+        return self._feed.hub.count() + self._manager.events.count()
 
     def close_watches(self) -> None:
         self._feed.close_watches()

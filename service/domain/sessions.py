@@ -214,7 +214,8 @@ class SessionManager:
         return counts
 
     def watcher_count(self) -> int:
-        return self.hub.count()
+        """Open watch streams: of one session, and of the event log."""
+        return self.hub.count() + self.events.count()
 
     async def watch(self, instance_id: str) -> Watcher[Session]:
         """A watcher that yields the current state first, then every committed change."""
