@@ -15,6 +15,7 @@ answer of these routes, errors included, carries ``Deprecation`` (RFC 9745),
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import TYPE_CHECKING, Any
@@ -93,7 +94,11 @@ def _legacy_status(session: Session, **more: Any) -> dict[str, Any]:
     return {"status": LEGACY_STATUS[session.status], "session": session_json(session), **more}
 
 
-async def _answer(call: Call, handler: Any) -> Response:
+#: What an old route does for its session: the body of its answer.
+Behaviour = Callable[["Call", str], Awaitable[dict[str, Any]]]
+
+
+async def _answer(call: Call, handler: Behaviour) -> Response:
     """Run ``handler(call, instance_id)``; its answer or its error, with the deprecation headers."""
     instance_id = legacy_instance(call)
     headers = deprecation_headers(call.request.url.path, instance_id)
