@@ -376,7 +376,7 @@ async def run(sizes: Sizes, work: Path) -> Results:
 
 
 def _versions() -> str:
-    names = ("grpcio", "protobuf", "aiosqlite", "qrcode")
+    names = ("grpcio", "protobuf", "aiosqlite")
     return ", ".join(f"{name} {metadata.version(name)}" for name in names)
 
 
