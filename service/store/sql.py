@@ -275,6 +275,9 @@ class SqlStore:
         self.fence: Fence = fence or NoFence()
         self._writer = Writer(self._transaction, retry_alone=backend.retry_alone)
         self._failing = False
+        #: Whether a transaction ever committed. Until one has, a failure is the start-up's
+        #: to report (one line and its exit code), not a database that stopped working.
+        self._committed = False
 
     async def close(self) -> None:
         """Commit every queued operation, then close the database."""
@@ -300,11 +303,12 @@ class SqlStore:
         return results
 
     def _set_failing(self, failing: bool, error: BaseException | None = None) -> None:
-        if failing and not self._failing:
+        if self._committed and failing and not self._failing:
             log.error("the database stopped accepting commits: %s", error)
-        elif self._failing and not failing:
+        elif self._committed and self._failing and not failing:
             log.info("the database accepts commits again")
         self._failing = failing
+        self._committed = self._committed or not failing
 
     async def probe(self) -> None:
         """Commit a transaction that writes nothing of the sessions: whether commits work."""
