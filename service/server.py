@@ -9,7 +9,7 @@ import logging
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import _async as health_aio
@@ -18,7 +18,6 @@ from grpc_reflection.v1alpha import reflection
 
 from service.api.auth import TokenInterceptor, Tokens
 from service.api.health import Serving
-from service.api.http import HttpServer, Options, start_http
 from service.api.metrics import Metrics, MetricsInterceptor
 from service.api.rpc import EngineService, NodeService, SessionService, SimulatorService
 from service.clock import Clock, SystemClock
@@ -54,6 +53,9 @@ from sessionmanager.v1 import (
     simulator_service_pb2,
     simulator_service_pb2_grpc,
 )
+
+if TYPE_CHECKING:  # imported when the HTTP API is served (``start``): a tenth of a second
+    from service.api.http import HttpServer, Options
 
 log = logging.getLogger(__name__)
 
@@ -352,6 +354,8 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         serving = Serving(health_servicer, services, store, conditions)
         http, http_options = None, None
         if settings.http_address:
+            from service.api.http import start_http  # Starlette, uvicorn, pydantic
+
             http, http_options = start_http(settings, sessions, tokens, metrics)
             http_options.serving = serving
     except BaseException:
