@@ -57,7 +57,7 @@ STALL_LIMIT = 5.0
 #: How long a commit whose acknowledgement was lost may take to settle.
 SETTLE_WITHIN = 5.0
 #: How long a reconnecting writer waits for its old backend to end.
-_END_WAIT = 5.0
+_END_WAIT = 3.0  # less than SETTLE_WITHIN
 #: TCP keepalives on the server's side of every connection: a peer that vanished without
 #: closing (a dropped route, a frozen host) is noticed in about 11 s, not hours.
 KEEPALIVES = {
@@ -71,8 +71,12 @@ URL_SCHEMES = ("postgresql", "postgres")
 _CONNECTION_ERRORS = (
     OSError,
     TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.InterfaceError,  # a connection closed, or left in the middle of an operation
+    asyncpg.InternalClientError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.CannotConnectNowError,
 )
 
 
@@ -233,18 +237,23 @@ class PostgreSQL:
             results = [await operation(connection) for operation in operations]
             xid: str | None = await db.fetchval("SELECT pg_current_xact_id_if_assigned()::text")
             self.faults.hit("commit")
-        except _CONNECTION_ERRORS as error:  # COMMIT was never sent: nothing is stored
-            self._give_up(db)
-            raise DatabaseUnreachable(self._lost(error)) from error
-        except BaseException:
-            if not db.is_closed():
-                with contextlib.suppress(asyncpg.PostgresError, *_CONNECTION_ERRORS):
-                    await transaction.rollback()
+        except BaseException as error:
+            if _lost_connection(error, db):  # COMMIT was never sent: nothing is stored
+                self._give_up(db)
+                raise DatabaseUnreachable(self._lost(error)) from error
+            if isinstance(error, asyncpg.ReadOnlySQLTransactionError):
+                # A standby, or a read-only default: a new connection may reach a primary.
+                self._give_up(db)
+                raise
+            with contextlib.suppress(asyncpg.PostgresError, *_CONNECTION_ERRORS):
+                await transaction.rollback()
             raise
         try:
             await transaction.commit()
             self.faults.hit("commit.acknowledged")  # tests: the answer to COMMIT is lost
-        except _CONNECTION_ERRORS as error:
+        except BaseException as error:
+            if not _lost_connection(error, db):
+                raise
             self._give_up(db)
             # A transaction without an id wrote nothing: whatever became of it, its reads stand.
             if xid is not None and not await self._settle(xid, error):
@@ -277,6 +286,8 @@ class PostgreSQL:
                 assert self._db is not None
                 status = await self._db.fetchval("SELECT pg_xact_status($1::text::xid8)", xid)
         except (*_CONNECTION_ERRORS, asyncpg.PostgresError, DatabaseUnreachable) as failure:
+            if self._db is not None:  # a query cut short by the timeout leaves it unusable
+                self._give_up(self._db)
             raise CommitUnknown(
                 f"{self._lost(error)}; whether its last commit landed is not known yet "
                 f"({_describe(failure)})"
@@ -340,6 +351,11 @@ class PostgreSQL:
     async def probe(self, db: sql.Db) -> None:
         """Take a transaction id: its COMMIT then writes to the server's WAL."""
         await db.fetch("SELECT pg_current_xact_id()")
+
+
+def _lost_connection(error: BaseException, db: asyncpg.Connection) -> bool:
+    """Whether ``error`` means the connection is gone (or unusable), not a statement's failure."""
+    return isinstance(error, _CONNECTION_ERRORS) or db.is_closed()
 
 
 async def _backend_of(db: asyncpg.Connection) -> tuple[int, datetime]:
