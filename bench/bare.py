@@ -1,6 +1,9 @@
 """The baseline: a bare grpc.aio server with a no-op unary RPC and a no-op fan-out stream.
 
-Run as ``python -m bench.bare``; it prints the port it listens on, like the real server.
+``Noop`` answers nothing; ``Sized`` answers as many bytes as its request
+names (ASCII digits), so that a call that returns a session can be set against
+gRPC's own cost of moving the same bytes. Run as ``python -m bench.bare``; it
+prints the port it listens on, like the real server.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import grpc
 from service.server import SERVER_OPTIONS
 
 NOOP = "/bench.Bare/Noop"
+SIZED = "/bench.Bare/Sized"
 WATCH = "/bench.Bare/Watch"
 PUBLISH = "/bench.Bare/Publish"
 
@@ -26,9 +30,17 @@ def _identity(value: bytes) -> bytes:
 class Fanout:
     def __init__(self) -> None:
         self.queues: set[asyncio.Queue[bytes]] = set()
+        self.replies: dict[bytes, bytes] = {}
 
     async def noop(self, request: bytes, context: Any) -> bytes:
         return b""
+
+    async def sized(self, request: bytes, context: Any) -> bytes:
+        """As many bytes as the request names, made once: the reply costs gRPC alone."""
+        reply = self.replies.get(request)
+        if reply is None:
+            reply = self.replies[request] = b"x" * int(request)
+        return reply
 
     async def publish(self, request: bytes, context: Any) -> bytes:
         for queue in self.queues:
@@ -52,6 +64,7 @@ async def main() -> None:
         "bench.Bare",
         {
             "Noop": grpc.unary_unary_rpc_method_handler(fanout.noop, _identity, _identity),
+            "Sized": grpc.unary_unary_rpc_method_handler(fanout.sized, _identity, _identity),
             "Publish": grpc.unary_unary_rpc_method_handler(fanout.publish, _identity, _identity),
             "Watch": grpc.unary_stream_rpc_method_handler(fanout.watch, _identity, _identity),
         },

@@ -32,6 +32,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from bench.__main__ import write
 from bench.cpu import cpu_per_call
 from bench.servers import identity
 from service.api.http.server import HttpServer
@@ -161,7 +162,10 @@ async def _runs(
 
 
 def report(
-    figures: dict[str, list[float]], seconds: float, load: tuple[float, float, float]
+    figures: dict[str, list[float]],
+    seconds: float,
+    load: tuple[float, float, float],
+    heading: str = HEADING,
 ) -> str:
     http_over_bare = [h / b for h, b in zip(figures["http"], figures["bare"], strict=True)]
     http_over_grpc = [h / g for h, g in zip(figures["http"], figures["grpc"], strict=True)]
@@ -174,7 +178,7 @@ def report(
     ]
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        HEADING,
+        heading,
         "",
         f"Written by `python -m bench.http` on {now} in {seconds:.0f} s "
         f"(load average {', '.join(f'{x:.1f}' for x in load)} before it).",
@@ -198,22 +202,11 @@ def _load() -> tuple[float, float, float]:
     return float(one), float(five), float(fifteen)
 
 
-def write(section: str, path: Path = RESULTS) -> None:
-    """Replace this benchmark's section of the results file, or add it at the end."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = text.find(HEADING)
-    if start < 0:
-        path.write_text(text.rstrip("\n") + "\n\n" + section)
-        return
-    end = text.find("\n## ", start + len(HEADING))
-    rest = "" if end < 0 else text[end:]
-    path.write_text(text[:start] + section.rstrip("\n") + "\n" + rest)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.http", description=__doc__)
     parser.add_argument("--serve-bare", metavar="BODY", help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, default=RESULTS, help="the results file")
+    parser.add_argument("--label", help="name the run: its section is kept beside other runs'")
     args = parser.parse_args()
     if args.serve_bare is not None:
         asyncio.run(serve_bare(args.serve_bare.encode()))
@@ -221,8 +214,9 @@ def main() -> None:
     started, load = time.perf_counter(), _load()
     with tempfile.TemporaryDirectory() as scratch:
         figures = asyncio.run(measure(Path(scratch) / "bench.db"))
-    section = report(figures, time.perf_counter() - started, load)
-    write(section, args.output)
+    heading = f"{HEADING}, {args.label}" if args.label else HEADING
+    section = report(figures, time.perf_counter() - started, load, heading)
+    write(args.output, section)  # in place of the section with its heading, else at the end
     print(section)
 
 

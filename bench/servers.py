@@ -22,6 +22,7 @@ from typing import IO
 import grpc
 from google.protobuf.message import Message
 
+from bench.cpu import cpu_seconds
 from sessionmanager.v1 import session_service_pb2 as pb
 from sessionmanager.v1 import simulator_service_pb2 as sim
 
@@ -40,7 +41,10 @@ class Server:
 
     process: subprocess.Popen[str]
     address: str
+    #: Seconds from the process's start to its "listening" line (serving).
     started_in: float
+    #: The process's CPU seconds (all its threads) by then.
+    cpu_when_started: float
     log: IO[bytes]
 
     @property
@@ -88,7 +92,8 @@ def _launch(*commands: list[str]) -> list[Server]:
                 other.wait()
             raise RuntimeError(f"{command[0]} did not start: {_last_line(log)}")
         port = line.rsplit(" ", 1)[1].strip()
-        servers.append(Server(process, f"127.0.0.1:{port}", time.perf_counter() - started, log))
+        took = time.perf_counter() - started
+        servers.append(Server(process, f"127.0.0.1:{port}", took, cpu_seconds(process.pid), log))
     return servers
 
 

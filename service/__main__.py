@@ -17,7 +17,6 @@ from typing import NoReturn
 import asyncpg
 
 from service import config, logs
-from service.api.http.server import ListenError
 from service.server import serve
 from service.startup import ExitCode, StartupError, database_failure
 from service.store import failures
@@ -44,6 +43,16 @@ def _fail(code: ExitCode, message: str) -> int:
     return code
 
 
+def _listen_failed(error: Exception) -> bool:
+    """Whether ``error`` is the HTTP server's ``ListenError``.
+
+    The HTTP API is imported only when it is served (Starlette, uvicorn and
+    pydantic take a tenth of a second to import), and so is its error.
+    """
+    http = sys.modules.get("service.api.http.server")
+    return http is not None and isinstance(error, http.ListenError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _Parser(prog="session-manager", description="The Session Manager gRPC service.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -61,9 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(serve(settings))
     except StartupError as error:
         return _fail(error.exit_code, str(error))
-    except ListenError as error:  # the HTTP address failed after its trial bind passed
-        return _fail(ExitCode.ADDRESS_UNUSABLE, str(error))
     except Exception as error:  # one line for the operator, the trace at debug
+        if _listen_failed(error):  # the HTTP address failed after its trial bind passed
+            return _fail(ExitCode.ADDRESS_UNUSABLE, str(error))
         if isinstance(error, _DATABASE_ERRORS):  # the database failed after it was opened
             failure = database_failure(settings.database, error)
             if failure is not None:

@@ -38,21 +38,30 @@ BURNER = textwrap.dedent("""
     sys.stdin.read()
 """)
 
-# The first cell of each row of the CPU table, as a regular expression.
-CPU_ROWS = (
-    *map(
-        re.escape,
-        [
-            "GetSession",
-            "RequestQR, valid QR (returns it again)",
-            "ListSessions, page of 50",
-            "Send, new idempotency key (durable)",
-            "Send, repeated idempotency key (replay)",
-            "ReportError, one committed change (durable)",
-        ],
-    ),
-    r"WatchSession, one change to [\d,]+ watchers \(per watcher\)",
+# The first cell of each row of the CPU table, as a regular expression, and its target.
+SIZED = ", against a bare reply of as many bytes"
+CPU_ROWS = {
+    re.escape("GetSession"): "—",
+    re.escape("GetSession" + SIZED): "≤ 1.10 x",
+    re.escape("RequestQR, valid QR (returns it again)"): "—",
+    re.escape("RequestQR, valid QR (returns it again)" + SIZED): "≤ 1.10 x",
+    re.escape("ListSessions, page of 50"): "≤ 2.00 x",
+    re.escape("ListSessions, page of 50" + SIZED): "—",
+    re.escape("Send, new idempotency key (durable)"): "≤ 2.00 x",
+    re.escape("Send, repeated idempotency key (replay)"): "—",
+    re.escape("ReportError, one committed change (durable)"): "—",
+    r"WatchSession, one change to [\d,]+ watchers \(per watcher\)": "—",
+}
+# The first cells of figures of the first table (each a prefix).
+FIGURES = (
+    "GetSession QPS / bare",
+    "Send accepted per second",
+    "server memory per open",
+    "server start-up with",
+    "server CPU time of that start-up",
+    "new QR PNG",
 )
+REPLY_BYTES = r"Reply bytes: GetSession ([\d,]+), RequestQR ([\d,]+), ListSessions ([\d,]+)\."
 
 
 def test_cpu_seconds_is_what_the_process_itself_counts_over_all_its_threads() -> None:
@@ -113,8 +122,8 @@ def test_quick_benchmark_reports_server_cpu_per_call_against_the_bare_baseline(
     assert "Its tables." in text
     assert "Their table." in text
 
-    for name in CPU_ROWS:
-        _, server, spread, bare, ratio, ratio_spread, runs = _row(text, name)
+    for name, wanted in CPU_ROWS.items():
+        _, server, spread, bare, ratio, ratio_spread, runs, target, met = _row(text, name)
         assert server.endswith(" µs")
         assert bare.endswith(" µs")
         assert ratio.endswith(" x")
@@ -124,8 +133,15 @@ def test_quick_benchmark_reports_server_cpu_per_call_against_the_bare_baseline(
         assert re.fullmatch(r"\d+ to \d+", spread)
         assert re.fullmatch(r"[0-9.]+ to [0-9.]+", ratio_spread)
         assert runs == "2"
-    for name in ("GetSession QPS / bare", "Send accepted per second", "server memory per open"):
+        assert target == wanted
+        verdict = _number(ratio) <= _number(target.removeprefix("≤ ")) if target != "—" else None
+        assert met == {True: "yes", False: "**no**", None: "—"}[verdict], (name, ratio, met)
+    for name in FIGURES:
         assert _number(_row(text, re.escape(name) + ".*")[1]) > 0
+    # The sized baseline answered as many bytes as each call, and says how many.
+    sizes = re.search(REPLY_BYTES, text)
+    assert sizes, text
+    assert all(int(size.replace(",", "")) > 100 for size in sizes.groups())
 
 
 # The rows of the cluster benchmark's table, each with a value and a ratio (or "baseline").

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import qrcode
 import qrcode.constants
+import qrcode.util
 import zxingcpp
 
 from service.engine.simulated import pairing_payload
@@ -72,7 +73,7 @@ def qrcode_matrix(payload: str) -> list[list[bool]]:
     code = qrcode.QRCode(  # as service.domain.qr renders it
         error_correction=qrcode.constants.ERROR_CORRECT_M, border=0, mask_pattern=0
     )
-    code.add_data(payload)
+    code.add_data(qrcode.util.QRData(payload.encode(), mode=qrcode.util.MODE_8BIT_BYTE))
     code.make(fit=True)
     return [[bool(v) for v in row] for row in code.get_matrix()]
 

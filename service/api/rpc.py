@@ -72,6 +72,28 @@ _DISCONNECT_REASONS = {
 }
 
 
+@functools.lru_cache(maxsize=4096)
+def _get_response(s: Session) -> pb.GetSessionResponse:
+    """GetSession's reply for a committed state, built once and shared: never modify it."""
+    return pb.GetSessionResponse(session=session_message(s))
+
+
+@functools.lru_cache(maxsize=1024)
+def _qr_response(s: Session) -> pb.RequestQRResponse:
+    """RequestQR's reply for a state that shows a code, built once and shared: never modify it.
+
+    Building it copies the code's PNG data URL twice and converts its expiry: 7 µs of
+    each call that returns the same code again.
+    """
+    assert s.qr_string is not None
+    assert s.qr_expires_at is not None
+    return pb.RequestQRResponse(
+        qr_string=s.qr_string,
+        qr_expires_at=timestamp(s.qr_expires_at),
+        session=session_message(s),
+    )
+
+
 @functools.lru_cache(maxsize=1024)
 def _watch_response(s: Session) -> pb.WatchSessionResponse:
     """One message per committed state, shared by all of its watchers."""
@@ -116,20 +138,14 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
         self, request: pb.GetSessionRequest, context: Context
     ) -> pb.GetSessionResponse:
         session = await self._manager.get(validation.instance_id(request.instance_id))
-        return pb.GetSessionResponse(session=session_message(session))
+        return _get_response(session)
 
     @unary
     async def RequestQR(
         self, request: pb.RequestQRRequest, context: Context
     ) -> pb.RequestQRResponse:
         session = await self._manager.request_qr(validation.instance_id(request.instance_id))
-        assert session.qr_string is not None
-        assert session.qr_expires_at is not None
-        return pb.RequestQRResponse(
-            qr_string=session.qr_string,
-            qr_expires_at=timestamp(session.qr_expires_at),
-            session=session_message(session),
-        )
+        return _qr_response(session)
 
     @unary
     async def PairPhone(

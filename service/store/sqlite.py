@@ -10,10 +10,11 @@ doubt.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from service.domain import contract
+from service.domain.states import Session
 from service.faults import FaultPoints
 from service.store import failures, sql
 from service.store.port import SchemaTooNew as SchemaTooNew  # re-exported
@@ -212,38 +214,69 @@ class SQLite:
 
 
 class Store(sql.SqlStore):
-    """The SQLite file; every method is one operation, committed before it returns."""
+    """The SQLite file; every method is one operation, committed before it returns.
 
-    def __init__(self, backend: SQLite, path: Path) -> None:
+    The file's quick check (``failures.quick_check``) runs beside the first
+    load of the sessions, which returns only once it passed.
+    """
+
+    def __init__(self, backend: SQLite, path: Path, checked: asyncio.Task[None] | None) -> None:
         super().__init__(backend)
         self.path = path
+        self._checked = checked
 
     @classmethod
     async def open(cls, path: Path | str) -> Store:
         path = Path(path)
-        if str(path) != ":memory:":
+        in_memory = str(path) == ":memory:"
+        if not in_memory:
             path.parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(path, isolation_level=None)
+        checked = None
         try:
             await db.execute("PRAGMA journal_mode = WAL")
             await db.execute("PRAGMA synchronous = FULL")
             await db.execute("PRAGMA foreign_keys = ON")
             await db.execute("PRAGMA busy_timeout = 5000")
-            await failures.check_usable(db)
-            await _migrate(db)
+            await failures.check_writable(db)
+            checked = None if in_memory else asyncio.create_task(failures.quick_check(path))
+            await _migrate(db, checked)
         except BaseException:
+            await _stop(checked)
             await db.close()
             raise
-        return cls(SQLite(db), path)
+        return cls(SQLite(db), path, checked)
+
+    async def load_sessions(self) -> list[Session]:
+        """Every stored session, once the file's quick check (run beside the load) passed."""
+        sessions = await super().load_sessions()
+        if self._checked is not None:
+            await self._checked
+        return sessions
+
+    async def close(self) -> None:
+        await _stop(self._checked)
+        await super().close()
 
 
-async def _migrate(db: aiosqlite.Connection) -> None:
+async def _stop(checked: asyncio.Task[None] | None) -> None:
+    """End the quick check if it still runs: its outcome no longer matters (the store closes)."""
+    if checked is not None:
+        checked.cancel()  # nothing once it is done
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await checked
+
+
+async def _migrate(db: aiosqlite.Connection, checked: Awaitable[None] | None) -> None:
+    """Bring the schema to ``SCHEMA_VERSION``, once the quick check passed if it must change."""
     rows = list(await db.execute_fetchall("PRAGMA user_version"))
     version = int(rows[0][0])
     if version > SCHEMA_VERSION:
         raise SchemaTooNew(
             f"the database has schema version {version}; this release knows up to {SCHEMA_VERSION}"
         )
+    if version < SCHEMA_VERSION and checked is not None:
+        await checked  # a damaged file is refused before its schema is rewritten
     for target in range(version + 1, SCHEMA_VERSION + 1):
         log.info("migrating the database schema to version %d", target)
         await db.execute("BEGIN IMMEDIATE")
