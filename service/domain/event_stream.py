@@ -170,17 +170,23 @@ class EventStreams:
             while self._unread:
                 self._unread = False
                 try:
-                    page = await self.log.read_events(self.head, self.page)
+                    await self._read_page()
                 except Exception as error:  # noqa: BLE001 - the database is away: read again
                     log.warning("the event log cannot be read yet: %s", error)
                     self._unread = True
                     await asyncio.sleep(RETRY_PAUSE)
-                    continue
-                self._offer(page.events)
-                self.head = max(self.head, page.through)
-                self._unread = self._unread or len(page.events) == self.page
         finally:
             self._reader = None
+
+    async def _read_page(self) -> None:
+        """Offer the next page of the log; with no stream open, only move to its end."""
+        if not self._streams:
+            self.head = max(self.head, (await self.log.log_position()).last)
+            return
+        page = await self.log.read_events(self.head, self.page)
+        self._offer(page.events)
+        self.head = max(self.head, page.through)
+        self._unread = self._unread or len(page.events) == self.page
 
     def _offer(self, events: Sequence[Event]) -> None:
         for event in events:

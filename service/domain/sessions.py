@@ -103,8 +103,8 @@ class SessionManager:
         of sessions deleted or logged out are forgotten; codes are expired or
         kept; paired sessions reconnect.
         """
-        await self.events.start()
         await self._registry.load()
+        await self.events.start()  # before the first change appended from here on
         code, message = OUTCOME_UNKNOWN
         unknown = await self._store.mark_pending_unknown(code, message, self._clock.now())
         if unknown:
