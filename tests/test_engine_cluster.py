@@ -5,7 +5,9 @@ with simulated engines in real worker processes. Credentials live in a
 throwaway PostgreSQL database (``postgres_url``) where a session moves between
 nodes; two engines on one database stand for two nodes. A worker's lease
 deadline (``hold_until``) is shown to end it by itself, also when its node is
-frozen with SIGSTOP (``tests.lease_node`` runs such a node in a process).
+frozen with SIGSTOP (``tests.lease_node`` runs such a node in a process), and
+the lease's epoch fences the credentials: a worker of an older owner can no
+longer write them once a newer owner's worker starts.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,10 +30,16 @@ from service.clock import ManualClock, SystemClock
 from service.domain import states
 from service.domain.contract import LOGOUT
 from service.domain.states import EngineEvent, SessionRef, new_session
-from service.engine.credentials import DROP_BATCH, PostgresCredentials, schema_url
+from service.engine.credentials import (
+    DROP_BATCH,
+    LOCATION_VARIABLE,
+    PostgresCredentials,
+    schema_url,
+)
 from service.engine.phone import WorkerPhone
 from service.engine.port import EngineError
-from service.engine.protocol import EXIT_LEASE_EXPIRED
+from service.engine.process import WorkerProcess
+from service.engine.protocol import EXIT_LEASE_EXPIRED, Command
 from service.engine.simulated import PairingTimes, SimulatedEngine
 from service.engine.supervisor import WorkerEngine, WorkerOptions
 from service.store import postgres
@@ -187,15 +195,16 @@ async def test_cleanup_keeps_live_sessions_credentials_and_drops_deleted_ones(
     credentials = PostgresCredentials(database.url)
     live = await database.create("live")
     deleted = await database.create("deleted")
-    for session in (live, deleted):
-        await credentials.prepare(session)
+    await credentials.prepare(live, 2)  # each fenced by the epoch of the node that ran it
+    await credentials.prepare(deleted, 3)
     await database.store.delete_session(deleted)
     # Sessions deleted long ago: more than one DROP statement takes.
     long_gone = {f"wa_device_{1000 + n}" for n in range(DROP_BATCH + 3)}
     other = await asyncpg.connect(database.url)
     try:
         await other.execute("CREATE SCHEMA wa_device_notes")  # not a credentials schema
-        await other.execute(f"CREATE TABLE wa_device_{live.id}.device (phone_number text)")
+        await other.execute(f"CREATE SCHEMA wa_device_{deleted.id}_old")  # nor is this one
+        await other.execute(f"CREATE TABLE wa_device_{live.id}_e2.device (phone_number text)")
         for name in long_gone:
             await other.execute(f"CREATE SCHEMA {name}")
             await other.execute(f"CREATE TABLE {name}.device (phone_number text)")
@@ -204,11 +213,11 @@ async def test_cleanup_keeps_live_sessions_credentials_and_drops_deleted_ones(
 
     dropped = await credentials.forget_deleted()
 
-    assert set(dropped) == {f"wa_device_{deleted.id}", *long_gone}
+    assert set(dropped) == {f"wa_device_{deleted.id}_e3", *long_gone}
     schemas = await database.schemas()
-    assert f"wa_device_{live.id}" in schemas
+    assert f"wa_device_{live.id}_e2" in schemas
     assert not schemas & set(dropped)
-    assert "wa_device_notes" in schemas
+    assert {"wa_device_notes", f"wa_device_{deleted.id}_old"} <= schemas
     assert await credentials.forget_deleted() == []  # nothing left to drop
 
 
@@ -307,6 +316,85 @@ async def test_whatsmeow_keeps_its_store_in_the_sessions_schema(database: Databa
         await engine.close()
 
 
+async def test_a_stale_transaction_on_the_credentials_ends_before_the_new_owner_starts(
+    database: Database,
+) -> None:
+    credentials = PostgresCredentials(database.url)
+    session = await database.create("midway")
+    old = await asyncpg.connect(await credentials.prepare(session, 1))  # as epoch 1's worker
+    try:
+        await old.execute("CREATE TABLE device (phone_number text NOT NULL)")
+        await old.execute("INSERT INTO device VALUES ('+1')")
+        midway = old.transaction()
+        await midway.start()
+        await old.execute("UPDATE device SET phone_number = '+2'")
+
+        location = await credentials.prepare(session, 2)  # a new owner, while it is open
+
+        assert old.is_closed() or await _fails(old.execute("SELECT 1"))
+    finally:
+        old.terminate()
+    new = await asyncpg.connect(location)
+    try:
+        assert await new.fetchval("SELECT phone_number FROM device") == "+1"  # never committed
+    finally:
+        await new.close()
+    again = await asyncpg.connect(credentials.location(session, 1))  # the old one reconnects
+    try:
+        assert await _fails(again.execute("UPDATE device SET phone_number = '+3'"))
+        assert await _fails(again.execute("CREATE TABLE device (phone_number text)"))
+    finally:
+        await again.close()
+    with pytest.raises(EngineError) as fenced:  # and cannot take the schema back
+        await credentials.prepare(session, 1)
+    assert fenced.value.code == "CREDENTIALS_FENCED"
+
+
+async def _fails(operation: Awaitable[object]) -> bool:
+    """Whether the database refused the operation (or the connection is gone)."""
+    try:
+        await operation
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError):
+        return True
+    return False
+
+
+async def test_a_stale_whatsmeow_worker_cannot_write_the_credentials(database: Database) -> None:
+    credentials = PostgresCredentials(database.url)
+    session = await database.create("stale-real")
+    stale_location = await credentials.prepare(session, 1)
+    await credentials.prepare(session, 2)  # a newer owner fenced them
+
+    async def report(worker: WorkerProcess, event: EngineEvent) -> None:
+        pass
+
+    worker = await WorkerProcess.start(  # whatsmeow (lib/pq) with what epoch 1 was given
+        session,
+        [
+            "--engine=whatsmeow",
+            f"--instance-id={session.instance_id}",
+            f"--session-id={session.id}",
+            f"--parent-pid={os.getpid()}",
+        ],
+        report,
+        SystemClock().now,
+        {LOCATION_VARIABLE: stale_location},
+    )
+    try:
+        reply = await worker.call(Command(start_pairing=Command.StartPairing()), 60)
+    finally:
+        await worker.stop(5)
+    assert "failed to upgrade database" in reply.error_message  # its store could not open
+    connection = await asyncpg.connect(database.url)
+    try:
+        tables = await connection.fetchval(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name LIKE 'whatsmeow%'"
+        )
+    finally:
+        await connection.close()
+    assert tables == 0  # it wrote nothing anywhere
+
+
 async def _fact(node: asyncio.subprocess.Process) -> dict[str, object]:
     """The next JSON line the node process prints (``tests.lease_node``)."""
     assert node.stdout is not None
@@ -363,8 +451,10 @@ def test_a_sessions_schema_is_selected_in_its_url() -> None:
     url = "postgresql://sm:pw@db:5433/sessions?sslmode=require&search_path=public"
     assert schema_url(url, "wa_device_12") == (
         "postgresql://sm:pw@db:5433/sessions?sslmode=require&search_path=wa_device_12"
+        "&application_name=sm-worker%20wa_device_12"
     )
     # lib/pq would require TLS where the server's store (asyncpg) only prefers it.
-    assert schema_url("postgresql://sm@db/sessions", "wa_device_3") == (
-        "postgresql://sm@db/sessions?sslmode=prefer&search_path=wa_device_3"
+    assert schema_url("postgresql://sm@db/sessions", "wa_device_3_e2") == (
+        "postgresql://sm@db/sessions?sslmode=prefer&search_path=wa_device_3_e2"
+        "&application_name=sm-worker%20wa_device_3_e2"
     )
