@@ -329,7 +329,10 @@ async def test_with_workers_a_moved_session_reconnects_from_stored_credentials(
             schemas = {row["nspname"] for row in await db.fetch("SELECT nspname FROM pg_namespace")}
         finally:
             await db.close()
-        assert f"wa_device_{moved.id}" in schemas  # the credentials live in PostgreSQL
+        _, epoch = await lease_of(postgres_url, paired)
+        # The credentials live in PostgreSQL, in the schema of the new owner's epoch.
+        assert f"wa_device_{moved.id}_e{epoch}" in schemas
+        assert f"wa_device_{moved.id}_e{epoch - 1}" not in schemas
     finally:
         for member in running:
             await member.stop()

@@ -4,7 +4,7 @@ Each test drives ``WorkerEngine`` directly, as a node's cluster layer does,
 with simulated engines in real worker processes. Credentials live in a
 throwaway PostgreSQL database (``postgres_url``) where a session moves between
 nodes; two engines on one database stand for two nodes. A worker's lease
-deadline (``hold_until``) is shown to end it by itself, also when its node is
+deadline (``hold``) is shown to end it by itself, also when its node is
 frozen with SIGSTOP (``tests.lease_node`` runs such a node in a process), and
 the lease's epoch fences the credentials: a worker of an older owner can no
 longer write them once a newer owner's worker starts.
@@ -15,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +26,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from service.clock import ManualClock, SystemClock
+from service.clock import ManualClock, SystemClock, boottime
 from service.domain import states
 from service.domain.contract import LOGOUT
 from service.domain.states import EngineEvent, SessionRef, new_session
@@ -34,6 +34,7 @@ from service.engine.credentials import (
     DROP_BATCH,
     LOCATION_VARIABLE,
     PostgresCredentials,
+    schema_name,
     schema_url,
 )
 from service.engine.phone import WorkerPhone
@@ -97,6 +98,17 @@ class Database:
         finally:
             await connection.close()
         return {row["nspname"] for row in rows}
+
+    async def device(self, session: SessionRef, epoch: int) -> str | None:
+        """The phone number the simulated engine recorded in the schema of ``epoch``."""
+        connection = await asyncpg.connect(self.url)
+        try:
+            phone: str | None = await connection.fetchval(
+                f'SELECT phone_number FROM "{schema_name(session.id, epoch)}".device'
+            )
+        finally:
+            await connection.close()
+        return phone
 
 
 @pytest.fixture
@@ -226,14 +238,14 @@ async def test_a_worker_past_its_hold_ends_itself_and_is_not_restarted(
 ) -> None:
     node = nodes()
     session = await database.create("held")
-    deadline = time.monotonic() + LEASE
-    node.engine.hold_until(deadline)  # before the worker starts: its first command
+    deadline = boottime() + LEASE
+    node.engine.hold("held", deadline, 1)  # before the worker starts: its first command
 
     async def renew() -> None:  # the node's lease loop
         nonlocal deadline
         while True:
-            deadline = time.monotonic() + LEASE
-            node.engine.hold_until(deadline)
+            deadline = boottime() + LEASE
+            node.engine.hold("held", deadline, 1)
             await asyncio.sleep(0.2)
 
     renewing = asyncio.create_task(renew())
@@ -242,7 +254,7 @@ async def test_a_worker_past_its_hold_ends_itself_and_is_not_restarted(
         await paired(node, session)
         worker = node.engine.worker(session)
         assert worker is not None
-        await asyncio.sleep(max(0.0, first_deadline + 0.5 - time.monotonic()))
+        await asyncio.sleep(max(0.0, first_deadline + 0.5 - boottime()))
         assert worker.alive  # each Hold moved the deadline on
     finally:
         renewing.cancel()
@@ -251,7 +263,7 @@ async def test_a_worker_past_its_hold_ends_itself_and_is_not_restarted(
 
     returncode = await asyncio.wait_for(asyncio.shield(worker.exited), 10.0)
     assert returncode == EXIT_LEASE_EXPIRED
-    assert time.monotonic() >= last_deadline  # not before its time
+    assert boottime() >= last_deadline  # not before its time
     with pytest.raises(EngineError) as refused:
         await node.engine.start_pairing(session)
     assert refused.value.code == "LEASE_EXPIRED"
@@ -270,8 +282,8 @@ async def test_a_worker_that_never_got_a_hold_has_no_deadline(
     await paired(node, session)
     worker = node.engine.worker(session)
     assert worker is not None
-    node.engine.hold_until(time.monotonic() + 0.5)
-    node.engine.hold_until(None)  # lifted before it passed
+    node.engine.hold("single", boottime() + 0.5, 1)
+    node.engine.hold("single", math.inf, 1)  # lifted before it passed
     await asyncio.sleep(1.0)
     assert worker.alive
     assert await node.engine.send(session, PHONE, "hola") != ""
@@ -314,6 +326,39 @@ async def test_whatsmeow_keeps_its_store_in_the_sessions_schema(database: Databa
         assert ended.reason == LOGOUT
     finally:
         await engine.close()
+
+
+async def test_a_stale_owners_worker_cannot_write_the_sessions_credentials(
+    database: Database, nodes: Callable[[], Node]
+) -> None:
+    first, second = nodes(), nodes()
+    session = await database.create("fenced")
+    first.engine.hold("fenced", boottime() + 60, 1)
+    await paired(first, session)
+    assert await database.device(session, 1) == PHONE
+
+    # The second node took the lease over (epoch 2); the first never learnt it (frozen).
+    second.engine.hold("fenced", boottime() + 60, 2)
+    await second.engine.restore(session, None)
+    assert await second.reports.until(states.Connected) == states.Connected(PHONE)
+    schemas = await database.schemas()
+    assert f"wa_device_{session.id}_e2" in schemas
+    assert f"wa_device_{session.id}_e1" not in schemas
+
+    stale = first.engine.worker(session)
+    assert stale is not None
+    assert stale.alive
+    with pytest.raises(EngineError) as refused:  # its worker records a device: refused
+        await first.phone.scan(session, "+15550001111", hold_handshake=False)
+    assert refused.value.code == "CREDENTIALS_UNAVAILABLE"
+    assert await database.device(session, 2) == PHONE
+    await second.phone.scan(session, "+15550002222", hold_handshake=False)
+    assert await database.device(session, 2) == "+15550002222"  # the owner's worker writes
+
+    with pytest.raises(EngineError) as fenced:  # nor does the stale node start another one
+        await first.engine.start_pairing(session)
+    assert fenced.value.code == "CREDENTIALS_FENCED"
+    assert await database.device(session, 2) == "+15550002222"  # and its wipe kept them
 
 
 async def test_a_stale_transaction_on_the_credentials_ends_before_the_new_owner_starts(

@@ -2,11 +2,14 @@
 
 Every ``tick`` (a quarter of the lease TTL) the node sends its heartbeat and
 renews every lease it holds in one statement, on the database's clock. From
-the moment that renewal was sent it counts, on its own monotonic clock, TTL
-minus a margin: its workers are told to end by then (``Engine.hold_until``)
-and, if no renewal succeeded in the meantime, the node drops every session
-itself. A new owner takes a lease only once it expired ``grace`` ago, so the
-old owner's workers are gone before the new ones start.
+the moment that renewal was sent it counts, on its own ``CLOCK_BOOTTIME``
+(which goes on counting while the machine is suspended), TTL minus a margin:
+each renewed session's worker is told to end by then (``Engine.hold``, with
+the lease's epoch) and, if no renewal succeeded in the meantime, the node
+drops every session itself. A session the node loses is revoked in the engine
+first (``Engine.revoke``): from that instant it neither reports nor restarts,
+and its worker is ended at once. A new owner takes a lease only once it expired
+``grace`` ago, so the old owner's workers are gone before the new ones start.
 
 Placement is rendezvous hashing over the live nodes: each tick the node takes
 the free sessions it should own and hands over those a live node should own
@@ -20,13 +23,13 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import asyncpg
 
+from service.clock import boottime
 from service.cluster import placement
 from service.domain import errors
 from service.domain.sessions import SessionManager
@@ -42,6 +45,9 @@ MARGIN = 0.25
 POOL_SIZE = 4
 #: How many times a renewal chosen as a deadlock's victim is run again within one round.
 RENEW_ATTEMPTS = 3
+#: The longest the watchdog sleeps at once: a timed wait stands still while the machine
+#: is suspended, so the deadline is read again at least this often.
+WATCH_SLICE = 0.5
 _DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
@@ -132,7 +138,8 @@ class Node:
         self._pool: asyncpg.Pool | None = None
         self._beat: asyncpg.Pool | None = None
         self.live: list[NodeRow] = []
-        #: Until when (monotonic) this node may act on its leases; None before the first renewal.
+        #: Until when (``boottime()``) this node may act on its leases; None before the first
+        #: renewal.
         self.deadline: float | None = None
         #: Whether the last renewal reached the database (health reports it).
         self.connected = False
@@ -219,11 +226,11 @@ class Node:
                 self._renewed.clear()
                 await self._renewed.wait()
                 continue
-            remaining = deadline - time.monotonic()
+            remaining = deadline - boottime()
             if remaining > 0:
                 self._renewed.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._renewed.wait(), remaining)
+                    await asyncio.wait_for(self._renewed.wait(), min(remaining, WATCH_SLICE))
                 continue
             log.error(
                 "could not renew the leases in time: dropping %d sessions", len(self.book.epochs)
@@ -233,7 +240,7 @@ class Node:
     # One round: heartbeat and renewals, then placement.
 
     async def tick(self) -> None:
-        sent = time.monotonic()
+        sent = boottime()
         if self.deadline is not None and sent >= self.deadline:
             # Frozen or cut off past the deadline: the workers ended by themselves.
             await self._drop_all("its lease could not be renewed in time")
@@ -245,7 +252,7 @@ class Node:
             log.warning("cannot renew the leases: %s", error or "no answer in time")
             return
         self._set_connected(True)
-        if self.deadline is not None and time.monotonic() >= self.deadline:
+        if self.deadline is not None and boottime() >= self.deadline:
             # The renewal came too late: the workers have already ended themselves, so the
             # sessions are given back and taken again (and reconnected) like any others.
             await self._drop_all("its lease was renewed only after its deadline")
@@ -255,12 +262,15 @@ class Node:
             await self._drop_all("another process started as this node")
             return
         self.deadline = sent + self.settings.lease_ttl * (1 - MARGIN)
-        self._manager.engine.hold_until(self.deadline)
+        for instance_id, epoch in renewed.items():
+            if self.book.epochs.get(instance_id) == epoch:  # not lost meanwhile
+                self._manager.engine.hold(instance_id, self.deadline, epoch)
         self._renewed.set()
         if self._metrics is not None:
-            self._metrics.on_renewal(time.monotonic() - sent)
+            self._metrics.on_renewal(boottime() - sent)
         for instance_id, epoch in held.items():
             if instance_id not in renewed and self.book.epochs.get(instance_id) == epoch:
+                self._manager.engine.revoke(instance_id)  # at once; the rest under its lock
                 self._spawn(self.lose(instance_id, "its lease was not renewed"))
         self.live = live
         await self._rebalance()
@@ -343,7 +353,7 @@ class Node:
         return self._lock(instance_id)
 
     def may_act(self) -> bool:
-        return self.deadline is not None and time.monotonic() < self.deadline
+        return self.deadline is not None and boottime() < self.deadline
 
     async def take(self, instance_id: str) -> bool:
         """Take the session's lease if it is free, and the session with it; whether it is ours."""
@@ -374,7 +384,9 @@ class Node:
             if not self.may_act():  # the deadline passed while it was taken: give it back
                 self._dropped[instance_id] = epoch
                 return False
+            assert self.deadline is not None
             self.book.hold(instance_id, epoch)
+            self._manager.engine.hold(instance_id, self.deadline, epoch)  # before it restores
             try:
                 session = await self._store.get_session(instance_id)
                 if session is not None:
@@ -385,6 +397,7 @@ class Node:
                     )
             except BaseException:  # given back (the next round frees it), and the caller told why
                 self.book.drop(instance_id)
+                self._manager.engine.revoke(instance_id)
                 self._dropped[instance_id] = epoch
                 await self._manager.release(instance_id)
                 raise
@@ -403,6 +416,7 @@ class Node:
                 return
             await self._manager.release(instance_id)
             self.book.drop(instance_id)
+            self._manager.engine.revoke(instance_id)  # its worker stopped: this only lets go
             await self._release_lease(instance_id, epoch)
             log.info("handed session %s over", instance_id)
             if self._metrics is not None:
@@ -416,6 +430,7 @@ class Node:
         """
         epoch = self.book.drop(instance_id)
         if epoch is not None:
+            self._manager.engine.revoke(instance_id)  # logged out already: this only lets go
             await self._release_lease(instance_id, epoch)
 
     async def _release_lease(self, instance_id: str, epoch: int) -> None:
@@ -431,8 +446,12 @@ class Node:
     async def lose(self, instance_id: str, why: str) -> None:
         """The lease is gone (another node may own the session): stop it here, write nothing.
 
-        The database is asked to free it too, should it still be this node's.
+        The engine is told at once, before anything waits: from then on the
+        session neither reports nor restarts, and its worker is ended. The
+        database is asked to free the lease too, should it still be this node's.
         """
+        if instance_id in self.book.epochs:
+            self._manager.engine.revoke(instance_id)
         async with self._lock(instance_id):  # a take of the same session waits for this
             epoch = self.book.drop(instance_id)
             if epoch is None:
@@ -445,6 +464,8 @@ class Node:
         """Drop every session; the next round that reaches the database frees their leases."""
         self.deadline = None
         self._dropped.update(self.book.epochs)
+        for instance_id in self.book.epochs:
+            self._manager.engine.revoke(instance_id)
         await asyncio.gather(
             *(self.lose(instance_id, why) for instance_id in list(self.book.epochs))
         )
@@ -454,6 +475,7 @@ class Node:
             self._metrics.on_fencing_rejection()
         if self.book.drop(instance_id) is None:  # at once: a retried command routes elsewhere
             return
+        self._manager.engine.revoke(instance_id)
         log.warning("lost session %s: the database refused a stale write", instance_id)
         self._spawn(self._release_locked(instance_id))
 

@@ -179,12 +179,17 @@ class SimulatedEngine:
         for session in set(self._devices) - kept:
             await self.logout(session)
 
-    def hold_until(self, deadline: float | None) -> None:
+    def hold(self, instance_id: str, until: float, epoch: int) -> None:
         """Nothing to hold: the in-process engine runs with one node only.
 
         Its devices live in the server's own process, which no lease outlives;
         several nodes run workers (``--engine simulated-worker``).
         """
+
+    def revoke(self, instance_id: str) -> None:
+        """Stop the session's codes at once and forget its device."""
+        for session in [s for s in self._devices if s.instance_id == instance_id]:
+            self._stop_rotation(self._devices.pop(session))
 
     async def release(self, session: SessionRef) -> None:
         """Stop the session's codes and forget its device: another node takes it."""
