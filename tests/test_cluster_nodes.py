@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -463,3 +464,33 @@ async def test_nodes_forward_with_the_internal_token(
                 dataclasses.replace(settings, public_tokens=(b"hub",)), postgres_url, "n3", tmp_path
             )
         )
+
+
+async def test_a_lease_the_database_calls_expired_is_taken_only_after_this_nodes_own_wait(
+    settings: Settings, postgres_url: str, tmp_path: Path
+) -> None:
+    member = await join(node_settings(settings, postgres_url, "n1", tmp_path))
+    try:
+        db = await asyncpg.connect(postgres_url)
+        try:  # a lease that looks expired for an hour: the database's clock jumped ahead
+            await db.execute(
+                "INSERT INTO ll_whatsapp_qr_sessions (instance_id, status, qr_status, "
+                "created_at, updated_at, revision) VALUES ('stepped_1', 'init', 'none', now(), "
+                "now(), 1)"
+            )
+            await db.execute(
+                "INSERT INTO leases (instance_id, owner, epoch, lease_until) "
+                "VALUES ('stepped_1', 'elsewhere/1', 1, now() - interval '1 hour')"
+            )
+        finally:
+            await db.close()
+        seen = time.monotonic()  # this node cannot have seen it expired before now
+        node = member.running.cluster.node  # type: ignore[union-attr]
+        await eventually(lambda: "stepped_1" in node.book.epochs, within=10)
+        waited = time.monotonic() - seen
+        assert waited >= node.settings.lease_ttl + node.settings.lease_grace
+        owner, epoch = await lease_of(postgres_url, "stepped_1")
+        assert owner == node.owner
+        assert epoch == 2
+    finally:
+        await member.stop()

@@ -8,8 +8,12 @@ each renewed session's worker is told to end by then (``Engine.hold``, with
 the lease's epoch) and, if no renewal succeeded in the meantime, the node
 drops every session itself. A session the node loses is revoked in the engine
 first (``Engine.revoke``): from that instant it neither reports nor restarts,
-and its worker is ended at once. A new owner takes a lease only once it expired
-``grace`` ago, so the old owner's workers are gone before the new ones start.
+and its worker is ended at once.
+
+A new owner takes a lease only once it expired ``grace`` ago on the database's
+clock and, so that a step of that clock cannot shorten the wait, once this
+node itself has seen it expired for TTL + grace on its own clock: the old
+owner's workers are gone before the new ones start.
 
 Placement is rendezvous hashing over the live nodes: each tick the node takes
 the free sessions it should own and hands over those a live node should own
@@ -149,6 +153,8 @@ class Node:
         self._budget = 0.0
         #: Sessions being taken or handed over by a round's move.
         self._moving: set[str] = set()
+        #: Leases of other owners this node saw expired: the owner, and since when (boottime).
+        self._sightings: dict[str, tuple[str, float]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -312,6 +318,9 @@ class Node:
             max(1.0, self.settings.moves_per_second * self.settings.tick),
         )
         for entry in view:
+            if not entry.free:  # renewed, re-taken, or the database's clock went back
+                self._sightings.pop(entry.instance_id, None)
+        for entry in view:
             if self._budget < 1:
                 return
             instance_id = entry.instance_id
@@ -355,6 +364,26 @@ class Node:
     def may_act(self) -> bool:
         return self.deadline is not None and boottime() < self.deadline
 
+    def _waited_out(self, instance_id: str, current: leases.Route) -> bool:
+        """Whether this node has itself seen the lease expired for TTL + grace, on its own clock.
+
+        The database's clock says when a lease expired, but a step of that
+        clock must not shorten the wait: the old owner ends its workers on its
+        own clock, at most 75 % of the TTL after its last renewal, which came
+        before this node first saw the lease expired. A lease its owner gave
+        back (no owner), or this node's own, needs no wait: its worker stopped first.
+        """
+        owner = current.owner
+        if owner is None or owner == self.owner or current.valid:
+            self._sightings.pop(instance_id, None)
+            return owner is None or owner == self.owner
+        now = boottime()
+        seen_owner, since = self._sightings.setdefault(instance_id, (owner, now))
+        if seen_owner != owner:
+            self._sightings[instance_id] = (owner, now)
+            return False
+        return now - since >= self.settings.lease_ttl + self.settings.lease_grace
+
     async def take(self, instance_id: str) -> bool:
         """Take the session's lease if it is free, and the session with it; whether it is ours."""
         assert self._pool is not None
@@ -365,6 +394,8 @@ class Node:
                 return False
             try:
                 async with self._pool.acquire(timeout=self.settings.lease_ttl / 2) as db:
+                    if not self._waited_out(instance_id, await leases.route(db, instance_id)):
+                        return False
                     epoch = await leases.acquire(
                         db,
                         instance_id,
@@ -385,6 +416,7 @@ class Node:
                 self._dropped[instance_id] = epoch
                 return False
             assert self.deadline is not None
+            self._sightings.pop(instance_id, None)
             self.book.hold(instance_id, epoch)
             self._manager.engine.hold(instance_id, self.deadline, epoch)  # before it restores
             try:
