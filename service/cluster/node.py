@@ -8,7 +8,8 @@ each renewed session's worker is told to end by then (``Engine.hold``, with
 the lease's epoch) and, if no renewal succeeded in the meantime, the node
 drops every session itself. A session the node loses is revoked in the engine
 first (``Engine.revoke``): from that instant it neither reports nor restarts,
-and its worker is ended at once.
+and its worker is ended at once. A node whose store cannot commit
+(``CommitHealth``) stops renewing, so that the others take its sessions.
 
 A new owner takes a lease only once it expired ``grace`` ago on the database's
 clock and, so that a step of that clock cannot shorten the wait, once this
@@ -25,11 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import math
 import secrets
+import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import asyncpg
 
@@ -52,6 +56,10 @@ RENEW_ATTEMPTS = 3
 #: The longest the watchdog sleeps at once: a timed wait stands still while the machine
 #: is suspended, so the deadline is read again at least this often.
 WATCH_SLICE = 0.5
+#: TCP keepalive probes on the node's connections, one a second, this many unanswered:
+#: a connection whose peer vanished (a partition) is dead in seconds, not hours.
+KEEPALIVE_INTERVAL = 1
+KEEPALIVE_COUNT = 3
 _DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
@@ -69,6 +77,15 @@ class NodeSettings:
     @property
     def tick(self) -> float:
         return self.lease_ttl / 4
+
+
+@runtime_checkable
+class CommitHealth(Protocol):
+    """Whether the node's store can commit (its writer's connection, not the node's own)."""
+
+    def commits_failing(self) -> bool:
+        """True while the store cannot commit: its last attempt failed and none succeeded
+        since (the store tries again by itself, so that this turns False once it can)."""
 
 
 class NodeMetrics(Protocol):
@@ -130,6 +147,7 @@ class Node:
         store: postgres.Store,
         manager: SessionManager,
         metrics: NodeMetrics | None = None,
+        commit_health: CommitHealth | None = None,
     ) -> None:
         self.settings = settings
         self.incarnation = secrets.token_hex(4)
@@ -137,6 +155,9 @@ class Node:
         self._store = store
         self._manager = manager
         self._metrics = metrics
+        #: Whether the store can commit; a node that cannot renews nothing.
+        self.commit_health = commit_health
+        self._commits_failing = False
         self.book = LeaseBook(self.owner, self._rejected)
         store.fence = self.book
         self._pool: asyncpg.Pool | None = None
@@ -180,15 +201,18 @@ class Node:
         self._watchdog = asyncio.create_task(self._guard(), name="node-watchdog")
 
     async def _connections(self, size: int) -> asyncpg.Pool:
+        idle = keepalive_idle(self.settings.lease_ttl)
         return await asyncpg.create_pool(
             self._store.url,
             min_size=1,
             max_size=size,
             timeout=10.0,
             command_timeout=self.settings.lease_ttl / 2,
+            init=functools.partial(keep_alive, idle=idle),
             server_settings={
                 "application_name": f"session-manager {self.node_id}",
                 **postgres.stall_settings(self._store.stall_limit),
+                **keepalive_settings(idle),
             },
         )
 
@@ -250,6 +274,9 @@ class Node:
         if self.deadline is not None and sent >= self.deadline:
             # Frozen or cut off past the deadline: the workers ended by themselves.
             await self._drop_all("its lease could not be renewed in time")
+        if self._cannot_commit():
+            self._set_connected(False)
+            return
         held = dict(self.book.epochs)
         try:
             renewed, live = await asyncio.wait_for(self._renew(held), self.settings.lease_ttl / 2)
@@ -280,6 +307,18 @@ class Node:
                 self._spawn(self.lose(instance_id, "its lease was not renewed"))
         self.live = live
         await self._rebalance()
+
+    def _cannot_commit(self) -> bool:
+        """Whether the store cannot commit now: then the node renews nothing, so that its
+        leases run out and the nodes that can commit take its sessions."""
+        failing = self.commit_health is not None and self.commit_health.commits_failing()
+        if failing != self._commits_failing:
+            self._commits_failing = failing
+            if failing:
+                log.error("the store cannot commit: this node stops renewing its leases")
+            else:
+                log.warning("the store commits again: this node renews its leases again")
+        return failing
 
     async def _renew(self, held: dict[str, int]) -> tuple[dict[str, int], list[NodeRow]]:
         assert self._beat is not None
@@ -390,7 +429,7 @@ class Node:
         async with self._lock(instance_id):
             if instance_id in self.book.epochs:
                 return True
-            if not self.may_act():
+            if not self.may_act() or self._cannot_commit():
                 return False
             try:
                 async with self._pool.acquire(timeout=self.settings.lease_ttl / 2) as db:
@@ -554,3 +593,39 @@ class Node:
             raise errors.session_moving(instance_id, "is waiting for its previous owner's lease")
         address = next(node.address for node in self.live if node.node_id == winner)
         return Remote(address)
+
+
+def keepalive_idle(lease_ttl: float) -> int:
+    """Seconds a node's connection may stay silent before TCP probes it: a renewal round."""
+    return max(1, math.ceil(lease_ttl / 4))
+
+
+def keepalive_settings(idle: int) -> dict[str, str]:
+    """The server side of the keepalives: PostgreSQL probes the node's connections too,
+    and drops one whose data goes unacknowledged as long (``tcp_user_timeout``)."""
+    return {
+        "tcp_keepalives_idle": str(idle),
+        "tcp_keepalives_interval": str(KEEPALIVE_INTERVAL),
+        "tcp_keepalives_count": str(KEEPALIVE_COUNT),
+        "tcp_user_timeout": str(_dead_after(idle) * 1000),
+    }
+
+
+async def keep_alive(connection: asyncpg.Connection, *, idle: int) -> None:
+    """The client side: the node's kernel probes each new connection, and gives up on
+    unacknowledged data as soon. asyncpg has no option for it, so its socket is set here
+    (as asyncpg's own maintainers suggest: MagicStack/asyncpg#606)."""
+    transport = getattr(connection, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return  # a Unix socket: no network between the node and its database
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, _dead_after(idle) * 1000)
+
+
+def _dead_after(idle: int) -> int:
+    """Seconds after which a connection that stopped answering is given up."""
+    return idle + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT
