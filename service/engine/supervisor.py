@@ -161,6 +161,8 @@ class WorkerEngine:
         #: does not run. An engine never given one runs its sessions with no deadline.
         self._leased = False
         self._slots: dict[SessionRef, _Slot] = {}
+        #: The incarnations in ``_slots`` of each instance_id (one, but around a re-creation).
+        self._incarnations: dict[str, set[SessionRef]] = {}
         #: Slots whose lease was revoked and whose worker is being ended, until released.
         self._revoked: dict[SessionRef, list[_Slot]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -285,7 +287,7 @@ class WorkerEngine:
         return reply.message_id
 
     async def logout(self, session: SessionRef) -> None:
-        slot = self._slots.pop(session, None)
+        slot = self._pop_slot(session)
         try:
             if slot is not None:
                 self._cancel_restart(slot)
@@ -314,7 +316,7 @@ class WorkerEngine:
 
     async def release(self, session: SessionRef) -> None:
         slots = [*self._revoked.pop(session, [])]
-        kept = self._slots.pop(session, None)
+        kept = self._pop_slot(session)
         if kept is not None:
             slots.append(kept)
         for slot in slots:
@@ -348,7 +350,7 @@ class WorkerEngine:
         slot.revoked = True
         self._cancel_restart(slot)
         if self._slots.get(slot.session) is slot:
-            del self._slots[slot.session]
+            self._pop_slot(slot.session)
         self._revoked.setdefault(slot.session, []).append(slot)
         worker = slot.worker
         if worker is not None and worker.alive:
@@ -357,7 +359,7 @@ class WorkerEngine:
             log.warning("ended the worker at once: %s", why, extra=_about(slot))
 
     def _slots_of(self, instance_id: str) -> list[_Slot]:
-        return [slot for ref, slot in self._slots.items() if ref.instance_id == instance_id]
+        return [self._slots[ref] for ref in self._incarnations.get(instance_id, ())]
 
     def _epoch(self, instance_id: str) -> int | None:
         """The epoch of the session's lease, or None where no leases are held."""
@@ -458,6 +460,16 @@ class WorkerEngine:
         slot = self._slots.get(session)
         if slot is None:
             slot = self._slots[session] = _Slot(session)
+            self._incarnations.setdefault(session.instance_id, set()).add(session)
+        return slot
+
+    def _pop_slot(self, session: SessionRef) -> _Slot | None:
+        slot = self._slots.pop(session, None)
+        incarnations = self._incarnations.get(session.instance_id)
+        if incarnations is not None:
+            incarnations.discard(session)
+            if not incarnations:
+                del self._incarnations[session.instance_id]
         return slot
 
     async def _spawn(self, slot: _Slot) -> WorkerProcess:
