@@ -230,13 +230,13 @@ class WorkerProcess:
             "worker %d did not stop within %g s: killing it", self.pid, within, extra=self._about()
         )
         self.kill("STOPPED", "stopped by the Session Manager")
-        if await self.wait_exit(within) is None:
-            log.error(
-                "worker %d did not end within %g s of SIGKILL; leaving it",
-                self.pid,
-                within,
-                extra=self._about(),
-            )
+        if await self.wait_exit(within) is not None:
+            return
+        if self._process.returncode is None:
+            why = f"did not end within {within:g} s of SIGKILL"
+        else:  # a commit of one of its reports hangs
+            why = f"ended, but its reports were still being stored {within:g} s later"
+        log.error("worker %d %s; leaving it", self.pid, why, extra=self._about())
 
     async def wait_exit(self, within: float) -> int | None:
         """Its exit status, or None if it has not exited within ``within`` seconds."""
