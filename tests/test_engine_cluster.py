@@ -45,6 +45,7 @@ from service.engine.simulated import PairingTimes, SimulatedEngine
 from service.engine.supervisor import WorkerEngine, WorkerOptions
 from service.store import postgres
 from tests.flows import PHONE, eventually
+from tests.postgres import Cluster
 from tests.processes import alive
 
 RESTART_INITIAL = 0.2
@@ -393,6 +394,30 @@ async def test_a_stale_transaction_on_the_credentials_ends_before_the_new_owner_
     with pytest.raises(EngineError) as fenced:  # and cannot take the schema back
         await credentials.prepare(session, 1)
     assert fenced.value.code == "CREDENTIALS_FENCED"
+
+
+async def test_fencing_leaves_the_workers_of_another_database_alone(
+    database: Database, postgres_cluster: Cluster
+) -> None:
+    """Session ids are per database: one server may hold several deployments' databases."""
+    neighbour_url = await postgres_cluster.create_database()
+    neighbour_store = await postgres.Store.open(neighbour_url, "n1")
+    try:
+        row = await neighbour_store.insert_session(new_session("theirs", SystemClock().now()))
+    finally:
+        await neighbour_store.close()
+    theirs = SessionRef("theirs", row)
+    ours = await database.create("ours")
+    assert ours.id == theirs.id  # the same schema and tag names in both databases
+    neighbour = PostgresCredentials(neighbour_url)
+    worker = await asyncpg.connect(await neighbour.prepare(theirs, 1))
+    try:
+        credentials = PostgresCredentials(database.url)
+        await credentials.prepare(ours, 1)
+        await credentials.prepare(ours, 2)  # ends epoch 1's connections, of this database
+        assert await worker.fetchval("SELECT 1") == 1
+    finally:
+        await worker.close()
 
 
 async def _fails(operation: Awaitable[object]) -> bool:

@@ -327,9 +327,10 @@ async def _end_connections(
     Without an epoch, every one of them. The server runs no worker of the
     session while it calls this, so any such connection is a stale worker's.
     """
-    rows = await connection.fetch(
+    rows = await connection.fetch(  # this database's only: another may hold the same ids
         "SELECT pid, application_name FROM pg_stat_activity "
-        "WHERE starts_with(application_name, $1) AND pid <> pg_backend_pid()",
+        "WHERE datname = current_database() AND starts_with(application_name, $1) "
+        "AND pid <> pg_backend_pid()",
         worker_tag(schema_name(session.id)),
     )
     stale = []
