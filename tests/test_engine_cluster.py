@@ -36,6 +36,7 @@ from service.engine.credentials import (
     PostgresCredentials,
     schema_name,
     schema_url,
+    worker_tag,
 )
 from service.engine.phone import WorkerPhone
 from service.engine.port import EngineError
@@ -519,12 +520,14 @@ async def test_releasing_a_simulated_session_stops_its_codes() -> None:
 
 def test_a_sessions_schema_is_selected_in_its_url() -> None:
     url = "postgresql://sm:pw@db:5433/sessions?sslmode=require&search_path=public"
-    assert schema_url(url, "wa_device_12") == (
+    assert schema_url(url, "wa_device_12", worker_tag(12)) == (
         "postgresql://sm:pw@db:5433/sessions?sslmode=require&search_path=wa_device_12"
         "&application_name=sm-worker%20wa_device_12"
     )
     # lib/pq would require TLS where the server's store (asyncpg) only prefers it.
-    assert schema_url("postgresql://sm@db/sessions", "wa_device_3_e2") == (
+    tag = worker_tag(3, 2)
+    assert tag == "sm-worker wa_device_3 epoch 2"
+    assert schema_url("postgresql://sm@db/sessions", "wa_device_3_e2", tag) == (
         "postgresql://sm@db/sessions?sslmode=prefer&search_path=wa_device_3_e2"
-        "&application_name=sm-worker%20wa_device_3_e2"
+        "&application_name=sm-worker%20wa_device_3%20epoch%202"
     )

@@ -17,7 +17,8 @@ two workers never write one session's credentials: before a new owner's
 worker starts, the schema is renamed to that owner's epoch
 (``wa_device_<id>_e<epoch>``) and every connection of an older owner's worker
 is ended. A worker's connections name the schema as their ``search_path`` and
-carry it in their ``application_name`` (``sm-worker wa_device_<id>_e<epoch>``):
+say whose they are in their ``application_name`` (``sm-worker wa_device_<id>
+epoch <epoch>``):
 an older worker that reconnects finds no schema of that name, so it can
 neither read nor write (nor create) a credential table; one that was in the
 middle of a transaction is terminated, and the new owner's worker starts only
@@ -60,6 +61,7 @@ SCHEMA_PREFIX = "wa_device_"
 _SCHEMA = re.compile(rf"^{SCHEMA_PREFIX}(\d+)(?:_e(\d+))?$")
 #: How a worker's credential connections introduce themselves (``application_name``).
 TAG_PREFIX = "sm-worker "
+_TAG = re.compile(rf"^{TAG_PREFIX}{SCHEMA_PREFIX}(\d+)(?: epoch (\d+))?$")
 #: How often the end of a stale worker's connections is checked, while waiting for it.
 POLL_INTERVAL = 0.05
 #: The first key of the advisory locks that serialize the fencing of one session's schema.
@@ -89,17 +91,27 @@ def parse_schema(name: str) -> tuple[int, int] | None:
     return int(match.group(1)), int(match.group(2) or 0)
 
 
-def worker_tag(schema: str) -> str:
-    """The ``application_name`` of a worker's connections to ``schema``."""
-    return TAG_PREFIX + schema
+def worker_tag(session_id: int, epoch: int | None = None) -> str:
+    """The ``application_name`` of a worker's credential connections: the incarnation's
+    schema and the lease epoch it runs under (well within PostgreSQL's 63 bytes)."""
+    tag = f"{TAG_PREFIX}{schema_name(session_id)}"
+    return f"{tag} epoch {epoch}" if epoch else tag
 
 
-def schema_url(url: str, schema: str) -> str:
+def parse_tag(application_name: str) -> tuple[int, int] | None:
+    """The session id and epoch (0: none) a worker's connection names, if it is one."""
+    match = _TAG.match(application_name)
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2) or 0)
+
+
+def schema_url(url: str, schema: str, tag: str) -> str:
     """``url`` with ``schema`` selected, for a worker's drivers (asyncpg, whatsmeow's lib/pq).
 
     Both send ``search_path`` and ``application_name`` as run-time parameters
     (lib/pq passes on every parameter it does not know itself), so every table
-    goes to the schema and every connection says whose it is (``worker_tag``).
+    goes to the schema and every connection says whose it is (``tag``).
     Without an ``sslmode``, the one the server's store uses (asyncpg's and
     libpq's default, ``prefer``) is made explicit: lib/pq's own is ``require``.
     """
@@ -109,7 +121,7 @@ def schema_url(url: str, schema: str) -> str:
     if not any(key == "sslmode" for key, _ in query):
         query.append(("sslmode", "prefer"))
     query.append(("search_path", schema))
-    query.append(("application_name", worker_tag(schema)))
+    query.append(("application_name", tag))
     return urlunsplit(parts._replace(query=urlencode(query, quote_via=quote)))
 
 
@@ -197,7 +209,9 @@ class PostgresCredentials:
         self._url = url
 
     def location(self, session: SessionRef, epoch: int | None = None) -> str:
-        return schema_url(self._url, schema_name(session.id, epoch))
+        return schema_url(
+            self._url, schema_name(session.id, epoch), worker_tag(session.id, epoch)
+        )
 
     async def prepare(self, session: SessionRef, epoch: int | None = None) -> str:
         """Make the schema this epoch's, then end every older worker's connection to it.
@@ -331,11 +345,11 @@ async def _end_connections(
         "SELECT pid, application_name FROM pg_stat_activity "
         "WHERE datname = current_database() AND starts_with(application_name, $1) "
         "AND pid <> pg_backend_pid()",
-        worker_tag(schema_name(session.id)),
+        worker_tag(session.id),
     )
     stale = []
     for row in rows:
-        parsed = parse_schema(row["application_name"].removeprefix(TAG_PREFIX))
+        parsed = parse_tag(row["application_name"])
         if parsed is not None and parsed[0] == session.id and parsed[1] <= (epoch or parsed[1]):
             stale.append(row["pid"])
     if not stale:
