@@ -20,15 +20,15 @@ from service import config, logs
 from service.api.http.server import ListenError
 from service.server import serve
 from service.startup import ExitCode, StartupError, database_failure
-from service.store import postgres
+from service.store import failures
 
 log = logging.getLogger("service")
 
 _DATABASE_ERRORS = (
     sqlite3.Error,
     asyncpg.PostgresError,
-    postgres.DatabaseUnreachable,
-    postgres.DatabaseInUse,
+    failures.DatabaseUnreachable,
+    failures.DatabaseInUse,
 )
 
 

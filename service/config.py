@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import ipaddress
 import math
 import os
 import re
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from service.api.auth import parse_tokens
 from service.store import postgres
 
 ENGINES = ("simulated", "simulated-worker", "whatsmeow")
@@ -37,6 +37,8 @@ _FALSE = frozenset({"", "0", "false", "no", "off"})
 _ORIGIN = re.compile(r"https?://[^/\s]+")
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})")
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+_HOST_NAME = re.compile(rf"(\*\.)?{_LABEL}(\.{_LABEL})*")
 
 #: The credentials' folder when the database is a server: where the default SQLite file keeps them.
 DEVICES_WITH_POSTGRES = Path("data/devices")
@@ -127,6 +129,33 @@ def origins(value: str) -> str | None:
         if not _ORIGIN.fullmatch(origin):
             return f"{origin!r} is not an origin like https://hub.example"
     return None
+
+
+def comma_list(value: str) -> tuple[str, ...]:
+    """The items of a comma-separated setting, blanks dropped."""
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def host_names(value: str) -> str | None:
+    """Host names, comma-separated: ``sm.example`` or ``*.example`` for every subdomain."""
+    for name in comma_list(value):
+        if not _HOST_NAME.fullmatch(name):
+            return f"{name!r} is not a host name like sm.example or *.example (no port, no scheme)"
+    return None
+
+
+def networks(value: str) -> str | None:
+    """IP addresses or networks, comma-separated: ``10.0.0.5``, ``10.0.0.0/8``, ``::1``."""
+    for item in comma_list(value):
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            return f"{item!r} is not an IP address or network like 10.0.0.5 or 10.0.0.0/8"
+    return None
+
+
+def automatic_or_count(value: int) -> str | None:
+    return None if value >= 0 else f"must be 0 (automatic) or more, got {value}"
 
 
 def one_of(*choices: str) -> Check:
@@ -225,6 +254,37 @@ class Settings:
     sse_keepalive: float = setting(
         15.0, "seconds between keep-alive comments on an idle event stream", seconds
     )
+    http_allowed_hosts: str = setting(
+        "",
+        "comma-separated host names the HTTP API answers to, besides localhost and IP "
+        "addresses (*.example for every subdomain); any other Host header gets 400",
+        host_names,
+    )
+    forwarded_allow_ips: str = setting(
+        "",
+        "comma-separated addresses or networks of proxies whose X-Forwarded-For and "
+        "X-Forwarded-Proto the HTTP API believes (none when empty)",
+        networks,
+    )
+    http_read_timeout: float = setting(
+        10.0,
+        "seconds an HTTP client gets to send a request's headers, then again its body",
+        seconds,
+    )
+    http_idle_timeout: float = setting(
+        5.0, "seconds an HTTP connection may stay open with no request", seconds
+    )
+    http_max_connections: int = setting(
+        0,
+        "open HTTP connections at most (0: half of the file descriptors free at start-up)",
+        automatic_or_count,
+    )
+    http_streams_per_client: int = setting(
+        10,
+        "event streams of one session that one client (its token and address) may hold; "
+        "at most half of --max-watchers-per-session",
+        count,
+    )
     # Several nodes over one PostgreSQL database (README, Running several nodes).
     node_id: str = setting(
         socket.gethostname(),
@@ -265,6 +325,14 @@ class Settings:
     @property
     def cors_origin_list(self) -> tuple[str, ...]:
         return _origin_list(self.cors_origins)
+
+    @property
+    def http_allowed_host_list(self) -> tuple[str, ...]:
+        return tuple(name.lower() for name in comma_list(self.http_allowed_hosts))
+
+    @property
+    def forwarded_allow_ip_list(self) -> tuple[str, ...]:
+        return comma_list(self.forwarded_allow_ips)
 
     @property
     def devices_path(self) -> Path:
@@ -380,6 +448,8 @@ def _tokens(environ: Mapping[str, str], role: str, file: object) -> tuple[bytes,
     return parse_tokens(text)
 
 
-def is_loopback(address: str) -> bool:
-    host = address.rsplit(":", 1)[0].strip("[]")
-    return host in ("localhost", "::1") or host.startswith("127.")
+def parse_tokens(text: str) -> tuple[bytes, ...]:
+    """Tokens from an environment variable or file: comma- or newline-separated."""
+    return tuple(
+        token.strip().encode() for token in text.replace("\n", ",").split(",") if token.strip()
+    )

@@ -7,11 +7,14 @@ completes or reports truthfully. Off unless ``SESSION_MANAGER_FAULTS`` names
 some (tests only), e.g. ``send.after_effect=kill:0.05,commit=fail:0.01``:
 
 - ``kill`` ends the process with SIGKILL, as a power cut would;
-- ``fail`` raises the error SQLite gives on a full disk.
+- ``fail`` raises the error SQLite gives on a full disk;
+- ``lose`` raises a lost connection, as when the answer to a COMMIT that
+  landed never arrives (``commit.acknowledged``, PostgreSQL).
 
 The number is the probability of firing at each pass (1 when left out).
-Points: ``commit``, ``send.after_intent``, ``send.after_effect``,
-``disconnect.after_commit``, ``delete.after_commit``.
+Points: ``commit``, ``commit.acknowledged``, ``settle`` (finding out whether a
+commit in doubt landed), ``send.after_intent``,
+``send.after_effect``, ``disconnect.after_commit``, ``delete.after_commit``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ ENVIRONMENT = "SESSION_MANAGER_FAULTS"
 POINTS = frozenset(
     {
         "commit",
+        "commit.acknowledged",
+        "settle",
         "send.after_intent",
         "send.after_effect",
         "disconnect.after_commit",
@@ -34,6 +39,8 @@ POINTS = frozenset(
     }
 )
 DISK_FULL = "database or disk is full"
+LOST_ANSWER = "the connection was lost before the answer to COMMIT arrived (a fault point)"
+ACTIONS = ("kill", "fail", "lose")
 
 
 @dataclass(slots=True)
@@ -51,7 +58,7 @@ def _parse(spec: str) -> dict[str, _Fault]:
     for item in filter(None, (part.strip() for part in spec.split(","))):
         point, _, rest = item.partition("=")
         action, _, probability = rest.partition(":")
-        if point not in POINTS or action not in ("kill", "fail"):
+        if point not in POINTS or action not in ACTIONS:
             raise ValueError(f"{ENVIRONMENT}: unknown fault {item!r}")
         faults[point] = _Fault(action, float(probability or 1))
     return faults
@@ -68,9 +75,9 @@ class FaultPoints:
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> FaultPoints:
         return cls(_parse(environ.get(ENVIRONMENT, "")))
 
-    def fail_next(self, point: str, times: int = 1, after: int = 0) -> None:
+    def fail_next(self, point: str, times: int = 1, after: int = 0, action: str = "fail") -> None:
         """Make ``times`` passes at ``point`` fail, after letting ``after`` through."""
-        self.faults[point] = _Fault("fail", 1.0, times, after)
+        self.faults[point] = _Fault(action, 1.0, times, after)
 
     def arm(self, other: FaultPoints) -> None:
         """Arm the faults of ``other`` here too (the store and the domain share one set)."""
@@ -89,4 +96,6 @@ class FaultPoints:
                 del self.faults[point]
         if fault.action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if fault.action == "lose":
+            raise ConnectionResetError(LOST_ANSWER)
         raise sqlite3.OperationalError(DISK_FULL)

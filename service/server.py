@@ -10,17 +10,18 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import _async as health_aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service.api.auth import TokenInterceptor, Tokens
+from service.api.auth import INTERNAL, PUBLIC, TokenInterceptor, Tokens
+from service.api.health import Serving
 from service.api.http import HttpServer, Options, start_http
 from service.api.metrics import Metrics, MetricsInterceptor
 from service.api.rpc import EngineService, NodeService, SessionService, SimulatorService
 from service.clock import Clock, SystemClock
 from service.cluster.routing import ClusterSessions
 from service.cluster.runtime import ClusterRuntime
-from service.config import PostgresURL, Settings, is_loopback
+from service.config import PostgresURL, Settings
 from service.domain.facade import Sessions
 from service.domain.limits import Limits
 from service.domain.sessions import SessionManager
@@ -32,13 +33,19 @@ from service.engine.supervisor import WorkerEngine, WorkerOptions
 from service.faults import FaultPoints
 from service.startup import (
     ExitCode,
+    FileLimit,
     StartupError,
     check_address,
+    check_exposure,
     check_tls_pair,
     database_failure,
+    http_connection_cap,
+    loopback_only,
+    raise_file_limit,
 )
+from service.startup import InsecureAddress as InsecureAddress
 from service.store import postgres, sqlite
-from service.store.ownership import Ownership
+from service.store.ownership import InUse, NotWritable, Ownership
 from service.store.port import Store
 from sessionmanager.v1 import (
     engine_service_pb2,
@@ -96,6 +103,7 @@ class RunningServer:
     ownership: Ownership | None = None
     #: With PostgreSQL: this node's leases, change feed and channels to the other nodes.
     cluster: ClusterRuntime | None = None
+    serving: Serving | None = None
 
     @property
     def engine(self) -> Engine:
@@ -111,6 +119,8 @@ class RunningServer:
         return None if self.http is None else self.http.port
 
     async def stop(self, grace: float | None = None) -> None:
+        if self.serving is not None:
+            await self.serving.stop()
         await self.health.enter_graceful_shutdown()
         if self.http is not None and self.http_options is not None:
             self.http_options.draining = True  # new HTTP requests get 503
@@ -129,13 +139,6 @@ class RunningServer:
         if self.ownership is not None:
             self.ownership.release()
         log.info("stopped")
-
-
-class InsecureAddress(StartupError):
-    """A non-loopback address without tokens, not explicitly allowed."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(ExitCode.INSECURE_ADDRESS, message)
 
 
 def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -215,24 +218,20 @@ def simulated_phone(engine: Engine) -> Phone | None:
 async def start(settings: Settings, clock: Clock | None = None) -> RunningServer:
     """Open the database, load every session and start listening."""
     tokens = Tokens(public=settings.public_tokens, internal=settings.internal_tokens)
-    remote = [
-        address
-        for address in (settings.address, settings.http_address)
-        if address and not is_loopback(address)
-    ]
-    if remote and not (tokens.enabled or settings.allow_unauthenticated_remote):
-        raise InsecureAddress(
-            f"refusing to listen on {remote[0]} without tokens: set "
-            "SESSION_MANAGER_PUBLIC_TOKEN and SESSION_MANAGER_INTERNAL_TOKEN (README, Security), "
-            "or pass --allow-unauthenticated-remote if this is intended"
-        )
+    files = raise_file_limit()
+    http_connections = (
+        http_connection_cap(files, settings.http_max_connections) if settings.http_address else 0
+    )
     clock = clock or SystemClock()
     check_tls_pair(settings)
     database = settings.database
     # One owner per database, before the address checks (a second server on the same
     # database and port names the database): a lock file beside a SQLite file; for
     # PostgreSQL, the advisory lock the store's connection takes as it opens.
-    ownership = None if isinstance(database, PostgresURL) else Ownership.acquire(database)
+    try:
+        ownership = None if isinstance(database, PostgresURL) else Ownership.acquire(database)
+    except (InUse, NotWritable) as error:
+        raise database_failure(database, error) or error from error
     store: Store | None = None
     try:
         if isinstance(database, PostgresURL):
@@ -244,6 +243,13 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
             check_address(settings.metrics_address, "--metrics-address", ExitCode.METRICS_ADDRESS)
         if settings.http_address:
             check_address(settings.http_address, "--http-address")
+        # After the address checks, which say first that an address is not this host's.
+        check_exposure(
+            (settings.address, settings.http_address, settings.metrics_address),
+            [(PUBLIC, token) for token in tokens.public]
+            + [(INTERNAL, token) for token in tokens.internal],
+            settings.allow_unauthenticated_remote,
+        )
         if store is None:
             store = await sqlite.Store.open(database)
     except Exception as error:
@@ -318,13 +324,15 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
             ownership.record(f"{settings.address.rpartition(':')[0]}:{port}")
         if metrics is not None:
             metrics.watch(sessions)
-            metrics_port = metrics.serve(settings.metrics_address)
+            metrics_tokens = _metrics_tokens(settings, tokens)
+            metrics_port = metrics.serve(settings.metrics_address, metrics_tokens)
             log.info("metrics on port %d, path /metrics", metrics_port)
+        conditions = [] if cluster is None else [cluster.serving]
+        serving = Serving(health_servicer, services, store, conditions)
         http, http_options = None, None
         if settings.http_address:
-            http, http_options = start_http(settings, sessions, tokens, metrics)
-            if cluster is not None:
-                http_options.serving = cluster.serving
+            http, http_options = start_http(settings, sessions, tokens, metrics, http_connections)
+            http_options.serving = serving
     except BaseException:
         if server is not None:
             await server.stop(0)
@@ -337,13 +345,17 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         if ownership is not None:
             ownership.release()
         raise
-    if cluster is None or cluster.serving():
-        for name in ("", *services):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await serving.start()
     shown = postgres.display(database) if isinstance(database, PostgresURL) else database
     log.info("listening on %s (port %d), database %s", settings.address, port, shown)
     if http is not None:
-        log.info("HTTP API on %s (port %d)", settings.http_address, http.port)
+        log.info(
+            "HTTP API on %s (port %d), at most %d connections; %s",
+            settings.http_address,
+            http.port,
+            http_connections,
+            _described(files),
+        )
     return RunningServer(
         server,
         port,
@@ -356,7 +368,20 @@ async def start(settings: Settings, clock: Clock | None = None) -> RunningServer
         http_options,
         ownership,
         cluster,
+        serving,
     )
+
+
+def _metrics_tokens(settings: Settings, tokens: Tokens) -> Tokens | None:
+    """The tokens ``/metrics`` asks for: beyond loopback, either role's; on loopback, none."""
+    if not tokens.enabled or loopback_only(settings.metrics_address):
+        return None
+    return tokens
+
+
+def _described(files: FileLimit) -> str:
+    raised = f" (raised from {files.was})" if files.was != files.soft else ""
+    return f"open-file limit {files.soft}{raised}, {files.open_files} open at start-up"
 
 
 async def serve(settings: Settings) -> None:

@@ -1,4 +1,6 @@
-"""A census of live engine workers, read from /proc: catches a session run twice.
+"""Censuses that catch a session run twice: live engine workers read from /proc
+(``WorkerCensus``), and backends writing one session's credentials read from PostgreSQL
+(``CredentialCensus``).
 
 ``WorkerCensus`` samples every process every ``interval`` seconds in a thread
 of its own. A worker is a process whose command line runs
@@ -14,11 +16,14 @@ worker orphaned by the death of its node is still seen.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import threading
 import time
 from dataclasses import dataclass
+
+import asyncpg
 
 WORKER_MODULE = b"service.engine.worker"
 _INSTANCE = re.compile(rb"--instance-id=([^\x00 ]+)")
@@ -165,3 +170,162 @@ class WorkerCensus:
         while not self._stop.is_set():
             self.sample()
             self._stop.wait(self.interval)
+
+
+# Credential writers: who is writing a session's credential schema, read from PostgreSQL.
+
+#: Lock modes a transaction takes on a table it writes (or alters); a reader's are weaker.
+WRITE_LOCKS = (
+    "RowExclusiveLock",
+    "ShareUpdateExclusiveLock",
+    "ShareLock",
+    "ShareRowExclusiveLock",
+    "ExclusiveLock",
+    "AccessExclusiveLock",
+)
+_WRITERS = f"""
+    SELECT n.nspname AS schema, l.pid, a.application_name
+    FROM pg_locks l
+    JOIN pg_class c ON c.oid = l.relation
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+    WHERE l.granted AND l.locktype = 'relation'
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND n.nspname LIKE 'wa_device\\_%'
+      AND l.mode IN ({", ".join(f"'{mode}'" for mode in WRITE_LOCKS)})
+"""
+#: The epoch a credential connection names in its ``application_name`` (as the engine tags
+#: them: ``… epoch 7 …``, ``epoch=7``), when it names one.
+_EPOCH = re.compile(r"\bepoch[ =:]?(\d+)")
+
+
+@dataclass(frozen=True)
+class Writer:
+    """One backend holding a write lock on a table of a credential schema."""
+
+    pid: int
+    application_name: str
+
+    @property
+    def epoch(self) -> int | None:
+        found = _EPOCH.search(self.application_name)
+        return int(found.group(1)) if found else None
+
+
+@dataclass(frozen=True)
+class CredentialOverlap:
+    """A moment when a credential schema had two writers: at once, or an older epoch's
+    writer after a newer one's."""
+
+    at: float
+    schema: str
+    writers: tuple[Writer, ...]
+    why: str
+
+    def __str__(self) -> str:
+        described = ", ".join(f"pid {w.pid} ({w.application_name!r})" for w in self.writers)
+        return f"{self.schema}: {self.why}: {described}"
+
+
+class CredentialCensus:
+    """Samples, in a thread, the backends that write each ``wa_device_<id>`` schema.
+
+    A writer is a backend holding a granted write lock on a table of the
+    schema: it is inside a transaction that wrote (or is writing) there, and it
+    keeps that lock until the transaction ends. An idle connection, however it
+    was opened and whatever its ``search_path``, holds no such lock, so a node
+    or a worker that merely reconnects is never counted. Two distinct backends
+    with such locks on one schema in one sample are two writers at once (two
+    write locks of these modes on one table can be granted together, and the
+    tables of one schema are one device's). When the connections name their
+    epoch in ``application_name``, a writer of an older epoch seen after one of
+    a newer epoch is recorded too: the old owner wrote after the new one began.
+    """
+
+    def __init__(self, url: str, interval: float = 0.02) -> None:
+        self.url = url
+        self.interval = interval
+        self.samples = 0
+        self.writes_seen = 0  # samples in which some schema had a writer
+        self.violations: list[CredentialOverlap] = []
+        self.failures = 0  # samples PostgreSQL did not answer (a restart of the server)
+        self._newest: dict[str, int] = {}  # schema -> the newest epoch seen writing it
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="credential-census", daemon=True)
+
+    def start(self) -> CredentialCensus:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+    def __enter__(self) -> CredentialCensus:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def record(self, rows: list[tuple[str, int, str]]) -> None:
+        """Record one sample: (schema, backend pid, application_name) per write lock held."""
+        now = time.monotonic()
+        by_schema: dict[str, dict[int, Writer]] = {}
+        for schema, pid, application in rows:
+            by_schema.setdefault(schema, {})[pid] = Writer(pid, application or "")
+        with self._lock:
+            self.samples += 1
+            self.writes_seen += bool(by_schema)
+            for schema, writers in sorted(by_schema.items()):
+                found = tuple(writers[pid] for pid in sorted(writers))
+                if len(found) > 1:
+                    self.violations.append(
+                        CredentialOverlap(now, schema, found, "two backends write it at once")
+                    )
+                epochs = [w.epoch for w in found if w.epoch is not None]
+                if not epochs:
+                    continue
+                newest = self._newest.get(schema, 0)
+                if min(epochs) < newest:
+                    self.violations.append(
+                        CredentialOverlap(
+                            now, schema, found, f"epoch {min(epochs)} writes after epoch {newest}"
+                        )
+                    )
+                self._newest[schema] = max(newest, *epochs)
+
+    def assert_never_two_writers(self) -> None:
+        with self._lock:
+            violations = list(self.violations)
+            samples = self.samples
+        assert samples > 0, "the credential census took no sample"
+        assert not violations, (
+            f"{len(violations)} credential writer overlaps in {samples} samples; "
+            f"first: {'; '.join(str(v) for v in violations[:5])}"
+        )
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(self._sample_until_stopped())
+        finally:
+            loop.close()
+
+    async def _sample_until_stopped(self) -> None:
+        db: asyncpg.Connection | None = None
+        while not self._stop.is_set():
+            try:
+                if db is None or db.is_closed():
+                    db = await asyncpg.connect(self.url, timeout=5)
+                rows = await db.fetch(_WRITERS, timeout=5)
+                self.record([(r["schema"], r["pid"], r["application_name"]) for r in rows])
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                with self._lock:
+                    self.failures += 1
+                if db is not None:
+                    db.terminate()
+                db = None
+            await asyncio.sleep(self.interval)  # the sampling period
+        if db is not None:
+            await db.close()

@@ -7,8 +7,13 @@ that one node can be cut off from the database while the others are not.
 
 The faults: ``kill9`` (the node gets no chance to clean up), ``sigstop`` /
 ``sigcont`` (the node freezes; its workers keep running), ``restart`` (a
-graceful stop, then a new incarnation), ``partition`` / ``heal`` (the node's
-database traffic hangs, then its connections are closed).
+graceful stop, then a new incarnation, within ``STOP_BOUND``), ``partition`` /
+``heal`` (the node's database traffic hangs, then its connections are closed),
+``blackhole`` (the node's open connections hang for good, both ends still
+open; new ones go through after a while), ``terminate_busy_writer``
+(PostgreSQL ends the backend of the node's writer connection in the middle of
+a transaction: what it was committing is in doubt), and, with the throwaway
+cluster at hand, ``restart_postgres``.
 
 What the tests observe comes from outside the nodes: the ``leases``, ``nodes``,
 ``ll_whatsapp_qr_sessions`` and ``messages`` tables (read directly, never
@@ -24,6 +29,7 @@ import itertools
 import os
 import re
 import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -39,11 +45,13 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.store.postgres import lock_key
 from sessionmanager.v1 import session_pb2 as s
 from sessionmanager.v1 import session_service_pb2 as pb
 from sessionmanager.v1 import session_service_pb2_grpc, simulator_service_pb2_grpc
 from sessionmanager.v1 import simulator_service_pb2 as sim
 from tests.netproxy import NetProxy
+from tests.postgres import Cluster
 from tests.servers import ServerProcess
 
 # Short, yet long enough that a 2-core machine shared with other suites does not miss a renewal.
@@ -51,21 +59,38 @@ LEASE_TTL = 4.0
 LEASE_GRACE = 2.0
 MOVES_PER_SECOND = 20
 POLL = 0.1
+#: How long the harness tries to reach PostgreSQL again after losing its connection.
+REOPEN = 20.0
 #: A folder where a failed test leaves every node's whole log.
 LOGS_FOLDER = "SESSION_MANAGER_CLUSTER_LOGS"
 MOVING_ATTEMPTS = 5  # tries of a call refused with SESSION_MOVING (RetryInfo: about 1 s)
+#: Seconds a node's in-flight calls get when it is stopped (``--shutdown-grace``).
+SHUTDOWN_GRACE = 3.0
+#: How long a graceful stop (SIGTERM) may take: the grace, then handing sessions over.
+STOP_BOUND = SHUTDOWN_GRACE + 7.0
 _METRICS_PORT = re.compile(r"metrics on port (\d+)")
 
 
-def reason(error: grpc.aio.AioRpcError) -> str:
-    """The contract reason (ErrorInfo) of a failed call; empty when it carries none."""
+def _error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
     status = rpc_status.from_call(error)  # type: ignore[arg-type]
     for detail in status.details if status is not None else ():
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
-            return str(info.reason)
-    return ""
+            return info
+    return None
+
+
+def reason(error: grpc.aio.AioRpcError) -> str:
+    """The contract reason (ErrorInfo) of a failed call; empty when it carries none."""
+    info = _error_info(error)
+    return "" if info is None else str(info.reason)
+
+
+def metadata(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    """The ErrorInfo metadata of a failed call; empty when it carries none."""
+    info = _error_info(error)
+    return {} if info is None else dict(info.metadata)
 
 
 def retry_after(error: grpc.aio.AioRpcError) -> float | None:
@@ -93,6 +118,7 @@ def node_flags(name: str, lease_ttl: float, lease_grace: float, moves: int) -> l
         "--metrics-address=127.0.0.1:0",
         "--log-level=info",  # the metrics port is in the log
         "--send-rate=0",
+        f"--shutdown-grace={SHUTDOWN_GRACE:g}",
     ]
 
 
@@ -123,6 +149,9 @@ class Node:
     channel: grpc.aio.Channel | None = None
     frozen: bool = False
     going: bool = False  # being stopped or killed: no new call goes to it
+    #: Cut off in a way the proxy no longer shows (a blackhole after it reopened), until the
+    #: test has seen it serve again.
+    impaired: bool = False
     incarnations: int = 0
     #: What each earlier incarnation wrote on stderr.
     past_logs: list[str] = field(default_factory=list)
@@ -134,7 +163,9 @@ class Node:
     @property
     def healthy(self) -> bool:
         """Running, not frozen, not being stopped and not cut off from the database."""
-        return self.running and not (self.frozen or self.going or self.proxy.partitioned)
+        return self.running and not (
+            self.frozen or self.going or self.impaired or self.proxy.partitioned
+        )
 
     @property
     def pid(self) -> int:
@@ -178,7 +209,11 @@ class ClusterHarness:
     lease_grace: float = LEASE_GRACE
     moves_per_second: int = MOVES_PER_SECOND
     extra_flags: Sequence[str] = ()
+    #: The throwaway PostgreSQL server, for ``restart_postgres``.
+    postgres: Cluster | None = None
     nodes: list[Node] = field(default_factory=list)
+    #: How long each graceful stop took, by node name.
+    stops: list[tuple[str, float]] = field(default_factory=list)
     _db: asyncpg.Connection | None = None
     _http: httpx.AsyncClient | None = None
     _folders: tempfile.TemporaryDirectory[str] | None = None
@@ -283,15 +318,76 @@ class ClusterHarness:
     def heal(self, node: Node) -> None:
         node.proxy.heal()
 
+    def blackhole(self, node: Node, reopen_after: float) -> None:
+        """The node's open connections hang for good; new ones go through ``reopen_after``
+        seconds later. The node counts as cut off until ``recovered``."""
+        node.impaired = True
+        node.proxy.blackhole(reopen_after)
+
+    def recovered(self, node: Node) -> None:
+        node.impaired = False
+
+    def _writer_lock(self, node: Node) -> str:
+        """SQL that matches the ``pg_locks`` row of the node's advisory lock (its writer's)."""
+        key = lock_key(node.name)
+        return (
+            "l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+            f"AND l.classid = {(key >> 32) & 0xFFFFFFFF} AND l.objid = {key & 0xFFFFFFFF} "
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+
+    async def writer_backend(self, node: Node) -> int | None:
+        """The PostgreSQL backend of the node's writer: the one holding the node's lock."""
+        rows = await self._query(f"SELECT l.pid FROM pg_locks l WHERE {self._writer_lock(node)}")
+        return int(rows[0]["pid"]) if rows else None
+
+    async def terminate_busy_writer(self, node: Node) -> bool:
+        """End the backend of the node's writer if it is in the middle of something (a
+        statement, a transaction, a COMMIT): what it was committing is then in doubt.
+        Whether it ended one."""
+        rows = await self._query(
+            "SELECT pg_terminate_backend(a.pid) AS ended FROM pg_locks l "
+            "JOIN pg_stat_activity a ON a.pid = l.pid "
+            f"WHERE {self._writer_lock(node)} AND a.state <> 'idle'"
+        )
+        return bool(rows and rows[0]["ended"])
+
+    async def restart_postgres(self) -> None:
+        """Restart the PostgreSQL server (fast: every connection is ended, then it comes back
+        on the same port)."""
+        assert self.postgres is not None, "the harness was not given the PostgreSQL cluster"
+        await asyncio.to_thread(self.postgres.restart)
+
+    async def stop_all(self) -> None:
+        """Stop every running node gracefully, at once; each within ``STOP_BOUND``."""
+        await asyncio.gather(
+            *(self._forget(node, kill=False) for node in self.nodes if node.running)
+        )
+
     async def _forget(self, node: Node, kill: bool) -> None:
-        """Kill or stop the node's process, then close the channel to it."""
+        """Kill or stop the node's process, then close the channel to it.
+
+        A graceful stop must end within ``STOP_BOUND`` with exit status 0.
+        """
         node.going = True
         if node.process is not None:
             process = node.process
             if kill:  # SIGKILL ends a stopped process too
                 await asyncio.to_thread(process.kill)
             else:
-                code = await asyncio.to_thread(process.stop)
+                started = time.monotonic()
+                try:
+                    code = await asyncio.to_thread(process.stop, STOP_BOUND)
+                except subprocess.TimeoutExpired:
+                    await asyncio.to_thread(process.kill)
+                    node.past_logs.append(process.stderr())
+                    process.close()
+                    node.process = None
+                    raise AssertionError(
+                        f"{node.name} did not stop within {STOP_BOUND:g} s of SIGTERM"
+                    ) from None
+                took = time.monotonic() - started
+                self.stops.append((node.name, took))
                 assert code == 0, f"{node.name} exited with {code}: {process.stderr()[-2000:]}"
             node.past_logs.append(process.stderr())
             process.close()
@@ -459,8 +555,26 @@ class ClusterHarness:
             await asyncio.gather(*(one(iid) for iid in instance_ids[start : start + at_once]))
 
     async def _query(self, sql: str) -> list[asyncpg.Record]:
-        assert self._db is not None, "the harness is not started"
-        return list(await self._db.fetch(sql))
+        """``sql`` on the harness's own connection, opened again if PostgreSQL ended it (a
+        restart of the server: then tried until it answers, for ``REOPEN`` seconds)."""
+        deadline = time.monotonic() + REOPEN
+        while True:
+            try:
+                if self._db is None or self._db.is_closed():
+                    self._db = await asyncpg.connect(self.database_url, timeout=10)
+                return list(await self._db.fetch(sql, timeout=10))
+            except (
+                asyncpg.ConnectionDoesNotExistError,
+                asyncpg.CannotConnectNowError,
+                asyncpg.AdminShutdownError,
+                asyncpg.InterfaceError,
+                OSError,
+            ):
+                if self._db is not None:
+                    self._db.terminate()
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(POLL)  # the server is restarting: its pace, bounded above
 
 
 async def wait_until(

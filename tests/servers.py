@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import selectors
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -60,7 +61,9 @@ class ServerProcess:
         *args: str,
         env: Mapping[str, str] | None = None,
         timeout: float = 30.0,
+        file_limit: tuple[int, int] | None = None,
     ) -> ServerProcess:
+        """Start a server; ``file_limit`` is its (soft, hard) limit of open files."""
         stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed by close()
         process = subprocess.Popen(
             command(database, *args),
@@ -68,6 +71,7 @@ class ServerProcess:
             stderr=stderr,
             text=True,
             env=_environment(env),
+            preexec_fn=None if file_limit is None else _limit_files(file_limit),
         )
         try:
             port = _wait_for_port(process, timeout)
@@ -132,6 +136,13 @@ class ServerProcess:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _limit_files(limit: tuple[int, int]) -> Callable[[], None]:
+    def limit_files() -> None:  # runs in the child, before the server starts
+        resource.setrlimit(resource.RLIMIT_NOFILE, limit)
+
+    return limit_files
 
 
 def _wait_for_port(process: subprocess.Popen[str], timeout: float) -> int:

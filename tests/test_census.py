@@ -1,4 +1,5 @@
-"""The worker census of the chaos tests (tests/census.py) on fake workers.
+"""The censuses of the chaos tests (tests/census.py): workers on fake workers, credential
+writers on a real PostgreSQL.
 
 A fake worker is a ``sleep`` whose command line reads like a worker's (``exec
 -a``), so the census sees exactly what it sees of a real one: the module name
@@ -7,16 +8,18 @@ and ``--instance-id=`` in /proc/PID/cmdline.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+import asyncpg
 import pytest
 
-from tests.census import WorkerCensus, live_workers
+from tests.census import CredentialCensus, WorkerCensus, live_workers
 from tests.processes import alive
 
 
@@ -124,3 +127,80 @@ def test_the_census_counts_only_its_own_prefix(fakes: FakeWorkers, prefix: str) 
         census.wait_for_samples(3)
     census.assert_never_twice()
     assert len(live_workers(other)[other]) == 2
+
+
+# The credential census, against a real PostgreSQL.
+
+
+async def _credential_connection(url: str, schema: str, application: str) -> asyncpg.Connection:
+    """A connection as a worker opens one: its schema selected by ``search_path``."""
+    return await asyncpg.connect(
+        url, server_settings={"search_path": schema, "application_name": application}
+    )
+
+
+async def _census_sees(census: CredentialCensus, what: Callable[[], bool]) -> None:
+    """Wait (bounded) until the census has taken samples after which ``what`` holds."""
+    deadline = time.monotonic() + 10
+    while True:
+        taken = census.samples
+        while census.samples < taken + 3:  # at least two full samples since now
+            assert time.monotonic() < deadline, "the credential census stopped sampling"
+            await asyncio.sleep(census.interval)
+        if what():
+            return
+        assert time.monotonic() < deadline, "the credential census did not see it"
+
+
+async def test_the_credential_census_sees_two_writers_of_one_schema_at_once(
+    postgres_url: str,
+) -> None:
+    admin = await asyncpg.connect(postgres_url)
+    await admin.execute("CREATE SCHEMA wa_device_7; CREATE TABLE wa_device_7.device (p text)")
+    await admin.execute("CREATE SCHEMA wa_device_8; CREATE TABLE wa_device_8.device (p text)")
+    old = await _credential_connection(postgres_url, "wa_device_7", "worker a")
+    new = await _credential_connection(postgres_url, "wa_device_7", "worker b")
+    other = await _credential_connection(postgres_url, "wa_device_8", "worker c")
+    idle = await _credential_connection(postgres_url, "wa_device_7", "worker d")
+    with CredentialCensus(postgres_url, interval=0.01) as census:
+        try:
+            # One writer, then another after it committed, and a reader: no overlap.
+            async with old.transaction():
+                await old.execute("INSERT INTO device VALUES ('1')")
+                await _census_sees(census, lambda: census.writes_seen > 0)
+            async with new.transaction():
+                await new.execute("DELETE FROM device")
+                await idle.fetch("SELECT * FROM device")  # a reader does not count
+                await _census_sees(census, lambda: census.writes_seen > 1)
+            # Writers of two sessions' schemas at once: no overlap either.
+            async with old.transaction(), other.transaction():
+                await old.execute("INSERT INTO device VALUES ('2')")
+                await other.execute("INSERT INTO device VALUES ('3')")
+                await _census_sees(census, lambda: census.writes_seen > 2)
+            census.assert_never_two_writers()
+
+            # Two transactions writing one schema at once: caught, with both backends named.
+            async with old.transaction(), new.transaction():
+                await old.execute("INSERT INTO device VALUES ('4')")
+                await new.execute("INSERT INTO device VALUES ('5')")
+                await _census_sees(census, lambda: bool(census.violations))
+        finally:
+            for connection in (old, new, other, idle):
+                await connection.close()
+            await admin.close()
+    with pytest.raises(AssertionError, match="wa_device_7: two backends write it at once"):
+        census.assert_never_two_writers()
+    assert {w.application_name for w in census.violations[0].writers} == {"worker a", "worker b"}
+
+
+def test_the_credential_census_sees_an_older_epoch_write_after_a_newer_one() -> None:
+    census = CredentialCensus("postgresql://unused")
+    census.record([("wa_device_3", 10, "session-manager worker s epoch 4")])
+    census.record([])
+    census.record([("wa_device_3", 11, "session-manager worker s epoch 5")])
+    census.record([("wa_device_4", 12, "session-manager worker t epoch=1")])
+    census.record([("wa_device_3", 11, "session-manager worker s epoch 5")])
+    census.assert_never_two_writers()  # one writer at a time, epochs only rising
+    census.record([("wa_device_3", 10, "session-manager worker s epoch 4")])
+    with pytest.raises(AssertionError, match="wa_device_3: epoch 4 writes after epoch 5"):
+        census.assert_never_two_writers()

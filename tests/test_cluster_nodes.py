@@ -26,11 +26,11 @@ import pytest
 
 from service.cluster import placement
 from service.config import PostgresURL, Settings
+from service.domain import errors
 from service.engine.supervisor import WorkerEngine
 from service.server import RunningServer, start
 from service.startup import StartupError
 from service.store import leases, postgres
-from service.store.port import LeaseLost
 from sessionmanager.v1 import node_service_pb2 as node_pb
 from sessionmanager.v1 import session_pb2, session_service_pb2_grpc, simulator_service_pb2_grpc
 from sessionmanager.v1 import session_service_pb2 as pb
@@ -227,8 +227,9 @@ async def test_a_write_with_a_stale_epoch_changes_nothing(
     stale = dataclasses.replace(session, revision=session.revision + 1, phone_number="+1555")
     before = node.book.epochs.get("sender_4")
     assert before is not None
-    with pytest.raises(LeaseLost):
+    with pytest.raises(errors.ContractError) as refused:
         await store.update_session(stale)
+    assert refused.value.reason == session_pb2.ERROR_REASON_SESSION_MOVING
     assert (await store.get_session("sender_4")) == session  # nothing written
     await eventually(lambda: "sender_4" not in node.book.epochs)  # the node let it go
 

@@ -30,6 +30,7 @@ from grpc_status import rpc_status
 
 from service.domain import states
 from service.faults import ENVIRONMENT
+from service.store import sql
 from service.store import sqlite as store
 from sessionmanager.v1 import session_service_pb2 as pb
 from sessionmanager.v1 import session_service_pb2_grpc, simulator_service_pb2_grpc
@@ -192,11 +193,10 @@ def _check(database: Path, acked: Acknowledged) -> list[str]:
     with contextlib.closing(sqlite3.connect(database)) as db:
         if (verdict := db.execute("PRAGMA integrity_check").fetchone()[0]) != "ok":
             problems.append(f"integrity_check: {verdict}")
-        columns = store._SESSION_COLUMNS
-        rows = {row[1]: row for row in db.execute(f"SELECT {columns} FROM ll_whatsapp_qr_sessions")}
+        rows = {row[1]: row for row in db.execute(sql.SELECT_SESSION)}
         for row in rows.values():
             try:
-                states.check_invariants(store._session_row(row))
+                states.check_invariants(sql.session_from_row(row, store.Connection.decode_time))
             except states.InvariantViolation as violation:
                 problems.append(str(violation))
         for iid, revision in acked.revisions.items():

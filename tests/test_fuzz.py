@@ -165,6 +165,7 @@ class Live:
         config = replace(
             Settings(),
             address="127.0.0.1:0",
+            http_address="",  # gRPC only: never the shared default port 8080
             database=database,
             engine="simulated",
             send_rate=0,

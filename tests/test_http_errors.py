@@ -11,13 +11,13 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
-import aiosqlite
 import httpx
 import pytest
 
 from service.config import Settings
 from service.domain.states import SessionRef
 from service.engine.port import EngineError
+from service.store import sql
 from sessionmanager.v1 import session_pb2
 from sessionmanager.v1 import simulator_service_pb2 as sim
 from tests.conftest import Harness
@@ -184,7 +184,7 @@ async def test_every_reason_has_its_status_and_body(
     assert details["message_id"]
     seen.add("MESSAGE_OUTCOME_UNKNOWN")
 
-    async def read_only(db: aiosqlite.Connection) -> None:
+    async def read_only(db: sql.Db) -> None:
         await db.execute("PRAGMA query_only = ON")  # SQLite refuses every write from now on
 
     await harness.sqlite_store.run(read_only)
@@ -193,6 +193,7 @@ async def test_every_reason_has_its_status_and_body(
         503,
         "STORAGE_UNAVAILABLE",
         cause="read_only",
+        commit="none",
     )
 
     def broken(instance_id: str) -> Any:

@@ -8,6 +8,7 @@ restart on the same database.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import socket
 from pathlib import Path
@@ -85,6 +86,20 @@ async def _refused_cause(harness: Harness, instance_id: str) -> str:
     return cause
 
 
+async def _eventually_created(harness: Harness, instance_id: str) -> None:
+    """Create ``instance_id`` once the database takes writes again (a read-only default
+    lifted applies to the server's next connection)."""
+    for _ in range(100):
+        try:
+            await harness.sessions.CreateSession(pb.CreateSessionRequest(instance_id=instance_id))
+            return
+        except grpc.aio.AioRpcError as error:
+            if error_info(error).reason != "STORAGE_UNAVAILABLE":
+                raise
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{instance_id} could not be created in 10 s")
+
+
 async def test_database_failures_are_named_and_change_nothing(
     harness: Harness, postgres_cluster: Cluster, postgres_url: str
 ) -> None:
@@ -103,19 +118,25 @@ async def test_database_failures_are_named_and_change_nothing(
     assert await _refused_cause(harness, "while_read_only") == "read_only"
 
     await _admin(postgres_cluster.url(), f"ALTER DATABASE {database} RESET ALL")
-    await _cut(postgres_cluster, database)
+    # Writable again: the server's writer reconnects (and stops probing) before it is cut off.
+    await _eventually_created(harness, "between")
     usurper = await asyncpg.connect(postgres_url)
-    try:  # another server took the database while the connection was down
-        await usurper.execute(
-            "SELECT pg_advisory_lock($1)", postgres.lock_key(harness.settings.node_id)
+    try:  # another server takes the database the moment the connection is down
+        taken = await usurper.fetchval(
+            "WITH cut AS (SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
+            "WHERE application_name = 'session-manager' AND datname = $2) "
+            "SELECT pg_try_advisory_lock($1) FROM cut",
+            postgres.lock_key(harness.settings.node_id),
+            database,
         )
+        assert taken, "the server took its lock again before the other one could"
         assert await _refused_cause(harness, "while_taken") == "locked"
     finally:
         await usurper.close()
 
     await harness.sessions.CreateSession(pb.CreateSessionRequest(instance_id="after"))
     listed = await harness.sessions.ListSessions(pb.ListSessionsRequest())
-    assert [s.instance_id for s in listed.sessions] == ["after", "before"]
+    assert [s.instance_id for s in listed.sessions] == ["after", "before", "between"]
 
 
 @pytest.mark.parametrize(

@@ -7,22 +7,25 @@ not write (``query_only``, a ``mode=ro`` file), a file that is not a database.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import aiosqlite
 import grpc
+import httpx
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.store import failures
+from service.store import failures, sql
 from sessionmanager.v1 import session_service_pb2 as pb
 from tests.conftest import Harness
 from tests.status_details import error_info
 
 
 async def _pragma(harness: Harness, pragma: str) -> None:
-    async def operation(db: aiosqlite.Connection) -> None:
+    async def operation(db: sql.Db) -> None:
         await db.execute(f"PRAGMA {pragma}")
 
     await harness.sqlite_store.run(operation)
@@ -48,8 +51,8 @@ async def test_a_full_disk_is_named_and_changes_nothing(harness: Harness) -> Non
     await harness.sessions.CreateSession(pb.CreateSessionRequest(instance_id="before"))
 
     # The database may not grow past its current size: the next pages cannot be allocated.
-    async def size(db: aiosqlite.Connection) -> int:
-        rows = list(await db.execute_fetchall("PRAGMA page_count"))
+    async def size(db: sql.Db) -> int:
+        rows = await db.fetch("PRAGMA page_count")
         return int(rows[0][0])
 
     pages = await harness.sqlite_store.run(size)
@@ -62,7 +65,7 @@ async def test_a_full_disk_is_named_and_changes_nothing(harness: Harness) -> Non
             metadata = await _refused_create(harness, f"s{n}")
             failed = f"s{n}"
             break
-    assert metadata == {"cause": "disk_full"}
+    assert metadata == {"cause": "disk_full", "commit": "none"}
     listed = await _listed(harness)
     assert failed not in listed
     with pytest.raises(grpc.aio.AioRpcError) as missing:
@@ -74,12 +77,47 @@ async def test_a_full_disk_is_named_and_changes_nothing(harness: Harness) -> Non
     assert await _listed(harness) == sorted([*listed, failed])
 
 
+async def _health(harness: Harness) -> int:
+    probe = health_pb2_grpc.HealthStub(harness.channel)
+    answer = await probe.Check(health_pb2.HealthCheckRequest(service=""))
+    return int(answer.status)
+
+
+async def test_health_says_not_serving_while_commits_fail_and_comes_back_by_itself(
+    harness: Harness,
+) -> None:
+    async def size(db: sql.Db) -> int:
+        rows = await db.fetch("PRAGMA page_count")
+        return int(rows[0][0])
+
+    await _pragma(harness, f"max_page_count = {await harness.sqlite_store.run(size)}")
+    for n in range(2000):  # until the disk is full
+        try:
+            await harness.sessions.CreateSession(pb.CreateSessionRequest(instance_id=f"s{n}"))
+        except grpc.aio.AioRpcError:
+            break
+    async with httpx.AsyncClient(base_url=harness.http_url) as http:
+        assert (await http.get("/health")).json() == {"status": "not_serving"}
+        await wait_for(lambda: _health(harness), health_pb2.HealthCheckResponse.NOT_SERVING)
+        await _pragma(harness, "max_page_count = 1073741823")  # room again; nobody writes
+        await wait_for(lambda: _health(harness), health_pb2.HealthCheckResponse.SERVING)
+        assert (await http.get("/health")).json() == {"status": "serving"}
+
+
+async def wait_for(read: Callable[[], Awaitable[int]], expected: int, within: float = 5.0) -> None:
+    """Poll ``read`` until it gives ``expected``; fail after ``within`` seconds."""
+    deadline = asyncio.get_running_loop().time() + within
+    while (value := await read()) != expected:
+        assert asyncio.get_running_loop().time() < deadline, f"still {value}, not {expected}"
+        await asyncio.sleep(0.05)
+
+
 async def test_a_locked_database_is_named_and_changes_nothing(harness: Harness) -> None:
     await _pragma(harness, "busy_timeout = 50")  # fail fast instead of after 5 s
     intruder = sqlite3.connect(harness.settings.database, isolation_level=None)
     try:
         intruder.execute("BEGIN EXCLUSIVE")
-        assert await _refused_create(harness, "blocked") == {"cause": "locked"}
+        assert await _refused_create(harness, "blocked") == {"cause": "locked", "commit": "none"}
         intruder.execute("ROLLBACK")
     finally:
         intruder.close()
@@ -90,7 +128,7 @@ async def test_a_locked_database_is_named_and_changes_nothing(harness: Harness) 
 
 async def test_a_database_that_may_not_be_written_is_named(harness: Harness) -> None:
     await _pragma(harness, "query_only = ON")
-    assert await _refused_create(harness, "readonly") == {"cause": "read_only"}
+    assert await _refused_create(harness, "readonly") == {"cause": "read_only", "commit": "none"}
     with pytest.raises(grpc.aio.AioRpcError) as missing:
         await harness.sessions.GetSession(pb.GetSessionRequest(instance_id="readonly"))
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
@@ -140,7 +178,7 @@ def test_real_sqlite_errors_are_classified(
     contract = failures.storage_unavailable(error)
     assert contract is not None
     assert contract.code == "STORAGE_UNAVAILABLE"
-    assert contract.metadata == {"cause": cause.value}
+    assert contract.metadata == {"cause": cause.value, "commit": "none"}
 
 
 def test_errors_that_are_not_storage_failures_pass_unchanged(database: Path) -> None:

@@ -219,13 +219,14 @@ async def test_a_message_is_found_by_its_key_and_keeps_its_outcome(store: Store)
     await store.insert_message(message)
     assert await store.find_message(ref(session_id), "k1") == message
     sent = dataclasses.replace(message, status=contract.SENT, whatsapp_message_id="3EB0")
-    await store.finish_message(sent, T0 + timedelta(seconds=2))
+    assert await store.finish_message(sent, T0 + timedelta(seconds=2))
     assert await store.find_message(ref(session_id), "k1") == sent
     failed = dataclasses.replace(
         message, status=contract.FAILED, error_code="WHATSAPP_ERROR", error_message="no"
     )
-    await store.finish_message(failed, T0 + timedelta(seconds=3))
-    assert await store.find_message(ref(session_id), "k1") == failed
+    # Forward only: an outcome is never replaced, whoever writes the second one.
+    assert not await store.finish_message(failed, T0 + timedelta(seconds=3))
+    assert await store.find_message(ref(session_id), "k1") == sent
     assert await store.find_message(ref(session_id), "k2") is None
 
 
@@ -266,6 +267,20 @@ async def test_pending_messages_are_marked_unknown_once(store: Store) -> None:
         "k2": (contract.SENT, None),
         "k3": (contract.UNKNOWN_MESSAGE, "OUTCOME_UNKNOWN"),
     }
+
+
+async def test_a_late_outcome_lands_on_a_message_marked_unknown(store: Store) -> None:
+    """A node that took the session over marks the message unknown; the old owner, which
+    knows its outcome, still records it (outcomes are written forward only, by message id)."""
+    session_id = await store.insert_session(a_session("sender_1"))
+    message = a_message(session_id, "k1")
+    await store.insert_message(message)
+    session = ref(session_id)
+    assert await store.mark_pending_unknown("OUTCOME_UNKNOWN", "taken over", T0, session) == 1
+    sent = dataclasses.replace(message, status=contract.SENT, whatsapp_message_id="3EB0")
+    assert await store.finish_message(sent, T0 + timedelta(seconds=1))
+    assert await store.mark_pending_unknown("OUTCOME_UNKNOWN", "taken over", T0, session) == 0
+    assert await store.find_message(session, "k1") == sent
 
 
 # The database itself refuses what the contract forbids.

@@ -64,7 +64,8 @@ async def test_commits_are_synchronous_whatever_the_database_default(postgres_ur
     await _admin(postgres_url, f"ALTER DATABASE {database} SET synchronous_commit = off")
     store = await postgres.Store.open(postgres_url, "n1")
     try:
-        setting = await store.run(lambda db: db.fetchval("SHOW synchronous_commit"))
+        rows = await store.run(lambda db: db.fetch("SHOW synchronous_commit"))
+        setting = rows[0][0]
         assert setting == "on"
     finally:
         await store.close()

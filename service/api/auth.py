@@ -60,13 +60,6 @@ class Tokens:
         return INTERNAL if internal else None
 
 
-def parse_tokens(text: str) -> tuple[bytes, ...]:
-    """Tokens from an environment variable or file: comma- or newline-separated."""
-    return tuple(
-        token.strip().encode() for token in text.replace("\n", ",").split(",") if token.strip()
-    )
-
-
 def _bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> bytes | None:
     for key, value in metadata or ():
         if key == "authorization":

@@ -1,20 +1,25 @@
 """Prometheus metrics: sessions by status, RPCs by method and code, HTTP requests
 by route and status, watchers, QR codes issued, messages sent. Served over HTTP
-when ``--metrics-address`` is set.
+when ``--metrics-address`` is set; beyond loopback, only to a caller with a token.
 """
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
+from service.api.auth import Tokens
 from service.domain.contract import STATUS_TEXTS, message_status_text
 from service.store.messages import Message
 
@@ -114,10 +119,23 @@ class Metrics:
         """Report the sessions by status and the open watchers of ``sessions``."""
         self.registry.register(_SessionCollector(sessions))
 
-    def serve(self, address: str) -> int:
-        """Serve ``/metrics`` over HTTP on ``host:port``; returns the port."""
+    def serve(self, address: str, tokens: Tokens | None = None) -> int:
+        """Serve ``/metrics`` over HTTP on ``host:port``; returns the port.
+
+        With ``tokens``, only a request with ``Authorization: Bearer`` and a token of
+        either role is answered; the others get 401.
+        """
         host, _, port = address.rpartition(":")
-        self._http, _ = start_http_server(int(port), host.strip("[]") or "127.0.0.1", self.registry)
+        host = host.strip("[]") or "127.0.0.1"
+        app = make_wsgi_app(self.registry)
+        if tokens is not None:
+            app = _bearer_only(app, tokens)
+
+        class Server(ThreadingWSGIServer):
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        self._http = make_server(host, int(port), app, Server, handler_class=_QuietHandler)
+        threading.Thread(target=self._http.serve_forever, name="metrics", daemon=True).start()
         return int(self._http.server_port)
 
     @property
@@ -129,6 +147,26 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged (wsgiref writes a line to stderr for each)."""
+
+
+def _bearer_only(app: WSGIApplication, tokens: Tokens) -> WSGIApplication:
+    def guarded(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        scheme, _, token = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+        # WSGI gives headers as latin-1 text: encoding it back gives the bytes sent.
+        if scheme.lower() == "bearer" and tokens.role_of(token.strip().encode("latin-1")):
+            return app(environ, start_response)
+        start_response(
+            "401 Unauthorized",
+            [("Content-Type", "text/plain; charset=utf-8"), ("WWW-Authenticate", "Bearer")],
+        )
+        return [b"a bearer token is required (header 'Authorization: Bearer <token>')\n"]
+
+    return guarded
 
 
 class _SessionCollector(Collector):

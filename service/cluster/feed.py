@@ -149,7 +149,7 @@ class Feed:
     async def _refresh(self, instance_id: str) -> None:
         assert self._db is not None
         try:
-            session = await postgres.Store.read_session(self._db, instance_id)
+            session = await postgres.read_session(self._db, instance_id)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
             log.warning("the change feed could not read %s: %s", instance_id, error)
             return

@@ -33,12 +33,13 @@ import secrets
 import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 import asyncpg
 
 from service.clock import boottime
 from service.cluster import placement
+from service.cluster.fence import LeaseFence
 from service.domain import errors
 from service.domain.sessions import SessionManager
 from service.store import leases, postgres
@@ -79,13 +80,12 @@ class NodeSettings:
         return self.lease_ttl / 4
 
 
-@runtime_checkable
 class CommitHealth(Protocol):
-    """Whether the node's store can commit (its writer's connection, not the node's own)."""
+    """Whether the node's store can commit (its writer's connection, not the node's own):
+    ``Store.commits_failing``, which health's probes turn False again once it can."""
 
     def commits_failing(self) -> bool:
-        """True while the store cannot commit: its last attempt failed and none succeeded
-        since (the store tries again by itself, so that this turns False once it can)."""
+        """True while the store's last transaction failed for the storage's sake."""
 
 
 class NodeMetrics(Protocol):
@@ -116,7 +116,7 @@ LOCAL = Local()
 
 @dataclass
 class LeaseBook:
-    """The leases this node holds, by instance_id: the ``postgres.Fence`` of its writes."""
+    """The leases this node holds, by instance_id: what its writes' fence checks."""
 
     owner: str
     on_rejected: Callable[[str], None]
@@ -159,7 +159,7 @@ class Node:
         self.commit_health = commit_health
         self._commits_failing = False
         self.book = LeaseBook(self.owner, self._rejected)
-        store.fence = self.book
+        store.fence = LeaseFence(self.book)
         self._pool: asyncpg.Pool | None = None
         self._beat: asyncpg.Pool | None = None
         self.live: list[NodeRow] = []

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2
 from service.api.auth import Tokens
 from service.cluster.feed import Feed
 from service.cluster.forwarding import Peers
-from service.cluster.node import CommitHealth, Node, NodeMetrics, NodeSettings
+from service.cluster.node import Node, NodeMetrics, NodeSettings
 from service.cluster.routing import ClusterSessions
 from service.config import Settings
 from service.domain.limits import Limits
@@ -56,9 +56,7 @@ class ClusterRuntime:
             lease_grace=settings.lease_grace,
             moves_per_second=settings.moves_per_second,
         )
-        # The store says whether it can commit once it implements CommitHealth (issue 22).
-        health = store if isinstance(store, CommitHealth) else None
-        node = Node(node_settings, store, manager, metrics, commit_health=health)
+        node = Node(node_settings, store, manager, metrics, commit_health=store)
         feed = Feed(store.url, limits)
         peers = Peers(
             settings.node_id,

@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 from service.domain import errors
 from service.domain.limits import Limits, SendBucket
-from service.domain.states import Session, SessionRef
+from service.domain.states import Event, Session, SessionRef
+
+#: What follows a committed change in the outside world (a logout), given the committed state.
+Effect = Callable[[Session], Coroutine[Any, Any, None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Doubt:
+    """A change whose commit may have landed: what it would have stored, and what follows it."""
+
+    event: Event | None
+    #: The state it would have committed; None for a deletion.
+    updated: Session | None
+    effect: Effect | None
 
 
 @dataclass(eq=False)
@@ -29,6 +43,9 @@ class SessionCell:
     moved: bool = False
     #: The device was unlinked by request: engine reports are refused until a new pairing.
     unlinked: bool = False
+    #: The last commit's answer was lost and it is not known whether it landed: the stored
+    #: row is read again before anything else is done with the session.
+    doubt: Doubt | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     #: The commit that creates it (awaited by a second creation of the same instance_id).
     creation: asyncio.Task[Session] | None = None

@@ -40,6 +40,15 @@ FAILED: MessageStatus = session_service_pb2.MESSAGE_STATUS_FAILED
 UNKNOWN_MESSAGE: MessageStatus = session_service_pb2.MESSAGE_STATUS_UNKNOWN
 
 
+#: ``instance_id``: 1 to ``INSTANCE_ID_MAX`` characters, the first of ``INSTANCE_ID_FIRST``,
+#: the others of ``INSTANCE_ID_REST`` (character classes); anything else is INVALID_INSTANCE_ID.
+INSTANCE_ID_MAX = 64
+INSTANCE_ID_FIRST = "A-Za-z0-9"
+INSTANCE_ID_REST = "A-Za-z0-9_.-"
+#: The rule as a regular expression (Python, PostgreSQL, JSON Schema, the console).
+INSTANCE_ID_PATTERN = f"[{INSTANCE_ID_FIRST}][{INSTANCE_ID_REST}]{{0,{INSTANCE_ID_MAX - 1}}}"
+
+
 def _text_forms(enum: Any, prefix: str, lower: bool) -> dict[int, str]:
     forms = {}
     for name, number in enum.items():

@@ -36,7 +36,7 @@ class Pairing:
         registry.on_commit(self._after_commit)
 
     async def request_qr(self, instance_id: str) -> Session:
-        cell = self._registry.cell(instance_id)
+        cell = await self._registry.settled(instance_id)
         if states.check_qr_request(cell.current, self._clock.now()):
             return cell.current
         if cell.pairing is None or cell.pairing.done():

@@ -2,10 +2,14 @@
 
 A message is committed as ``pending`` before the engine sees it. Its outcome
 (``sent``, ``failed``, or ``unknown`` when the engine cannot tell) is
-committed after; if that commit fails, the outcome is kept in memory, answered
-to repeats of its idempotency key, and committed again until it lands. A
-message whose outcome was never recorded (the service stopped first) is
-``unknown`` after a restart, never "not sent": WhatsApp may have it.
+committed after, forward only and by message id, whoever owns the session by
+then; if that commit fails, the outcome is kept in memory, answered to repeats
+of its idempotency key, and committed again until it lands. A message whose
+outcome was never recorded (the service stopped while the engine had it) is
+``unknown`` after a restart, never "not sent": WhatsApp may have it. A message
+the engine provably never received (its intent's commit was in doubt, or the
+service stopped before handing it over) is ``failed`` with ``NOT_SENT``: the
+caller may send it again under a new idempotency key.
 """
 
 from __future__ import annotations
@@ -24,14 +28,17 @@ from service.domain.contract import FAILED, PENDING, SENT, UNKNOWN_MESSAGE
 from service.domain.registry import Registry
 from service.engine.port import Engine, EngineError
 from service.faults import FaultPoints
+from service.store.failures import CommitUnknown
 from service.store.messages import Message, request_digest
-from service.store.port import LeaseLost, Store
+from service.store.port import Store
 from sessionmanager.v1 import session_pb2
 
 log = logging.getLogger(__name__)
 
 #: Seconds between attempts to record an outcome whose first commit failed.
 RECORD_RETRY = 1.0
+#: The error code of a message the engine provably never received.
+NOT_SENT = "NOT_SENT"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +69,7 @@ class Sending:
         self._unrecorded: dict[str, Message] = {}
 
     async def send(self, instance_id: str, to: str, text: str, key: str | None) -> SendResult:
-        cell = self._registry.cell(instance_id)
+        cell = await self._registry.settled(instance_id)
         digest = request_digest(to, text)
         if key is not None:
             earlier = await self._earlier(cell, key, digest)
@@ -74,10 +81,7 @@ class Sending:
         if key is not None:
             cell.sends[key] = (digest, future)
         self._registry.spawn(self._send(cell, to, text, key, digest, future))
-        try:
-            return _answer(await asyncio.shield(future), instance_id)
-        except LeaseLost as lost:  # the intent was refused: nothing was sent
-            raise errors.session_moving(instance_id, "has moved to another node") from lost
+        return _answer(await asyncio.shield(future), instance_id)
 
     async def _earlier(self, cell: SessionCell, key: str, digest: str) -> SendResult | None:
         """The result of an earlier call with ``key``, which must have asked the same."""
@@ -141,7 +145,7 @@ class Sending:
             status=PENDING,
             accepted_at=self._clock.now(),
         )
-        await self._store.insert_message(message)  # the intent: nothing is sent unrecorded
+        await self._record_intent(message)
         self._faults.hit("send.after_intent")
         try:
             whatsapp_id = await self._engine.send(session.ref, to, text)
@@ -156,25 +160,40 @@ class Sending:
         self._on_outcome(message)
         return SendResult(message, replayed=False)
 
+    async def _record_intent(self, message: Message) -> None:
+        """Commit the intent: nothing is sent unrecorded.
+
+        If this fails in a way that leaves the intent perhaps stored (its
+        commit's answer lost, or the service stopping meanwhile), the engine
+        never gets the message, so it is recorded as not sent once it can be.
+        """
+        try:
+            await self._store.insert_message(message)
+        except CommitUnknown:
+            self._record_soon(_not_sent(message, "its record could not be confirmed"))
+            raise
+        except asyncio.CancelledError:
+            await asyncio.shield(self._record(_not_sent(message, "the service was stopping")))
+            raise
+
     async def _record(self, message: Message) -> None:
         """Commit the outcome; if that fails, keep it and commit it again until it lands."""
         try:
             await self._store.finish_message(message, self._clock.now())
-        except LeaseLost as lost:
-            _log_lost(message, lost)
         except Exception as error:  # noqa: BLE001 - the outcome is known: it must not be lost
             log.error("could not record the outcome of message %s: %s", message.id, error)
-            self._unrecorded[message.id] = message
-            self._registry.spawn(self._record_later(message))
+            self._record_soon(message)
+
+    def _record_soon(self, message: Message) -> None:
+        """Commit an outcome in the background, as often as it takes."""
+        self._unrecorded[message.id] = message
+        self._registry.spawn(self._record_later(message))
 
     async def _record_later(self, message: Message) -> None:
-        while message.id in self._unrecorded:
+        while self._unrecorded.get(message.id) is message:
             await asyncio.sleep(RECORD_RETRY)
             try:
                 await self._store.finish_message(message, self._clock.now())
-            except LeaseLost as lost:
-                _log_lost(message, lost)
-                del self._unrecorded[message.id]
             except Exception as error:  # noqa: BLE001 - tried again after a pause
                 log.warning("still cannot record message %s: %s", message.id, error)
             else:
@@ -182,10 +201,13 @@ class Sending:
                 log.info("recorded the outcome of message %s", message.id)
 
 
-def _log_lost(message: Message, lost: LeaseLost) -> None:
-    """Another node owns the session now: it records the message's outcome as unknown."""
-    log.warning(
-        "the outcome of message %s stays with the session's new owner: %s", message.id, lost
+def _not_sent(message: Message, why: str) -> Message:
+    """The outcome of a message the engine never received."""
+    return dataclasses.replace(
+        message,
+        status=FAILED,
+        error_code=NOT_SENT,
+        error_message=f"not sent: {why}; send it again under a new idempotency key",
     )
 
 

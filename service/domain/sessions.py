@@ -15,7 +15,7 @@ from typing import Protocol
 
 from service.clock import Clock
 from service.domain import errors, states
-from service.domain.cell import SessionCell
+from service.domain.cell import Effect, SessionCell
 from service.domain.contract import (
     CONNECTED,
     CONNECTING,
@@ -184,7 +184,7 @@ class SessionManager:
     # Reads.
 
     async def get(self, instance_id: str) -> Session:
-        return self._registry.get(instance_id)
+        return (await self._registry.settled(instance_id)).current
 
     async def ref(self, instance_id: str) -> SessionRef:
         """The current incarnation of ``instance_id``."""
@@ -221,10 +221,7 @@ class SessionManager:
 
     async def delete(self, instance_id: str) -> None:
         """Commit the deletion, then log the device out and forget its credentials."""
-        cell = await self._registry.delete(instance_id)
-        assert cell.session is not None
-        self._faults.hit("delete.after_commit")
-        await self._logout(cell.session.ref)
+        await self._registry.delete(instance_id, effect=self._logout_after("delete.after_commit"))
 
     # Public operations.
 
@@ -241,13 +238,21 @@ class SessionManager:
 
     async def disconnect(self, instance_id: str) -> Session:
         """Commit the logout, then unlink the device and forget its credentials."""
-        cell = self._registry.cell(instance_id)
-        session = await self._registry.apply(
-            cell, states.Disconnected(LOGOUT, DISCONNECT_BY_REQUEST)
+        cell = await self._registry.settled(instance_id)
+        return await self._registry.apply(
+            cell,
+            states.Disconnected(LOGOUT, DISCONNECT_BY_REQUEST),
+            effect=self._logout_after("disconnect.after_commit"),
         )
-        self._faults.hit("disconnect.after_commit")
-        await self._logout(session.ref)
-        return session
+
+    def _logout_after(self, fault_point: str) -> Effect:
+        """The effect of a committed logout or deletion: unlink the device, drop its credentials."""
+
+        async def logout(session: Session) -> None:
+            self._faults.hit(fault_point)
+            await self._logout(session.ref)
+
+        return logout
 
     async def _logout(self, session: SessionRef) -> None:
         try:

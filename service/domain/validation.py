@@ -15,11 +15,11 @@ from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
 
-from service.domain import errors
+from service.domain import contract, errors
 from service.logs import escape_controls
 from sessionmanager.v1 import session_pb2
 
-INSTANCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+INSTANCE_ID = re.compile(contract.INSTANCE_ID_PATTERN)
 _PHONE = re.compile(r"\+?[1-9][0-9]{6,14}")
 _JID = re.compile(r"[0-9]{5,20}(-[0-9]{1,20})?@(s\.whatsapp\.net|g\.us)")
 _ERROR_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")

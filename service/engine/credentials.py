@@ -209,9 +209,7 @@ class PostgresCredentials:
         self._url = url
 
     def location(self, session: SessionRef, epoch: int | None = None) -> str:
-        return schema_url(
-            self._url, schema_name(session.id, epoch), worker_tag(session.id, epoch)
-        )
+        return schema_url(self._url, schema_name(session.id, epoch), worker_tag(session.id, epoch))
 
     async def prepare(self, session: SessionRef, epoch: int | None = None) -> str:
         """Make the schema this epoch's, then end every older worker's connection to it.

@@ -1,13 +1,15 @@
 """Database failures an operator can act on, named by their cause.
 
 The stores hand their driver's exceptions up unchanged (SQLite's, or
-asyncpg's and the PostgreSQL store's own), so that the domain's own refusals
-(contract errors) stay apart from the infrastructure failing. Where a call
-ends, the API turns a storage failure into STORAGE_UNAVAILABLE with
-``metadata.cause`` (``disk_full``, ``locked``, ``corrupt``, ``read_only``,
-``io_error``, ``unreachable``) instead of an anonymous internal error; at
-start-up, ``service.startup`` turns it into one line and an exit code.
-Failures that are not the storage's (a constraint, a bug) are not classified.
+asyncpg's and the ones below), so that the domain's own refusals (contract
+errors) stay apart from the infrastructure failing. Where a call ends, the API
+turns a storage failure into STORAGE_UNAVAILABLE with ``metadata.cause``
+(``disk_full``, ``locked``, ``corrupt``, ``read_only``, ``io_error``,
+``unreachable``) and ``metadata.commit``: ``none`` when nothing was stored, or
+``unknown`` when a commit's acknowledgement was lost and it could not be
+settled in time (``CommitUnknown``). At start-up, ``service.startup`` turns a
+storage failure into one line and an exit code. Failures that are not the
+storage's (a constraint, a bug) are not classified.
 """
 
 from __future__ import annotations
@@ -20,8 +22,37 @@ import aiosqlite
 import asyncpg
 
 from service.domain.errors import ContractError
-from service.store import postgres
 from sessionmanager.v1 import session_pb2
+
+
+class DatabaseUnreachable(ConnectionError):
+    """The server cannot be reached, did not answer in time, or ended the connection.
+
+    Raised only where nothing was committed: a commit whose acknowledgement
+    was lost is settled first (``CommitUnknown`` when it cannot be).
+    """
+
+
+class CommitUnknown(DatabaseUnreachable):
+    """A commit's acknowledgement was lost and whether it landed could not be found out in time.
+
+    The sessions it touched are re-read before anything else is done with them.
+    """
+
+    def __init__(self, message: str, instance_ids: frozenset[str] = frozenset()) -> None:
+        super().__init__(message)
+        #: The sessions the transaction wrote.
+        self.instance_ids = instance_ids
+
+
+class DatabaseInUse(RuntimeError):
+    """Another server runs as the same node on this database."""
+
+    def __init__(self, shown_url: str, node_id: str) -> None:
+        super().__init__(
+            f"the database {shown_url} is in use by another server as node {node_id!r}; "
+            "give each node its own --node-id"
+        )
 
 
 class Cause(enum.StrEnum):
@@ -88,9 +119,9 @@ _BY_SQLSTATE = {
 
 
 def _postgres_cause(error: BaseException) -> Cause | None:
-    if isinstance(error, postgres.DatabaseInUse):
+    if isinstance(error, DatabaseInUse):
         return Cause.LOCKED
-    if isinstance(error, postgres.DatabaseUnreachable | asyncpg.ConnectionDoesNotExistError):
+    if isinstance(error, DatabaseUnreachable | asyncpg.ConnectionDoesNotExistError):
         return Cause.UNREACHABLE
     if isinstance(error, asyncpg.PostgresError):
         code = str(error.sqlstate or "")
@@ -114,10 +145,19 @@ def storage_unavailable(error: BaseException) -> ContractError | None:
     cause = cause_of(error)
     if cause is None:
         return None
+    if isinstance(error, CommitUnknown):
+        return ContractError(
+            session_pb2.ERROR_REASON_STORAGE_UNAVAILABLE,
+            f"the database is unavailable: {_MEANING[cause]} ({error}); the change may or may "
+            "not have been stored: the session is read again before its next change",
+            cause=cause.value,
+            commit="unknown",
+        )
     return ContractError(
         session_pb2.ERROR_REASON_STORAGE_UNAVAILABLE,
-        f"the database is unavailable: {_MEANING[cause]} ({error})",
+        f"the database is unavailable: {_MEANING[cause]} ({error}); nothing was stored",
         cause=cause.value,
+        commit="none",
     )
 
 

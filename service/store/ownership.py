@@ -14,7 +14,13 @@ import fcntl
 import os
 from pathlib import Path
 
-from service.startup import ExitCode, StartupError
+
+class NotWritable(OSError):
+    """The database's directory or its lock file cannot be created."""
+
+
+class InUse(RuntimeError):
+    """Another server holds the database."""
 
 
 def lock_path(database: Path) -> Path:
@@ -30,32 +36,29 @@ class Ownership:
 
     @classmethod
     def acquire(cls, database: Path) -> Ownership:
-        """Take the database, or raise the StartupError that names the file and its holder."""
+        """Take the database; ``NotWritable`` or ``InUse``, naming the file and its holder."""
         path = lock_path(database)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             problem = "a file is in the way" if path.parent.exists() else error.strerror
-            raise StartupError(
-                ExitCode.DATABASE_NOT_WRITABLE,
-                f"cannot create the database directory {path.parent}: {problem}",
+            raise NotWritable(
+                f"cannot create the database directory {path.parent}: {problem}"
             ) from error
         try:
             descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as error:
-            raise StartupError(
-                ExitCode.DATABASE_NOT_WRITABLE,
-                f"cannot create the lock file {path} beside the database: {error.strerror}",
+            raise NotWritable(
+                f"cannot create the lock file {path} beside the database: {error.strerror}"
             ) from error
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read(descriptor) or "another process"
             os.close(descriptor)
-            raise StartupError(
-                ExitCode.DATABASE_IN_USE,
+            raise InUse(
                 f"the database {database} is in use by another server ({holder}); "
-                "one server per database file",
+                "one server per database file"
             ) from None
         ownership = cls(path, descriptor)
         ownership.record()

@@ -1,9 +1,12 @@
 """The store port: what the domain asks of the database that holds its sessions.
 
 Every method is one operation, durably committed before it returns, and
-applied in the order the calls were made. ``sqlite.Store`` and
-``postgres.Store`` implement it with the same guarantees, and pass one store
-test suite (tests/test_store_contract.py).
+applied in the order the calls were made. ``service.store.sql.SqlStore``
+implements it once for SQLite and PostgreSQL, which pass one store test suite
+(tests/test_store_contract.py). A write that fails for the storage's sake
+raises the driver's error or ``failures.DatabaseUnreachable`` (nothing was
+stored), or ``failures.CommitUnknown`` (a commit whose answer was lost could
+not be settled in time: it may have landed).
 """
 
 from __future__ import annotations
@@ -62,8 +65,11 @@ class Store(Protocol):
     async def insert_message(self, message: Message) -> None:
         """Record an accepted message (the intent to send it)."""
 
-    async def finish_message(self, message: Message, finished_at: datetime) -> None:
-        """Record the outcome of a message."""
+    async def finish_message(self, message: Message, finished_at: datetime) -> bool:
+        """Record the outcome of a message still pending or unknown; whether it did.
+
+        Forward only, by message id, whoever owns the session now.
+        """
 
     async def find_message(self, session: SessionRef, idempotency_key: str) -> Message | None:
         """The message a session recorded under an idempotency key."""
@@ -75,6 +81,12 @@ class Store(Protocol):
 
         Every session's at start-up, or only ``session``'s (a node taking it over).
         """
+
+    def commits_failing(self) -> bool:
+        """Whether the last transaction failed for the storage's sake."""
+
+    async def probe(self) -> None:
+        """Commit a transaction that changes no session: raises if commits still fail."""
 
     async def close(self) -> None:
         """Finish every queued operation and close."""

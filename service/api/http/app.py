@@ -1,14 +1,16 @@
 """The ASGI application: the route table served, with auth, body checks, logs and metrics.
 
-Every request goes the same way: refused with 503 while the server stops,
-authenticated (``auth``), its query and JSON body validated against the
-route's declared models (strict types, no unknown fields, at most
-``MAX_BODY`` bytes), then handed to the route's handler. Any failure leaves
-as seed 003's error body.
+Every request goes the same way: its Host checked (``guard``), refused with
+503 while the server stops, authenticated (``auth``), its query and JSON body
+validated against the route's declared models (strict types, no unknown
+fields, at most ``MAX_BODY`` bytes, read within the read timeout), then
+handed to the route's handler. Any failure leaves as seed 003's error body,
+and every answer carries the safety headers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -21,7 +23,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -36,7 +38,9 @@ from service.api.http.errors import (
     shutting_down,
     unexpected,
 )
+from service.api.http.guard import AllowedHosts, HostCheck, SafetyHeaders
 from service.api.http.routes import ENDPOINTS, Call, Endpoint
+from service.api.http.sse import StreamShares
 from service.api.metrics import Metrics
 from service.domain import validation
 from service.domain.errors import ContractError
@@ -55,6 +59,12 @@ class Options:
     keepalive: float = 15.0
     cors_origins: tuple[str, ...] = ()
     metrics: Metrics | None = None
+    #: The Host names answered besides localhost and IP addresses.
+    allowed_hosts: AllowedHosts = field(default_factory=lambda: AllowedHosts.of(()))
+    #: Seconds a client gets to send a request's body.
+    read_timeout: float = 10.0
+    #: Each client's share of a session's event streams.
+    streams: StreamShares = field(default_factory=lambda: StreamShares(10))
     #: Set when the server starts to stop: every new request gets 503.
     draining: bool = field(default=False)
     #: Whether the server can serve: ``/health`` answers 503 ``not_serving`` when not.
@@ -70,7 +80,12 @@ def build_app(manager: Sessions, options: Options) -> Starlette:
         Route(path, _dispatch(specs, manager, options, document), methods=list(specs))
         for path, specs in by_path.items()
     ]
-    middleware = []
+    # The first is the outermost: every answer gets the safety headers, and nothing
+    # (CORS, a redirect, a route) sees a request whose Host is not allowed.
+    middleware = [
+        Middleware(SafetyHeaders),
+        Middleware(HostCheck, allowed=options.allowed_hosts),
+    ]
     if options.cors_origins:
         middleware.append(
             Middleware(
@@ -109,13 +124,21 @@ def _dispatch(
         try:
             if options.draining:
                 raise shutting_down()
-            options.auth.check(request, spec.access)
+            caller = options.auth.check(request, spec.access)
             iid = request.path_params.get("instance_id", "")
             if iid:  # first, as gRPC does: every later error names the session
                 validation.instance_id(iid)
-            body = await _input(request, spec, iid)
+            body = await _input(request, spec, iid, options.read_timeout)
             call = Call(
-                request, manager, options.auth, body, options.keepalive, document, options.serving
+                request,
+                manager,
+                options.auth,
+                body,
+                options.keepalive,
+                document,
+                options.serving,
+                options.streams,
+                caller,
             )
             return await spec.handler(call)
         except HttpError as failure:
@@ -161,7 +184,9 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return error_response(failure)
 
 
-async def _input(request: Request, spec: Endpoint, iid: str) -> BaseModel | None:
+async def _input(
+    request: Request, spec: Endpoint, iid: str, read_timeout: float
+) -> BaseModel | None:
     if spec.query is not None:
         try:
             return spec.query.model_validate(dict(request.query_params))
@@ -169,34 +194,56 @@ async def _input(request: Request, spec: Endpoint, iid: str) -> BaseModel | None
             raise _rejected(error, "query", iid) from None
     if spec.body is None:
         return None
-    raw = await _read_body(request, iid)
+    # A form (even an empty one) is refused before its body is read: what a page on another
+    # site can post is a form, never JSON.
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type and not _is_json(media_type):
+        raise _not_json(media_type, iid)
+    raw = await _read_body(request, iid, read_timeout)
     if not raw:
         if spec.body_required:
             raise invalid("body", "a JSON object is required as the body", instance_id=iid)
         return spec.body()
-    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    if media_type != "application/json" and not media_type.endswith("+json"):
-        raise invalid(
-            "content-type",
-            f"the body must be application/json, got {media_type or 'no content type'!r}",
-            status=415,
-            instance_id=iid,
-        )
+    if not media_type:
+        raise _not_json(media_type, iid)
     try:
         return spec.body.model_validate_json(raw)
     except ValidationError as error:
         raise _rejected(error, "body", iid) from None
 
 
-async def _read_body(request: Request, iid: str) -> bytes:
+def _is_json(media_type: str) -> bool:
+    return media_type == "application/json" or media_type.endswith("+json")
+
+
+def _not_json(media_type: str, iid: str) -> HttpError:
+    return invalid(
+        "content-type",
+        f"the body must be application/json, got {media_type or 'no content type'!r}",
+        status=415,
+        instance_id=iid,
+    )
+
+
+async def _read_body(request: Request, iid: str, read_timeout: float) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY:
         raise _too_large(iid)
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY:
-            raise _too_large(iid)
+    try:
+        async with asyncio.timeout(read_timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_BODY:
+                    raise _too_large(iid)
+    except TimeoutError:
+        failure = invalid("body", f"the body did not arrive within {read_timeout:g} s", 408, iid)
+        failure.headers["Connection"] = "close"  # what is still on its way is not read
+        raise failure from None
+    except ClientDisconnect:
+        raise invalid(
+            "body", "the client closed the connection before sending the whole body", 400, iid
+        ) from None
     return bytes(body)
 
 

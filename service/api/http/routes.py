@@ -17,10 +17,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from service.api.http import schemas
-from service.api.http.auth import COOKIE, COOKIE_SECONDS, Access, Authenticator
+from service.api.http.auth import COOKIE, COOKIE_SECONDS, Access, Authenticator, Caller
 from service.api.http.errors import JSON, invalid
 from service.api.http.payloads import encode, send_json, session_bytes, session_json
-from service.api.http.sse import SessionEventStream
+from service.api.http.sse import SessionEventStream, StreamShares
 from service.domain import states, validation
 from service.domain.contract import Reason, Status, status_from_text
 from service.domain.facade import Sessions
@@ -45,6 +45,10 @@ class Call:
     openapi: Callable[[], bytes]
     #: Whether this server can serve (a node that lost its database cannot).
     serving: Callable[[], bool] = lambda: True
+    #: Each client's share of a session's event streams.
+    streams: StreamShares = field(default_factory=lambda: StreamShares(10))
+    #: Who calls: its token and address.
+    caller: Caller = field(default_factory=Caller)
 
     def parsed(self, model: type[M]) -> M:
         assert isinstance(self.body, model)
@@ -148,8 +152,18 @@ async def events(call: Call) -> Response:
     if call.request.method == "HEAD":  # the headers a stream would have, and no stream
         await call.manager.get(iid)
         return Response(media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    watcher = await call.manager.watch(iid)
-    return SessionEventStream(watcher, lambda: call.manager.unwatch(iid, watcher), call.keepalive)
+    give_back = call.streams.take(call.caller.key, iid)
+    try:
+        watcher = await call.manager.watch(iid)
+    except BaseException:
+        give_back()
+        raise
+
+    def release() -> None:
+        call.manager.unwatch(iid, watcher)
+        give_back()
+
+    return SessionEventStream(watcher, release, call.keepalive)
 
 
 async def create_session(call: Call) -> Response:
@@ -212,6 +226,7 @@ async def issue_cookie(call: Call) -> Response:
 
 
 async def clear_cookie(call: Call) -> Response:
+    call.auth.revoke_cookie(call.request)
     response = Response(status_code=204)
     response.delete_cookie(
         COOKIE,
@@ -277,7 +292,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "DELETE",
         f"{PREFIX}/auth/cookie",
         clear_cookie,
-        "Clear the sm_auth cookie.",
+        "Clear the sm_auth cookie, and revoke every cookie of its token issued until now.",
         Access.OPEN,
         status=204,
         tags=("auth",),

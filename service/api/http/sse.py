@@ -12,12 +12,14 @@ the current state again.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from service.api.http.payloads import encode, session_bytes
+from service.domain import errors
 from service.domain.states import Session
 from service.domain.watch import WatchClosed, Watcher
 
@@ -48,6 +50,45 @@ async def _events(watcher: Watcher[Session], keepalive: float) -> AsyncIterator[
             yield end_event(closed)
             return
         yield session_event(session)
+
+
+class StreamShares:
+    """Each client's share of a session's event streams, so no client takes them all.
+
+    A session has a limit of watchers for everybody, gRPC included; one client (a
+    token from one address) may hold at most ``share`` of them at once.
+    """
+
+    def __init__(self, share: int) -> None:
+        self.share = share
+        self._open: Counter[tuple[str, str]] = Counter()
+
+    def take(self, client: str, instance_id: str) -> Callable[[], None]:
+        """Count one more stream of ``client`` on ``instance_id``; what gives it back.
+
+        Raises LIMIT_EXCEEDED (429, ``details.limit = streams_per_client``) past the share.
+        """
+        key = (client, instance_id)
+        if self._open[key] >= self.share:
+            raise errors.limit_exceeded(
+                "streams_per_client",
+                f"this client already holds {self.share} event streams of session "
+                f"{instance_id!r}; close one first",
+                retry_after=1.0,
+                instance_id=instance_id,
+            )
+        self._open[key] += 1
+        given_back = False
+
+        def give_back() -> None:
+            nonlocal given_back
+            if not given_back:
+                given_back = True
+                self._open[key] -= 1
+                if self._open[key] <= 0:
+                    del self._open[key]
+
+        return give_back
 
 
 class SessionEventStream(StreamingResponse):
