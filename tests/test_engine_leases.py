@@ -29,6 +29,7 @@ from service.engine.process import WorkerProcess
 from service.engine.protocol import EXIT_LEASE_EXPIRED, Command
 from service.engine.supervisor import WorkerEngine, WorkerOptions
 from tests.flows import PHONE, eventually
+from tests.processes import alive, live_children
 
 #: How far ahead a session's Hold reaches.
 LEASE = 2.0
@@ -183,3 +184,33 @@ async def test_a_worker_ends_on_a_hold_of_another_epoch(tmp_path: Path) -> None:
         assert await worker.wait_exit(5) == EXIT_LEASE_EXPIRED
     finally:
         await worker.stop(5)
+
+
+async def test_a_release_while_a_worker_starts_ends_that_worker_first(node: Node) -> None:
+    session = SessionRef("starting", 1)
+    node.engine.hold("starting", boottime() + 60, 1)
+    before = live_children()
+    await node.engine.restore(session, PHONE)  # its worker starts in the background
+    await eventually(lambda: bool(live_children() - before), within=10)
+    starting = live_children() - before
+    assert "starting" not in node.engine.worker_pids()  # not in use yet: still starting
+    await node.engine.release(session)  # the node hands the session over now
+    assert not any(alive(pid) for pid in starting)  # gone before the lease is
+    await asyncio.sleep(3 * RESTART_INITIAL)
+    assert live_children() - before == set()
+
+
+async def test_revoking_while_a_worker_starts_ends_it_at_once(node: Node) -> None:
+    session = SessionRef("revoked-early", 1)
+    node.engine.hold("revoked-early", boottime() + 60, 1)
+    before = live_children()
+    await node.engine.restore(session, PHONE)
+    await eventually(lambda: bool(live_children() - before), within=10)
+    starting = live_children() - before
+    for pid in starting:  # it cannot finish starting: only a kill ends it now
+        os.kill(pid, signal.SIGSTOP)
+    node.engine.revoke("revoked-early")
+    await eventually(lambda: not any(alive(pid) for pid in starting), within=2)
+    await node.engine.release(session)
+    assert node.engine.worker_pids() == {}
+    assert node.reported(session) == []  # it never said anything

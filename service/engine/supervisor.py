@@ -111,6 +111,12 @@ def device_dir(devices_dir: Path, session: SessionRef) -> Path:
     return DirectoryCredentials(devices_dir).folder(session)
 
 
+def _settled() -> asyncio.Event:
+    event = asyncio.Event()
+    event.set()
+    return event
+
+
 @dataclass(eq=False)
 class _Slot:
     """What the supervisor knows of one session incarnation."""
@@ -129,6 +135,11 @@ class _Slot:
     revoked: bool = False
     #: Why a report of its last worker was lost, until the session has been told.
     lost_report: str | None = None
+    #: A worker being started, not yet in use: a stop, a release or a revoke ends it too.
+    starting: WorkerProcess | None = None
+    #: How many workers are being started; ``settled`` is set while none is.
+    spawns: int = 0
+    settled: asyncio.Event = field(default_factory=_settled)
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,11 +363,11 @@ class WorkerEngine:
         if self._slots.get(slot.session) is slot:
             self._pop_slot(slot.session)
         self._revoked.setdefault(slot.session, []).append(slot)
-        worker = slot.worker
-        if worker is not None and worker.alive:
-            worker.mark_stopping()
-            worker.kill("LEASE_LOST", f"the session's worker was ended: {why}")
-            log.warning("ended the worker at once: %s", why, extra=_about(slot))
+        for worker in (slot.worker, slot.starting):
+            if worker is not None and worker.alive:
+                worker.mark_stopping()
+                worker.kill("LEASE_LOST", f"the session's worker was ended: {why}")
+                log.warning("ended the worker at once: %s", why, extra=_about(slot))
 
     def _slots_of(self, instance_id: str) -> list[_Slot]:
         return [self._slots[ref] for ref in self._incarnations.get(instance_id, ())]
@@ -473,6 +484,18 @@ class WorkerEngine:
         return slot
 
     async def _spawn(self, slot: _Slot) -> WorkerProcess:
+        """Start a worker for the slot; a stop, release or revoke meanwhile ends it too, and
+        waits (``_stop_starting``) until this has given up."""
+        slot.spawns += 1
+        slot.settled.clear()
+        try:
+            return await self._start(slot)
+        finally:
+            slot.spawns -= 1
+            if slot.spawns == 0:
+                slot.settled.set()
+
+    async def _start(self, slot: _Slot) -> WorkerProcess:
         if self._closed:
             raise EngineError("SHUTTING_DOWN", "the Session Manager is shutting down")
         options, session = self._options, slot.session
@@ -480,6 +503,7 @@ class WorkerEngine:
         epoch = self._epoch(session.instance_id)
         slot.epoch, slot.lost_report = epoch or 0, None  # a new worker says anew what holds
         location = await self.credentials.prepare(session, epoch)
+        self._refuse_unless_kept(slot)
         arguments = [
             f"--engine={options.engine}",
             f"--instance-id={session.instance_id}",
@@ -497,16 +521,21 @@ class WorkerEngine:
         worker = await WorkerProcess.start(
             session, arguments, on_report, self._clock.now, environment
         )
-        if self._leased:
-            # Only once it reads its commands: a worker slow to start (a loaded machine)
-            # would otherwise read a deadline renewed since, as passed, and end itself.
-            await self._until_ready(worker)
-            hold = self._holds.get(session.instance_id)
-            if hold is not None and hold.epoch == slot.epoch:
-                worker.hold(hold.until, hold.epoch)  # before anything connects
-        if not self._keeps(slot):  # released, logged out, revoked or expired while it started
-            await worker.stop(options.stop_timeout)
-            raise EngineError("WORKER_NOT_NEEDED", "the session left this engine while it started")
+        slot.starting = worker
+        try:
+            if self._keeps(slot) and self._leased:
+                # Only once it reads its commands: a worker slow to start (a loaded machine)
+                # would otherwise read a deadline renewed since, as passed, and end itself.
+                await self._until_ready(worker)
+                hold = self._holds.get(session.instance_id)
+                if hold is not None and hold.epoch == slot.epoch:
+                    worker.hold(hold.until, hold.epoch)  # before anything connects
+            if not self._keeps(slot) or worker.stopping:
+                await worker.stop(options.stop_timeout)
+                self._refuse_unless_kept(slot)
+                raise EngineError("WORKER_NOT_NEEDED", "the worker was stopped while it started")
+        finally:
+            slot.starting = None
         slot.worker = worker
         self._spawn_task(self._watch(slot, worker))
         self._spawn_task(self._heartbeat(worker))
@@ -520,22 +549,50 @@ class WorkerEngine:
         )
         return worker
 
+    def _refuse_unless_kept(self, slot: _Slot) -> None:
+        if not self._keeps(slot):  # released, logged out, revoked or expired meanwhile
+            raise EngineError("WORKER_NOT_NEEDED", "the session left this engine while it started")
+
     async def _until_ready(self, worker: WorkerProcess) -> None:
         """Wait until the worker answers (it reads its commands); it does nothing before that."""
         try:
             await worker.call(Command(ping=Command.Ping()), self._options.command_timeout)
         except (WorkerGone, TimeoutError):
+            if worker.stopping:
+                raise EngineError(
+                    "WORKER_NOT_NEEDED", "the worker was stopped while it started"
+                ) from None
             worker.kill("WORKER_NOT_READY", "the engine worker did not start")
             await worker.wait_exit(self._options.stop_timeout)
             raise EngineError(*worker.exit_cause()) from None
 
     async def _stop_worker(self, slot: _Slot, worker: WorkerProcess | None = None) -> None:
+        """Stop ``worker``, or the slot's: the one in use and any being started."""
+        if worker is None:
+            await self._stop_starting(slot)
         worker = worker or slot.worker
         if worker is None:
             return
         if slot.worker is worker:
             slot.worker = None
         await worker.stop(self._options.stop_timeout)
+
+    async def _stop_starting(self, slot: _Slot) -> None:
+        """Stop a worker being started for the slot, and wait until its start has given up,
+        so that no worker of the slot outlives this (bounded; logged if it runs out)."""
+        starting = slot.starting
+        if starting is not None:
+            await starting.stop(self._options.stop_timeout)
+        if slot.settled.is_set():
+            return
+        try:
+            await asyncio.wait_for(slot.settled.wait(), self._options.stop_timeout)
+        except TimeoutError:
+            log.warning(
+                "a worker was still being started %g s after it was stopped",
+                self._options.stop_timeout,
+                extra=_about(slot),
+            )
 
     # Reports.
 
