@@ -242,7 +242,10 @@ class Node:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.tick)
+            # While the store cannot commit, rounds come often: the node renews, and takes
+            # its sessions back, as soon as it can commit again.
+            pause = WATCH_SLICE if self._commits_failing else self.settings.tick
+            await asyncio.sleep(min(pause, self.settings.tick))
             try:
                 await self.tick()
             except Exception:
@@ -429,7 +432,7 @@ class Node:
         async with self._lock(instance_id):
             if instance_id in self.book.epochs:
                 return True
-            if not self.may_act() or self._cannot_commit():
+            if not self.may_act():
                 return False
             try:
                 async with self._pool.acquire(timeout=self.settings.lease_ttl / 2) as db:
