@@ -330,6 +330,23 @@ async def test_whatsmeow_keeps_its_store_in_the_sessions_schema(database: Databa
         await engine.close()
 
 
+async def test_a_reconnection_needs_no_credential_write(
+    database: Database, nodes: Callable[[], Node]
+) -> None:
+    node = nodes()
+    session = await database.create("steady")
+    await paired(node, session)
+    name = database.url.rpartition("/")[2]
+    admin = await asyncpg.connect(database.url)
+    try:  # the credentials can be read but not written (a standby, a database restarting)
+        await admin.execute(f"ALTER DATABASE {name} SET default_transaction_read_only = on")
+        await node.phone.drop_network(session, hold_reconnect=False)
+    finally:
+        await admin.execute(f"ALTER DATABASE {name} RESET default_transaction_read_only")
+        await admin.close()
+    assert node.reports.of(states.Connected) == [states.Connected(PHONE)] * 2  # back again
+
+
 async def test_a_stale_owners_worker_cannot_write_the_sessions_credentials(
     database: Database, nodes: Callable[[], Node]
 ) -> None:
