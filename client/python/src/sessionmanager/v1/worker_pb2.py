@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from sessionmanager.v1 import session_pb2 as sessionmanager_dot_v1_dot_session__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esessionmanager/v1/worker.proto\x12\x11sessionmanager.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fsessionmanager/v1/session.proto\"\xdf\x08\n\rWorkerCommand\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x46\n\rstart_pairing\x18\x02 \x01(\x0b\x32-.sessionmanager.v1.WorkerCommand.StartPairingH\x00\x12;\n\x07restore\x18\x03 \x01(\x0b\x32(.sessionmanager.v1.WorkerCommand.RestoreH\x00\x12@\n\npair_phone\x18\x04 \x01(\x0b\x32*.sessionmanager.v1.WorkerCommand.PairPhoneH\x00\x12>\n\tsend_text\x18\x05 \x01(\x0b\x32).sessionmanager.v1.WorkerCommand.SendTextH\x00\x12\x39\n\x06logout\x18\x06 \x01(\x0b\x32\'.sessionmanager.v1.WorkerCommand.LogoutH\x00\x12\x35\n\x04stop\x18\x07 \x01(\x0b\x32%.sessionmanager.v1.WorkerCommand.StopH\x00\x12\x35\n\x04ping\x18\x08 \x01(\x0b\x32%.sessionmanager.v1.WorkerCommand.PingH\x00\x12H\n\x0esimulate_phone\x18\t \x01(\x0b\x32..sessionmanager.v1.WorkerCommand.SimulatePhoneH\x00\x12\x35\n\x04hold\x18\n \x01(\x0b\x32%.sessionmanager.v1.WorkerCommand.HoldH\x00\x1a\x0e\n\x0cStartPairing\x1a\x1f\n\x07Restore\x12\x14\n\x0cphone_number\x18\x01 \x01(\t\x1a!\n\tPairPhone\x12\x14\n\x0cphone_number\x18\x01 \x01(\t\x1a$\n\x08SendText\x12\n\n\x02to\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x1a\x08\n\x06Logout\x1a\x06\n\x04Stop\x1a\x06\n\x04Ping\x1a\x15\n\x04Hold\x12\r\n\x05until\x18\x01 \x01(\x01\x1a\xda\x02\n\rSimulatePhone\x12\x45\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x35.sessionmanager.v1.WorkerCommand.SimulatePhone.Action\x12\x14\n\x0cphone_number\x18\x02 \x01(\t\x12\x0c\n\x04hold\x18\x03 \x01(\x08\x12\x0c\n\x04\x63ode\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"\xbe\x01\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x41\x43TION_SCAN\x10\x01\x12\x1d\n\x19\x41\x43TION_COMPLETE_HANDSHAKE\x10\x02\x12\x17\n\x13\x41\x43TION_DROP_NETWORK\x10\x03\x12\x11\n\rACTION_UNLINK\x10\x04\x12\x0f\n\x0b\x41\x43TION_FAIL\x10\x05\x12\x18\n\x14\x41\x43TION_FAULT_PAIRING\x10\x06\x12\x15\n\x11\x41\x43TION_FAULT_SEND\x10\x07\x42\t\n\x07\x63ommand\"\xd8\x07\n\x0bWorkerEvent\x12\x35\n\x05reply\x18\x01 \x01(\x0b\x32$.sessionmanager.v1.WorkerEvent.ReplyH\x00\x12\x38\n\x07qr_code\x18\x02 \x01(\x0b\x32%.sessionmanager.v1.WorkerEvent.QRCodeH\x00\x12>\n\nqr_scanned\x18\x03 \x01(\x0b\x32(.sessionmanager.v1.WorkerEvent.QRScannedH\x00\x12\x43\n\x0creconnecting\x18\x04 \x01(\x0b\x32+.sessionmanager.v1.WorkerEvent.ReconnectingH\x00\x12=\n\tconnected\x18\x05 \x01(\x0b\x32(.sessionmanager.v1.WorkerEvent.ConnectedH\x00\x12\x43\n\x0c\x64isconnected\x18\x06 \x01(\x0b\x32+.sessionmanager.v1.WorkerEvent.DisconnectedH\x00\x12\x37\n\x06\x66\x61iled\x18\x07 \x01(\x0b\x32%.sessionmanager.v1.WorkerEvent.FailedH\x00\x12\x46\n\x0epairing_failed\x18\x08 \x01(\x0b\x32,.sessionmanager.v1.WorkerEvent.PairingFailedH\x00\x1a\x81\x01\n\x05Reply\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x12\n\nerror_code\x18\x02 \x01(\t\x12\x15\n\rerror_message\x18\x03 \x01(\t\x12\x12\n\nmessage_id\x18\x04 \x01(\t\x12\x14\n\x0clinking_code\x18\x05 \x01(\t\x12\x17\n\x0foutcome_unknown\x18\x06 \x01(\x08\x1a\x44\n\x06QRCode\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12,\n\tvalid_for\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x1a\x0b\n\tQRScanned\x1a\x0e\n\x0cReconnecting\x1a!\n\tConnected\x12\x14\n\x0cphone_number\x18\x01 \x01(\t\x1a\x62\n\x0c\x44isconnected\x12\x33\n\x06reason\x18\x01 \x01(\x0e\x32#.sessionmanager.v1.DisconnectReason\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x1a\'\n\x06\x46\x61iled\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x1a.\n\rPairingFailed\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\tB\x07\n\x05\x65ventb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esessionmanager/v1/worker.proto\x12\x11sessionmanager.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fsessionmanager/v1/session.proto\"\xee\x08\n\rWorkerCommand\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x46\n\rstart_pairing\x18\x02 \x01(\x0b\x32-.sessionmanager.v1.WorkerCommand.StartPairingH\x00\x12;\n\x07restore\x18\x03 \x01(\x0b\x32(.sessionmanager.v1.WorkerCommand.RestoreH\x00\x12@\n\npair_phone\x18\x04 \x01(\x0b\x32*.sessionmanager.v1.WorkerCommand.PairPhoneH\x00\x12>\n\tsend_text\x18\x05 \x01(\x0b\x32).sessionmanager.v1.WorkerCommand.SendTextH\x00\x12\x39\n\x06logout\x18\x06 \x01(\x0b\x32\'.sessionmanager.v1.WorkerCommand.LogoutH\x00\x12\x35\n\x04stop\x18\x07 \x01(\x0b\x32%.sessionmanager.v1.WorkerCommand.StopH\x00\x12\x35\n\x04ping\x18\x08 \x01(\x0b\x32%.sessionmanager.v1.WorkerCommand.PingH\x00\x12H\n\x0esimulate_phone\x18\t \x01(\x0b\x32..sessionmanager.v1.WorkerCommand.SimulatePhoneH\x00\x12\x35\n\x04hold\x18\n \x01(\x0b\x32%.sessionmanager.v1.WorkerCommand.HoldH\x00\x1a\x0e\n\x0cStartPairing\x1a\x1f\n\x07Restore\x12\x14\n\x0cphone_number\x18\x01 \x01(\t\x1a!\n\tPairPhone\x12\x14\n\x0cphone_number\x18\x01 \x01(\t\x1a$\n\x08SendText\x12\n\n\x02to\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x1a\x08\n\x06Logout\x1a\x06\n\x04Stop\x1a\x06\n\x04Ping\x1a$\n\x04Hold\x12\r\n\x05until\x18\x01 \x01(\x01\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x1a\xda\x02\n\rSimulatePhone\x12\x45\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x35.sessionmanager.v1.WorkerCommand.SimulatePhone.Action\x12\x14\n\x0cphone_number\x18\x02 \x01(\t\x12\x0c\n\x04hold\x18\x03 \x01(\x08\x12\x0c\n\x04\x63ode\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"\xbe\x01\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x41\x43TION_SCAN\x10\x01\x12\x1d\n\x19\x41\x43TION_COMPLETE_HANDSHAKE\x10\x02\x12\x17\n\x13\x41\x43TION_DROP_NETWORK\x10\x03\x12\x11\n\rACTION_UNLINK\x10\x04\x12\x0f\n\x0b\x41\x43TION_FAIL\x10\x05\x12\x18\n\x14\x41\x43TION_FAULT_PAIRING\x10\x06\x12\x15\n\x11\x41\x43TION_FAULT_SEND\x10\x07\x42\t\n\x07\x63ommand\"\xd8\x07\n\x0bWorkerEvent\x12\x35\n\x05reply\x18\x01 \x01(\x0b\x32$.sessionmanager.v1.WorkerEvent.ReplyH\x00\x12\x38\n\x07qr_code\x18\x02 \x01(\x0b\x32%.sessionmanager.v1.WorkerEvent.QRCodeH\x00\x12>\n\nqr_scanned\x18\x03 \x01(\x0b\x32(.sessionmanager.v1.WorkerEvent.QRScannedH\x00\x12\x43\n\x0creconnecting\x18\x04 \x01(\x0b\x32+.sessionmanager.v1.WorkerEvent.ReconnectingH\x00\x12=\n\tconnected\x18\x05 \x01(\x0b\x32(.sessionmanager.v1.WorkerEvent.ConnectedH\x00\x12\x43\n\x0c\x64isconnected\x18\x06 \x01(\x0b\x32+.sessionmanager.v1.WorkerEvent.DisconnectedH\x00\x12\x37\n\x06\x66\x61iled\x18\x07 \x01(\x0b\x32%.sessionmanager.v1.WorkerEvent.FailedH\x00\x12\x46\n\x0epairing_failed\x18\x08 \x01(\x0b\x32,.sessionmanager.v1.WorkerEvent.PairingFailedH\x00\x1a\x81\x01\n\x05Reply\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x12\n\nerror_code\x18\x02 \x01(\t\x12\x15\n\rerror_message\x18\x03 \x01(\t\x12\x12\n\nmessage_id\x18\x04 \x01(\t\x12\x14\n\x0clinking_code\x18\x05 \x01(\t\x12\x17\n\x0foutcome_unknown\x18\x06 \x01(\x08\x1a\x44\n\x06QRCode\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12,\n\tvalid_for\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x1a\x0b\n\tQRScanned\x1a\x0e\n\x0cReconnecting\x1a!\n\tConnected\x12\x14\n\x0cphone_number\x18\x01 \x01(\t\x1a\x62\n\x0c\x44isconnected\x12\x33\n\x06reason\x18\x01 \x01(\x0e\x32#.sessionmanager.v1.DisconnectReason\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x1a\'\n\x06\x46\x61iled\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x1a.\n\rPairingFailed\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\tB\x07\n\x05\x65ventb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,7 +34,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sessionmanager.v1.worker_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WORKERCOMMAND']._serialized_start=119
-  _globals['_WORKERCOMMAND']._serialized_end=1238
+  _globals['_WORKERCOMMAND']._serialized_end=1253
   _globals['_WORKERCOMMAND_STARTPAIRING']._serialized_start=709
   _globals['_WORKERCOMMAND_STARTPAIRING']._serialized_end=723
   _globals['_WORKERCOMMAND_RESTORE']._serialized_start=725
@@ -50,27 +50,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERCOMMAND_PING']._serialized_start=849
   _globals['_WORKERCOMMAND_PING']._serialized_end=855
   _globals['_WORKERCOMMAND_HOLD']._serialized_start=857
-  _globals['_WORKERCOMMAND_HOLD']._serialized_end=878
-  _globals['_WORKERCOMMAND_SIMULATEPHONE']._serialized_start=881
-  _globals['_WORKERCOMMAND_SIMULATEPHONE']._serialized_end=1227
-  _globals['_WORKERCOMMAND_SIMULATEPHONE_ACTION']._serialized_start=1037
-  _globals['_WORKERCOMMAND_SIMULATEPHONE_ACTION']._serialized_end=1227
-  _globals['_WORKEREVENT']._serialized_start=1241
-  _globals['_WORKEREVENT']._serialized_end=2225
-  _globals['_WORKEREVENT_REPLY']._serialized_start=1764
-  _globals['_WORKEREVENT_REPLY']._serialized_end=1893
-  _globals['_WORKEREVENT_QRCODE']._serialized_start=1895
-  _globals['_WORKEREVENT_QRCODE']._serialized_end=1963
-  _globals['_WORKEREVENT_QRSCANNED']._serialized_start=1965
-  _globals['_WORKEREVENT_QRSCANNED']._serialized_end=1976
-  _globals['_WORKEREVENT_RECONNECTING']._serialized_start=1978
-  _globals['_WORKEREVENT_RECONNECTING']._serialized_end=1992
-  _globals['_WORKEREVENT_CONNECTED']._serialized_start=1994
-  _globals['_WORKEREVENT_CONNECTED']._serialized_end=2027
-  _globals['_WORKEREVENT_DISCONNECTED']._serialized_start=2029
-  _globals['_WORKEREVENT_DISCONNECTED']._serialized_end=2127
-  _globals['_WORKEREVENT_FAILED']._serialized_start=2129
-  _globals['_WORKEREVENT_FAILED']._serialized_end=2168
-  _globals['_WORKEREVENT_PAIRINGFAILED']._serialized_start=2170
-  _globals['_WORKEREVENT_PAIRINGFAILED']._serialized_end=2216
+  _globals['_WORKERCOMMAND_HOLD']._serialized_end=893
+  _globals['_WORKERCOMMAND_SIMULATEPHONE']._serialized_start=896
+  _globals['_WORKERCOMMAND_SIMULATEPHONE']._serialized_end=1242
+  _globals['_WORKERCOMMAND_SIMULATEPHONE_ACTION']._serialized_start=1052
+  _globals['_WORKERCOMMAND_SIMULATEPHONE_ACTION']._serialized_end=1242
+  _globals['_WORKEREVENT']._serialized_start=1256
+  _globals['_WORKEREVENT']._serialized_end=2240
+  _globals['_WORKEREVENT_REPLY']._serialized_start=1779
+  _globals['_WORKEREVENT_REPLY']._serialized_end=1908
+  _globals['_WORKEREVENT_QRCODE']._serialized_start=1910
+  _globals['_WORKEREVENT_QRCODE']._serialized_end=1978
+  _globals['_WORKEREVENT_QRSCANNED']._serialized_start=1980
+  _globals['_WORKEREVENT_QRSCANNED']._serialized_end=1991
+  _globals['_WORKEREVENT_RECONNECTING']._serialized_start=1993
+  _globals['_WORKEREVENT_RECONNECTING']._serialized_end=2007
+  _globals['_WORKEREVENT_CONNECTED']._serialized_start=2009
+  _globals['_WORKEREVENT_CONNECTED']._serialized_end=2042
+  _globals['_WORKEREVENT_DISCONNECTED']._serialized_start=2044
+  _globals['_WORKEREVENT_DISCONNECTED']._serialized_end=2142
+  _globals['_WORKEREVENT_FAILED']._serialized_start=2144
+  _globals['_WORKEREVENT_FAILED']._serialized_end=2183
+  _globals['_WORKEREVENT_PAIRINGFAILED']._serialized_start=2185
+  _globals['_WORKEREVENT_PAIRINGFAILED']._serialized_end=2231
 # @@protoc_insertion_point(module_scope)
