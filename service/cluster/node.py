@@ -30,7 +30,6 @@ import functools
 import logging
 import math
 import secrets
-import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -57,10 +56,6 @@ RENEW_ATTEMPTS = 3
 #: The longest the watchdog sleeps at once: a timed wait stands still while the machine
 #: is suspended, so the deadline is read again at least this often.
 WATCH_SLICE = 0.5
-#: TCP keepalive probes on the node's connections, one a second, this many unanswered:
-#: a connection whose peer vanished (a partition) is dead in seconds, not hours.
-KEEPALIVE_INTERVAL = 1
-KEEPALIVE_COUNT = 3
 _DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
@@ -208,11 +203,11 @@ class Node:
             max_size=size,
             timeout=10.0,
             command_timeout=self.settings.lease_ttl / 2,
-            init=functools.partial(keep_alive, idle=idle),
+            init=functools.partial(postgres.keep_alive, idle=idle),
             server_settings={
                 "application_name": f"session-manager {self.node_id}",
                 **postgres.stall_settings(self._store.stall_limit),
-                **keepalive_settings(idle),
+                **postgres.keepalive_settings(idle),
             },
         )
 
@@ -601,34 +596,3 @@ class Node:
 def keepalive_idle(lease_ttl: float) -> int:
     """Seconds a node's connection may stay silent before TCP probes it: a renewal round."""
     return max(1, math.ceil(lease_ttl / 4))
-
-
-def keepalive_settings(idle: int) -> dict[str, str]:
-    """The server side of the keepalives: PostgreSQL probes the node's connections too,
-    and drops one whose data goes unacknowledged as long (``tcp_user_timeout``)."""
-    return {
-        "tcp_keepalives_idle": str(idle),
-        "tcp_keepalives_interval": str(KEEPALIVE_INTERVAL),
-        "tcp_keepalives_count": str(KEEPALIVE_COUNT),
-        "tcp_user_timeout": str(_dead_after(idle) * 1000),
-    }
-
-
-async def keep_alive(connection: asyncpg.Connection, *, idle: int) -> None:
-    """The client side: the node's kernel probes each new connection, and gives up on
-    unacknowledged data as soon. asyncpg has no option for it, so its socket is set here
-    (as asyncpg's own maintainers suggest: MagicStack/asyncpg#606)."""
-    transport = getattr(connection, "_transport", None)
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return  # a Unix socket: no network between the node and its database
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, _dead_after(idle) * 1000)
-
-
-def _dead_after(idle: int) -> int:
-    """Seconds after which a connection that stopped answering is given up."""
-    return idle + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT

@@ -27,6 +27,7 @@ import functools
 import hashlib
 import logging
 import re
+import socket
 from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -58,13 +59,12 @@ STALL_LIMIT = 5.0
 SETTLE_WITHIN = 5.0
 #: How long a reconnecting writer waits for its old backend to end.
 _END_WAIT = 3.0  # less than SETTLE_WITHIN
-#: TCP keepalives on the server's side of every connection: a peer that vanished without
-#: closing (a dropped route, a frozen host) is noticed in about 11 s, not hours.
-KEEPALIVES = {
-    "tcp_keepalives_idle": "5",
-    "tcp_keepalives_interval": "2",
-    "tcp_keepalives_count": "3",
-}
+#: TCP keepalives on both ends of every connection: after this many silent seconds, a
+#: probe a second, this many unanswered, and a peer that vanished without closing (a
+#: dropped route, a frozen host) is given up in seconds, not hours.
+KEEPALIVE_IDLE = 5
+KEEPALIVE_INTERVAL = 1
+KEEPALIVE_COUNT = 3
 URL_SCHEMES = ("postgresql", "postgres")
 #: Errors of the connection itself (not of a statement): the transaction's fate is
 #: the server's alone to tell.
@@ -155,6 +155,37 @@ def session_from_json(row: dict[str, Any]) -> Session:
     return sql.session_from_row([row[name] for name in sql.SESSION_COLUMNS], time)
 
 
+def keepalive_settings(idle: int = KEEPALIVE_IDLE) -> dict[str, str]:
+    """The server side of the keepalives: PostgreSQL probes the connection too,
+    and drops one whose data goes unacknowledged as long (``tcp_user_timeout``)."""
+    return {
+        "tcp_keepalives_idle": str(idle),
+        "tcp_keepalives_interval": str(KEEPALIVE_INTERVAL),
+        "tcp_keepalives_count": str(KEEPALIVE_COUNT),
+        "tcp_user_timeout": str(_dead_after(idle) * 1000),
+    }
+
+
+async def keep_alive(connection: asyncpg.Connection, *, idle: int = KEEPALIVE_IDLE) -> None:
+    """The client side: this host's kernel probes the connection, and gives up on
+    unacknowledged data as soon. asyncpg has no option for it, so its socket is set here
+    (as asyncpg's own maintainers suggest: MagicStack/asyncpg#606)."""
+    transport = getattr(connection, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return  # a Unix socket: no network between the node and its database
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, _dead_after(idle) * 1000)
+
+
+def _dead_after(idle: int) -> int:
+    """Seconds after which a connection that stopped answering is given up."""
+    return idle + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT
+
+
 def stall_settings(limit: float) -> dict[str, str]:
     """The server settings that end a transaction stalled for ``limit`` seconds."""
     milliseconds = str(max(1, round(limit * 1000)))
@@ -168,18 +199,20 @@ def server_settings(stall_limit: float, name: str = "session-manager") -> dict[s
         "synchronous_commit": "on",
         "application_name": name,
         **stall_settings(stall_limit),
-        **KEEPALIVES,
+        **keepalive_settings(),
     }
 
 
 async def connect(url: str, stall_limit: float = STALL_LIMIT) -> asyncpg.Connection:
-    """A connection to the sessions' database with ``server_settings``."""
-    return await asyncpg.connect(
+    """A connection to the sessions' database with ``server_settings`` and keepalives."""
+    connection = await asyncpg.connect(
         url,
         timeout=_CONNECT_TIMEOUT,
         command_timeout=_COMMAND_TIMEOUT,
         server_settings=server_settings(stall_limit),
     )
+    await keep_alive(connection)
+    return connection
 
 
 class PostgreSQL:
@@ -204,6 +237,7 @@ class PostgreSQL:
             timeout=_CONNECT_TIMEOUT,
             command_timeout=_COMMAND_TIMEOUT,
             server_settings=server_settings(stall_limit),
+            init=keep_alive,
         )
 
     async def open(self) -> None:
