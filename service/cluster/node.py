@@ -30,11 +30,12 @@ import functools
 import logging
 import math
 import secrets
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from service.clock import boottime
 from service.cluster import placement
@@ -188,7 +189,7 @@ class Node:
         self._pool = await self._connections(POOL_SIZE)
         # Renewals have a connection of their own: routing and moves never queue ahead of them.
         self._beat = await self._connections(1)
-        async with self._pool.acquire() as db:
+        async with self._using(self._pool) as db:
             await leases.join(db, self.node_id, self.incarnation, self.settings.address)
         log.info("joined as node %s (%s)", self.node_id, self.settings.address)
         await self.tick()
@@ -201,7 +202,9 @@ class Node:
             self._store.url,
             min_size=1,
             max_size=size,
-            timeout=10.0,
+            # A connection that cannot be made within a round (a route still dropping
+            # packets) is given up, so the next round tries a new one.
+            timeout=max(1.0, self.settings.lease_ttl / 2),
             command_timeout=self.settings.lease_ttl / 2,
             init=functools.partial(postgres.keep_alive, idle=idle),
             server_settings={
@@ -210,6 +213,21 @@ class Node:
                 **postgres.keepalive_settings(idle),
             },
         )
+
+    @contextlib.asynccontextmanager
+    async def _using(
+        self, pool: asyncpg.Pool, within: float | None = None
+    ) -> AsyncIterator[PoolConnectionProxy]:
+        """A connection of ``pool``; one that fails as a connection (gone, or hung past its
+        timeout) is ended, and its siblings are replaced as they are next taken: whatever cut
+        it off (a route dropping packets) most likely cut them off too."""
+        async with pool.acquire(timeout=within) as db:
+            try:
+                yield db
+            except postgres.CONNECTION_ERRORS:
+                db.terminate()
+                await pool.expire_connections()
+                raise
 
     async def stop(self) -> None:
         """Hand every session over and leave, so the other nodes take them at once."""
@@ -225,7 +243,7 @@ class Node:
             *(self._hand_over_quietly(instance_id) for instance_id in list(self.book.epochs))
         )
         with contextlib.suppress(*_DATABASE_ERRORS):
-            async with self._pool.acquire() as db:
+            async with self._using(self._pool) as db:
                 await leases.leave(db, self.node_id, self.incarnation)
         self._pool.terminate()
         if self._beat is not None:
@@ -320,7 +338,7 @@ class Node:
 
     async def _renew(self, held: dict[str, int]) -> tuple[dict[str, int], list[NodeRow]]:
         assert self._beat is not None
-        async with self._beat.acquire() as db:
+        async with self._using(self._beat) as db:
             for instance_id, epoch in list(self._dropped.items()):
                 await leases.release(db, instance_id, self.owner, epoch)
                 del self._dropped[instance_id]
@@ -347,7 +365,7 @@ class Node:
     async def _rebalance(self) -> None:
         """Start this round's moves; they run beside the next renewals, never holding them up."""
         assert self._pool is not None
-        async with self._pool.acquire() as db:
+        async with self._using(self._pool) as db:
             view = await leases.placement_view(db, self.settings.lease_grace)
         nodes = [node.node_id for node in self.live]
         self._budget = min(
@@ -430,7 +448,7 @@ class Node:
             if not self.may_act():
                 return False
             try:
-                async with self._pool.acquire(timeout=self.settings.lease_ttl / 2) as db:
+                async with self._using(self._pool, self.settings.lease_ttl / 2) as db:
                     if not self._waited_out(instance_id, await leases.route(db, instance_id)):
                         return False
                     epoch = await leases.acquire(
@@ -506,7 +524,7 @@ class Node:
         """Free a lease in the database; if that fails, the next round frees it."""
         assert self._pool is not None
         try:
-            async with self._pool.acquire(timeout=self.settings.tick) as db:
+            async with self._using(self._pool, self.settings.tick) as db:
                 await leases.release(db, instance_id, self.owner, epoch)
         except (*_DATABASE_ERRORS, TimeoutError) as error:
             log.warning("could not free the lease of %s now: %s", instance_id, error)
@@ -573,7 +591,7 @@ class Node:
         if not creating and await self._store.get_session(instance_id) is None:
             raise errors.session_not_found(instance_id)
         try:
-            async with self._pool.acquire(timeout=self.settings.lease_ttl / 2) as db:
+            async with self._using(self._pool, self.settings.lease_ttl / 2) as db:
                 current = await leases.route(db, instance_id)
         except (*_DATABASE_ERRORS, TimeoutError) as error:
             raise postgres.DatabaseUnreachable(

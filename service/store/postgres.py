@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 #: How long one statement of the writer may take before its connection is given up.
 _COMMAND_TIMEOUT = 10.0
-_CONNECT_TIMEOUT = 10.0
+#: How long making a connection may take: a route that drops packets fails in seconds.
+_CONNECT_TIMEOUT = 5.0
 #: How long PostgreSQL lets a transaction of a node sit idle, or wait for a lock, before
 #: it ends it: a node frozen (or cut off) inside a transaction must not hold a lease row
 #: (and so the take-over of its sessions) for longer than that.
@@ -68,7 +69,7 @@ KEEPALIVE_COUNT = 3
 URL_SCHEMES = ("postgresql", "postgres")
 #: Errors of the connection itself (not of a statement): the transaction's fate is
 #: the server's alone to tell.
-_CONNECTION_ERRORS = (
+CONNECTION_ERRORS = (
     OSError,
     TimeoutError,
     asyncpg.InterfaceError,  # a connection closed, or left in the middle of an operation
@@ -251,12 +252,15 @@ class PostgreSQL:
             db.terminate()
             raise
         self._db = db
+        # The readers' idle connections went through whatever cut the writer's off: they
+        # are replaced as they are next taken, rather than each hanging for a timeout.
+        await self._readers.expire_connections()
         await self._readers  # min_size 0: opens nothing yet
 
     async def close(self) -> None:
         self._readers.terminate()
         if self._db is not None:
-            with contextlib.suppress(asyncpg.PostgresError, *_CONNECTION_ERRORS):
+            with contextlib.suppress(asyncpg.PostgresError, *CONNECTION_ERRORS):
                 await self._db.close(timeout=_CONNECT_TIMEOUT)
             self._db.terminate()
 
@@ -279,7 +283,7 @@ class PostgreSQL:
                 # A standby, or a read-only default: a new connection may reach a primary.
                 self._give_up(db)
                 raise
-            with contextlib.suppress(asyncpg.PostgresError, *_CONNECTION_ERRORS):
+            with contextlib.suppress(asyncpg.PostgresError, *CONNECTION_ERRORS):
                 await transaction.rollback()
             raise
         try:
@@ -319,7 +323,7 @@ class PostgreSQL:
                 await self._reconnect()  # its old backend is ended first: xid runs no more
                 assert self._db is not None
                 status = await self._db.fetchval("SELECT pg_xact_status($1::text::xid8)", xid)
-        except (*_CONNECTION_ERRORS, asyncpg.PostgresError, DatabaseUnreachable) as failure:
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError, DatabaseUnreachable) as failure:
             if self._db is not None:  # a query cut short by the timeout leaves it unusable
                 self._give_up(self._db)
             raise CommitUnknown(
@@ -338,7 +342,7 @@ class PostgreSQL:
         log.warning("reconnecting to the database %s", display(self.url))
         try:
             db = await connect(self.url, self.stall_limit)
-        except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as error:
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as error:
             raise DatabaseUnreachable(
                 f"cannot reach {display(self.url)}: {_describe(error)}"
             ) from error
@@ -349,12 +353,15 @@ class PostgreSQL:
             self._backend = await _backend_of(db)
         except BaseException as error:
             db.terminate()
-            if isinstance(error, (*_CONNECTION_ERRORS, asyncpg.PostgresError)):
+            if isinstance(error, (*CONNECTION_ERRORS, asyncpg.PostgresError)):
                 raise DatabaseUnreachable(
                     f"cannot reach {display(self.url)}: {_describe(error)}"
                 ) from error
             raise
         self._db = db
+        # The readers' idle connections went through whatever cut the writer's off: they
+        # are replaced as they are next taken, rather than each hanging for a timeout.
+        await self._readers.expire_connections()
 
     async def _take_lock(self, db: asyncpg.Connection) -> None:
         """Take the node's advisory lock; DatabaseInUse if another server holds it.
@@ -370,14 +377,15 @@ class PostgreSQL:
     async def read(self, operation: Operation[T]) -> T:
         try:
             db = await self._readers.acquire(timeout=_CONNECT_TIMEOUT)
-        except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as error:
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as error:
             raise DatabaseUnreachable(
                 f"cannot reach {display(self.url)}: {_describe(error)}"
             ) from error
         try:
             return await operation(Connection(db))
-        except _CONNECTION_ERRORS as error:
+        except CONNECTION_ERRORS as error:
             db.terminate()
+            await self._readers.expire_connections()  # the others likely went the same way
             raise DatabaseUnreachable(self._lost(error)) from error
         finally:
             await self._readers.release(db)
@@ -389,7 +397,7 @@ class PostgreSQL:
 
 def _lost_connection(error: BaseException, db: asyncpg.Connection) -> bool:
     """Whether ``error`` means the connection is gone (or unusable), not a statement's failure."""
-    return isinstance(error, _CONNECTION_ERRORS) or db.is_closed()
+    return isinstance(error, CONNECTION_ERRORS) or db.is_closed()
 
 
 async def _backend_of(db: asyncpg.Connection) -> tuple[int, datetime]:
