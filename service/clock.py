@@ -1,12 +1,25 @@
-"""Time, injectable: the real clock in production, a manual one in tests."""
+"""Time, injectable: the real clock in production, a manual one in tests.
+
+Deadlines that guard ownership (a node's leases, its workers' ``Hold``) are
+counted on ``boottime()`` instead: it is system-wide, so a server and its
+workers read the same clock, and unlike ``time.monotonic()`` it keeps counting
+while the machine is suspended, so a deadline passes during a suspend as it
+does on every other machine.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import heapq
 import itertools
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
+
+
+def boottime() -> float:
+    """Seconds on ``CLOCK_BOOTTIME``: monotonic, system-wide, and counting across a suspend."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 class Clock(Protocol):

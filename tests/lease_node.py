@@ -1,7 +1,7 @@
 """A node's engine alone in a process, renewing its lease: for tests that freeze it.
 
 ``python -m tests.lease_node DEVICES_DIR`` runs a ``WorkerEngine`` with
-simulated workers, pairs and connects one session, then extends the engine's
+simulated workers, pairs and connects one session, then extends the session's
 Hold every ``RENEW_EVERY`` seconds to ``LEASE`` seconds ahead, as a node's
 lease loop does, and, as a node does, gives the session up once a round comes
 after the deadline (it was frozen). It prints one JSON line on standard output, ``{"worker":
@@ -18,10 +18,9 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import time
 from pathlib import Path
 
-from service.clock import SystemClock
+from service.clock import SystemClock, boottime
 from service.domain.states import EngineEvent, SessionRef
 from service.engine.phone import WorkerPhone
 from service.engine.supervisor import WorkerEngine, WorkerOptions
@@ -30,6 +29,7 @@ LEASE = 2.0
 RENEW_EVERY = 0.2
 RESTART_INITIAL = 0.2
 SESSION = SessionRef("frozen-node", 1)
+EPOCH = 1
 PHONE = "+5491122334455"
 
 
@@ -40,11 +40,12 @@ def say(fact: dict[str, object]) -> None:
 async def renew(engine: WorkerEngine) -> None:
     """Extend the Hold; once a round comes after the deadline (frozen), the lease is lost:
     the session is released, as ``service.cluster.node`` does, and nothing is renewed."""
-    deadline = time.monotonic() + LEASE
-    while time.monotonic() < deadline:
-        engine.hold_until(deadline)
+    deadline = boottime() + LEASE
+    while boottime() < deadline:
+        engine.hold(SESSION.instance_id, deadline, EPOCH)
         await asyncio.sleep(RENEW_EVERY)
-        deadline = time.monotonic() + LEASE if time.monotonic() < deadline else deadline
+        deadline = boottime() + LEASE if boottime() < deadline else deadline
+    engine.revoke(SESSION.instance_id)
     await engine.release(SESSION)
 
 
@@ -61,6 +62,7 @@ async def main(devices: Path) -> None:
         restart_initial=RESTART_INITIAL,
     )
     engine = WorkerEngine(options, report, SystemClock())
+    engine.hold(SESSION.instance_id, boottime() + LEASE, EPOCH)  # held before it pairs
     renewing = asyncio.create_task(renew(engine))
     try:
         await engine.start_pairing(SESSION)

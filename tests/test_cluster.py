@@ -92,7 +92,9 @@ PACE = 0.04  # seconds between two steps of one load worker
 STALE_TIMEOUT = 90.0
 #: How soon after the node comes back each such call must be answered.
 STALE_ANSWER = 15.0
-BLACKHOLE = 10.0  # seconds before a blackholed node's new connections go through
+# Seconds before a blackholed node's new connections go through: longer than its sessions
+# take to move (the lease's TTL, its grace, and the taker's own wait of TTL + grace).
+BLACKHOLE = 20.0
 RECOVERY = 25.0  # seconds for a node to serve again once it can reach the database
 TERMINATIONS = 6.0  # seconds during which the victim's busy writer backend is ended, again
 TERMINATION_PACE = 0.005  # seconds between two looks at whether it is busy

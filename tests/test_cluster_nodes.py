@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
+import socket
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -330,7 +333,10 @@ async def test_with_workers_a_moved_session_reconnects_from_stored_credentials(
             schemas = {row["nspname"] for row in await db.fetch("SELECT nspname FROM pg_namespace")}
         finally:
             await db.close()
-        assert f"wa_device_{moved.id}" in schemas  # the credentials live in PostgreSQL
+        _, epoch = await lease_of(postgres_url, paired)
+        # The credentials live in PostgreSQL, in the schema of the new owner's epoch.
+        assert f"wa_device_{moved.id}_e{epoch}" in schemas
+        assert f"wa_device_{moved.id}_e{epoch - 1}" not in schemas
     finally:
         for member in running:
             await member.stop()
@@ -461,3 +467,109 @@ async def test_nodes_forward_with_the_internal_token(
                 dataclasses.replace(settings, public_tokens=(b"hub",)), postgres_url, "n3", tmp_path
             )
         )
+
+
+async def test_a_lease_the_database_calls_expired_is_taken_only_after_this_nodes_own_wait(
+    settings: Settings, postgres_url: str, tmp_path: Path
+) -> None:
+    member = await join(node_settings(settings, postgres_url, "n1", tmp_path))
+    try:
+        db = await asyncpg.connect(postgres_url)
+        try:  # a lease that looks expired for an hour: the database's clock jumped ahead
+            await db.execute(
+                "INSERT INTO ll_whatsapp_qr_sessions (instance_id, status, qr_status, "
+                "created_at, updated_at, revision) VALUES ('stepped_1', 'init', 'none', now(), "
+                "now(), 1)"
+            )
+            await db.execute(
+                "INSERT INTO leases (instance_id, owner, epoch, lease_until) "
+                "VALUES ('stepped_1', 'elsewhere/1', 1, now() - interval '1 hour')"
+            )
+        finally:
+            await db.close()
+        seen = time.monotonic()  # this node cannot have seen it expired before now
+        node = member.running.cluster.node  # type: ignore[union-attr]
+        await eventually(lambda: "stepped_1" in node.book.epochs, within=10)
+        waited = time.monotonic() - seen
+        assert waited >= node.settings.lease_ttl + node.settings.lease_grace
+        owner, epoch = await lease_of(postgres_url, "stepped_1")
+        assert owner == node.owner
+        assert epoch == 2
+    finally:
+        await member.stop()
+
+
+async def until_lapsed(url: str, instance_id: str, node_id: str, ttl: float) -> None:
+    """Wait (10 s at most) until the session's lease has expired and the node's heartbeat
+    is older than the TTL, on the database's clock."""
+    db = await asyncpg.connect(url)
+    try:
+        async with asyncio.timeout(10):
+            while not await db.fetchval(  # noqa: ASYNC110 - polling the database's clock
+                "SELECT (SELECT lease_until < now() FROM leases WHERE instance_id = $1) "
+                "AND (SELECT heartbeat_at < now() - make_interval(secs => $3) FROM nodes "
+                "WHERE node_id = $2)",
+                instance_id,
+                node_id,
+                ttl,
+            ):
+                await asyncio.sleep(0.1)
+    finally:
+        await db.close()
+
+
+class FailingCommits:
+    """A store's ``CommitHealth`` that a test turns on and off."""
+
+    def __init__(self) -> None:
+        self.failing = False
+
+    def commits_failing(self) -> bool:
+        return self.failing
+
+
+async def test_a_node_that_cannot_commit_stops_renewing_its_leases(
+    settings: Settings, postgres_url: str, tmp_path: Path
+) -> None:
+    workers = dataclasses.replace(settings, engine="simulated-worker")
+    member = await join(node_settings(workers, postgres_url, "n1", tmp_path))
+    try:
+        await connect(member, "mute_1")
+        engine = member.running.engine
+        assert isinstance(engine, WorkerEngine)
+        worker = engine.worker_pids()["mute_1"]
+        node = member.running.cluster.node  # type: ignore[union-attr]
+        health = FailingCommits()
+        node.commit_health = health
+        health.failing = True
+        # Its leases run out and the node drops them: the worker ends, the node says so.
+        await eventually(lambda: "mute_1" not in node.book.epochs, within=10)
+        await eventually(lambda: not alive(worker), within=10)
+        assert not node.connected
+        # Neither its lease nor its heartbeat is renewed: the other nodes would take its share.
+        await until_lapsed(postgres_url, "mute_1", "n1", node.settings.lease_ttl)
+
+        health.failing = False  # it commits again: it renews, and takes the session back
+        await eventually(lambda: "mute_1" in node.book.epochs, within=15)
+        await eventually(lambda: "mute_1" in engine.worker_pids(), within=15)
+        assert node.connected
+    finally:
+        await member.stop()
+
+
+async def test_a_nodes_connections_are_probed_by_tcp_keepalives(
+    members: dict[str, Member],
+) -> None:
+    node = members["n1"].running.cluster.node  # type: ignore[union-attr]
+    idle = max(1, math.ceil(node.settings.lease_ttl / 4))
+    for pool in (node._pool, node._beat):
+        assert pool is not None
+        async with pool.acquire() as db:
+            assert await db.fetchval("SHOW tcp_keepalives_idle") == str(idle)
+            assert await db.fetchval("SHOW tcp_keepalives_count") == "3"
+            transport = db._con._transport  # type: ignore[union-attr]
+            sock = transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == idle
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == (idle + 3) * 1000

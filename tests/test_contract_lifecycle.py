@@ -15,6 +15,7 @@ import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 
+from service.engine.port import EngineError
 from sessionmanager.v1 import engine_service_pb2 as engine
 from sessionmanager.v1 import session_pb2 as s
 from sessionmanager.v1 import session_service_pb2 as pb
@@ -373,6 +374,33 @@ async def test_qr_generation_failure(harness: Harness) -> None:
     assert failed.last_error_code == "PAIRING_FAILED"
     assert "told to fail pairing" in failed.last_error_message
     assert (await _qr(harness, "nocode")).session.qr_status == s.QR_STATUS_GENERATED
+
+
+@pytest.mark.parametrize(
+    ("engine_code", "status", "reason"),
+    [
+        ("CREDENTIALS_UNAVAILABLE", grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE"),
+        ("CREDENTIALS_FENCED", grpc.StatusCode.UNAVAILABLE, "SESSION_MOVING"),
+    ],
+)
+async def test_pairing_that_cannot_start_is_retryable_and_changes_nothing(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, engine_code: str, status: Any, reason: str
+) -> None:
+    """The credentials database out of reach (or no longer this node's) is no pairing failure."""
+    created = await _create(harness, "nodb")
+    engine_ = harness.running.manager.engine
+    real = engine_.start_pairing
+
+    async def refused(session: Any) -> None:
+        raise EngineError(engine_code, "the credentials database failed: starting up")
+
+    monkeypatch.setattr(engine_, "start_pairing", refused)
+    info = await _fails(_qr(harness, "nodb"), status, reason)
+    if reason == "STORAGE_UNAVAILABLE":
+        assert (info["commit"], info["cause"]) == ("none", "unreachable")
+    assert await _get(harness, "nodb") == created  # not even the error was recorded
+    monkeypatch.setattr(engine_, "start_pairing", real)
+    assert (await _qr(harness, "nodb")).session.qr_status == s.QR_STATUS_GENERATED
 
 
 @pytest.mark.parametrize(

@@ -56,7 +56,7 @@ class ClusterRuntime:
             lease_grace=settings.lease_grace,
             moves_per_second=settings.moves_per_second,
         )
-        node = Node(node_settings, store, manager, metrics)
+        node = Node(node_settings, store, manager, metrics, commit_health=store)
         feed = Feed(store.url, limits)
         peers = Peers(
             settings.node_id,

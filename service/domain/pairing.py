@@ -25,6 +25,26 @@ from sessionmanager.v1 import session_pb2
 log = logging.getLogger(__name__)
 
 
+def _not_started(instance_id: str, error: EngineError) -> errors.ContractError | None:
+    """The retryable refusal of an engine failure that left the session as it was.
+
+    The worker never started: the credentials database is out of reach, or the
+    session is no longer this node's. Other failures are the pairing's own.
+    """
+    if error.code == "CREDENTIALS_FENCED":
+        return errors.session_moving(instance_id, f"is held by another node ({error.message})")
+    if error.code == "CREDENTIALS_UNAVAILABLE":
+        return errors.ContractError(
+            session_pb2.ERROR_REASON_STORAGE_UNAVAILABLE,
+            f"the database is unavailable: pairing of {instance_id!r} could not start "
+            f"({error.message}); nothing was stored",
+            instance_id=instance_id,
+            cause="unreachable",
+            commit="none",
+        )
+    return None
+
+
 class Pairing:
     """Pairing for every session: codes shown, expired, and linking codes."""
 
@@ -68,6 +88,9 @@ class Pairing:
         try:
             await self._engine.start_pairing(ref)
         except EngineError as error:
+            refusal = _not_started(ref.instance_id, error)
+            if refusal is not None:
+                raise refusal from None
             with contextlib.suppress(errors.ContractError):  # deleted or connected meanwhile
                 await self._registry.apply(cell, states.PairingFailed(error.code, error.message))
             raise errors.ContractError(

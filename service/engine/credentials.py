@@ -12,6 +12,18 @@ logout, and forgets the places of sessions that are gone:
   identity and never reused, so a schema never outlives its session's row into
   another session.
 
+With several nodes the credentials are fenced by the lease's epoch, so that
+two workers never write one session's credentials: before a new owner's
+worker starts, the schema is renamed to that owner's epoch
+(``wa_device_<id>_e<epoch>``) and every connection of an older owner's worker
+is ended. A worker's connections name the schema as their ``search_path`` and
+say whose they are in their ``application_name`` (``sm-worker wa_device_<id>
+epoch <epoch>``):
+an older worker that reconnects finds no schema of that name, so it can
+neither read nor write (nor create) a credential table; one that was in the
+middle of a transaction is terminated, and the new owner's worker starts only
+once it is gone.
+
 The worker side (``DeviceStore``, from ``device_store(location)``) reads that
 location: whatsmeow keeps its own tables there (a SQLite file in the folder,
 or its SQL store in the schema, selected by ``search_path``); the simulated
@@ -28,7 +40,7 @@ import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -46,7 +58,14 @@ DATABASE_TIMEOUT = 30.0
 DROP_BATCH = 16
 
 SCHEMA_PREFIX = "wa_device_"
-_SCHEMA = re.compile(rf"^{SCHEMA_PREFIX}(\d+)$")
+_SCHEMA = re.compile(rf"^{SCHEMA_PREFIX}(\d+)(?:_e(\d+))?$")
+#: How a worker's credential connections introduce themselves (``application_name``).
+TAG_PREFIX = "sm-worker "
+_TAG = re.compile(rf"^{TAG_PREFIX}{SCHEMA_PREFIX}(\d+)(?: epoch (\d+))?$")
+#: How often the end of a stale worker's connections is checked, while waiting for it.
+POLL_INTERVAL = 0.05
+#: The first key of the advisory locks that serialize the fencing of one session's schema.
+LOCK_CLASS = 0x5743
 
 T = TypeVar("T")
 
@@ -55,25 +74,55 @@ def is_database_url(location: str) -> bool:
     return location.startswith(("postgresql://", "postgres://"))
 
 
-def schema_name(session_id: int) -> str:
-    """The schema of one session incarnation's credentials."""
-    return f"{SCHEMA_PREFIX}{session_id}"
+def schema_name(session_id: int, epoch: int | None = None) -> str:
+    """The schema of one session incarnation's credentials, under the lease ``epoch``.
+
+    Without an epoch (no leases: one node) the name carries none.
+    """
+    base = f"{SCHEMA_PREFIX}{session_id}"
+    return f"{base}_e{epoch}" if epoch else base
 
 
-def schema_url(url: str, schema: str) -> str:
+def parse_schema(name: str) -> tuple[int, int] | None:
+    """The session id and epoch (0: none) a credentials schema is named for, if it is one."""
+    match = _SCHEMA.match(name)
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2) or 0)
+
+
+def worker_tag(session_id: int, epoch: int | None = None) -> str:
+    """The ``application_name`` of a worker's credential connections: the incarnation's
+    schema and the lease epoch it runs under (well within PostgreSQL's 63 bytes)."""
+    tag = f"{TAG_PREFIX}{schema_name(session_id)}"
+    return f"{tag} epoch {epoch}" if epoch else tag
+
+
+def parse_tag(application_name: str) -> tuple[int, int] | None:
+    """The session id and epoch (0: none) a worker's connection names, if it is one."""
+    match = _TAG.match(application_name)
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2) or 0)
+
+
+def schema_url(url: str, schema: str, tag: str) -> str:
     """``url`` with ``schema`` selected, for a worker's drivers (asyncpg, whatsmeow's lib/pq).
 
-    Both send ``search_path`` as a run-time parameter, so every table goes to the
-    schema. Without an ``sslmode``, the one the server's store uses (asyncpg's
-    and libpq's default, ``prefer``) is made explicit: lib/pq's own is ``require``.
+    Both send ``search_path`` and ``application_name`` as run-time parameters
+    (lib/pq passes on every parameter it does not know itself), so every table
+    goes to the schema and every connection says whose it is (``tag``).
+    Without an ``sslmode``, the one the server's store uses (asyncpg's and
+    libpq's default, ``prefer``) is made explicit: lib/pq's own is ``require``.
     """
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
-    query = [(key, value) for key, value in query if key != "search_path"]
+    query = [(key, value) for key, value in query if key not in ("search_path", "application_name")]
     if not any(key == "sslmode" for key, _ in query):
         query.append(("sslmode", "prefer"))
     query.append(("search_path", schema))
-    return urlunsplit(parts._replace(query=urlencode(query)))
+    query.append(("application_name", tag))
+    return urlunsplit(parts._replace(query=urlencode(query, quote_via=quote)))
 
 
 def unavailable(error: BaseException) -> EngineError:
@@ -103,13 +152,22 @@ async def on_database(url: str, work: Callable[[asyncpg.Connection], Awaitable[T
 
 
 class Credentials(Protocol):
-    """The place of each session incarnation's credentials, seen from the server."""
+    """The place of each session incarnation's credentials, seen from the server.
 
-    async def prepare(self, session: SessionRef) -> str:
-        """Make the incarnation's place if it is missing; its location, for the worker."""
+    ``epoch`` is the epoch of the lease under which the node acts, or None
+    where there are no leases (one node).
+    """
 
-    async def wipe(self, session: SessionRef) -> None:
-        """Forget the incarnation's credentials (logout, unlink, a new pairing)."""
+    async def prepare(self, session: SessionRef, epoch: int | None = None) -> str:
+        """Make the incarnation's place this epoch's; its location, for the worker.
+
+        Once it returns, no worker of an older epoch can write there any more;
+        raises EngineError ``CREDENTIALS_FENCED`` if a newer epoch holds it.
+        """
+
+    async def wipe(self, session: SessionRef, epoch: int | None = None) -> None:
+        """Forget the incarnation's credentials (logout, unlink, a new pairing),
+        unless a newer epoch holds them."""
 
     async def forget_all_but(self, kept: set[SessionRef]) -> None:
         """Recovery at start-up: forget the credentials of sessions that are gone."""
@@ -124,12 +182,13 @@ class DirectoryCredentials:
     def folder(self, session: SessionRef) -> Path:
         return self.devices_dir / f"{session.id}-{session.instance_id}"
 
-    async def prepare(self, session: SessionRef) -> str:
+    async def prepare(self, session: SessionRef, epoch: int | None = None) -> str:
+        """The folder, made if missing; one node uses it, so no epoch fences it."""
         folder = self.folder(session)
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         return str(folder)
 
-    async def wipe(self, session: SessionRef) -> None:
+    async def wipe(self, session: SessionRef, epoch: int | None = None) -> None:
         shutil.rmtree(self.folder(session), ignore_errors=True)
 
     async def forget_all_but(self, kept: set[SessionRef]) -> None:
@@ -149,17 +208,59 @@ class PostgresCredentials:
     def __init__(self, url: str) -> None:
         self._url = url
 
-    def location(self, session: SessionRef) -> str:
-        return schema_url(self._url, schema_name(session.id))
+    def location(self, session: SessionRef, epoch: int | None = None) -> str:
+        return schema_url(self._url, schema_name(session.id, epoch), worker_tag(session.id, epoch))
 
-    async def prepare(self, session: SessionRef) -> str:
-        create = f'CREATE SCHEMA IF NOT EXISTS "{schema_name(session.id)}"'
-        await on_database(self._url, lambda connection: connection.execute(create))
-        return self.location(session)
+    async def prepare(self, session: SessionRef, epoch: int | None = None) -> str:
+        """Make the schema this epoch's, then end every older worker's connection to it.
 
-    async def wipe(self, session: SessionRef) -> None:
-        drop = f'DROP SCHEMA IF EXISTS "{schema_name(session.id)}" CASCADE'
-        await on_database(self._url, lambda connection: connection.execute(drop))
+        The schema is created, or renamed from the older epoch's name: an older
+        worker's connections then find nothing under the name they use. Those
+        still open are terminated, and the location is returned only once they
+        are gone, so that none of their transactions can commit after the new
+        worker starts.
+        """
+        target = schema_name(session.id, epoch)
+
+        async def claim(connection: asyncpg.Connection) -> None:
+            async with connection.transaction():
+                held = await _lock_schemas(connection, session)
+                newest = max(held, key=lambda name: held[name], default=None)
+                if newest is not None and held[newest] > (epoch or 0):
+                    raise _fenced(session, held[newest])
+                if newest is None:
+                    await connection.execute(f'CREATE SCHEMA "{target}"')
+                elif newest != target:
+                    await connection.execute(f'ALTER SCHEMA "{newest}" RENAME TO "{target}"')
+                    log.info(
+                        "credentials fenced for epoch %d (were %s)",
+                        epoch or 0,
+                        newest,
+                        extra={"instance_id": session.instance_id},
+                    )
+            await _end_connections(connection, session, epoch)
+
+        await on_database(self._url, claim)
+        return self.location(session, epoch)
+
+    async def wipe(self, session: SessionRef, epoch: int | None = None) -> None:
+        """Drop the incarnation's schema, unless a newer epoch holds it (then it is kept)."""
+
+        async def drop(connection: asyncpg.Connection) -> None:
+            await _end_connections(connection, session, epoch)
+            async with connection.transaction():
+                held = await _lock_schemas(connection, session)
+                mine = [name for name, held_by in held.items() if held_by <= (epoch or held_by)]
+                if len(mine) < len(held):
+                    log.warning(
+                        "kept the credentials: a newer owner holds them",
+                        extra={"instance_id": session.instance_id},
+                    )
+                if mine:
+                    names = ", ".join(f'"{name}"' for name in mine)
+                    await connection.execute(f"DROP SCHEMA IF EXISTS {names} CASCADE")
+
+        await on_database(self._url, drop)
 
     async def forget_all_but(self, kept: set[SessionRef]) -> None:
         """Forget only deleted sessions' credentials, whatever ``kept`` says.
@@ -183,15 +284,14 @@ class PostgresCredentials:
             schemas = await connection.fetch(
                 "SELECT nspname FROM pg_namespace WHERE nspname LIKE $1", SCHEMA_PREFIX + "%"
             )
-            ids = {
-                int(match.group(1)): match.group(0)
-                for row in schemas
-                if (match := _SCHEMA.match(row["nspname"]))
-            }
+            ids: dict[int, list[str]] = {}
+            for row in schemas:
+                if (parsed := parse_schema(row["nspname"])) is not None:
+                    ids.setdefault(parsed[0], []).append(row["nspname"])
             live = await connection.fetch(
                 "SELECT id FROM ll_whatsapp_qr_sessions WHERE id = ANY($1::bigint[])", list(ids)
             )
-            gone = sorted(ids[i] for i in set(ids) - {row["id"] for row in live})
+            gone = sorted(name for i in set(ids) - {row["id"] for row in live} for name in ids[i])
             # A few schemas per statement: each dropped table, index and sequence
             # takes a lock, and a transaction's locks are bounded by the server.
             for start in range(0, len(gone), DROP_BATCH):
@@ -203,6 +303,68 @@ class PostgresCredentials:
         for name in gone:
             log.info("removed credentials of a deleted session: %s", name)
         return gone
+
+
+def _fenced(session: SessionRef, epoch: int) -> EngineError:
+    return EngineError(
+        "CREDENTIALS_FENCED",
+        f"a newer owner (lease epoch {epoch}) holds the credentials of session "
+        f"{session.instance_id!r}; this node no longer owns it",
+    )
+
+
+async def _lock_schemas(connection: asyncpg.Connection, session: SessionRef) -> dict[str, int]:
+    """Lock the fencing of the incarnation's schemas for this transaction; each one's epoch."""
+    await connection.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext($2))", LOCK_CLASS, schema_name(session.id)
+    )
+    rows = await connection.fetch(
+        "SELECT nspname FROM pg_namespace WHERE nspname = $1 OR starts_with(nspname, $2)",
+        schema_name(session.id),
+        schema_name(session.id) + "_e",
+    )
+    held = {}
+    for row in rows:
+        parsed = parse_schema(row["nspname"])
+        if parsed is not None and parsed[0] == session.id:
+            held[row["nspname"]] = parsed[1]
+    return held
+
+
+async def _end_connections(
+    connection: asyncpg.Connection, session: SessionRef, epoch: int | None
+) -> None:
+    """Terminate the incarnation's worker connections of ``epoch`` or older; wait until gone.
+
+    Without an epoch, every one of them. The server runs no worker of the
+    session while it calls this, so any such connection is a stale worker's.
+    """
+    rows = await connection.fetch(  # this database's only: another may hold the same ids
+        "SELECT pid, application_name FROM pg_stat_activity "
+        "WHERE datname = current_database() AND starts_with(application_name, $1) "
+        "AND pid <> pg_backend_pid()",
+        worker_tag(session.id),
+    )
+    stale = []
+    for row in rows:
+        parsed = parse_tag(row["application_name"])
+        if parsed is not None and parsed[0] == session.id and parsed[1] <= (epoch or parsed[1]):
+            stale.append(row["pid"])
+    if not stale:
+        return
+    await connection.execute(
+        "SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid", stale
+    )
+    # Polled: PostgreSQL 13 has no wait for a backend's end (on_database bounds it).
+    while await connection.fetchval(  # noqa: ASYNC110 - the database has no such event
+        "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1::int[])", stale
+    ):
+        await asyncio.sleep(POLL_INTERVAL)
+    log.info(
+        "ended %d credential connections of an older owner",
+        len(stale),
+        extra={"instance_id": session.instance_id},
+    )
 
 
 # The worker side.

@@ -3,7 +3,9 @@
 ``SimulatorService`` drives it: each action becomes a ``SimulatePhone``
 command to the session's worker, whose simulated WhatsApp reports what
 follows like the real one would. A report the domain refuses during the
-action (a scan with no valid code, say) fails the action with that error.
+action (a scan with no valid code, say) fails the action with that error, and
+one that cannot be stored fails it at once with the storage's error (the
+supervisor goes on trying to store it).
 """
 
 from __future__ import annotations
@@ -92,7 +94,13 @@ class WorkerPhone:
             )
         worker.refused = None
         await self._engine.command(
-            session, Command(simulate_phone=action), "NOT_RUNNING", "no worker runs"
+            session,
+            Command(simulate_phone=action),
+            "NOT_RUNNING",
+            "no worker runs",
+            after_reports=True,
         )
         if worker.refused is not None:
             raise worker.refused
+        if worker.unstored is not None:  # what the phone made happen could not be stored
+            raise worker.unstored

@@ -18,7 +18,8 @@ from service.domain.contract import MessageStatus
 from service.domain.states import EngineEvent, SessionRef
 
 #: Where an engine reports a fact about a session; raises the contract error
-#: when the session refuses it (deleted, or a state that does not allow it).
+#: when the session refuses it (deleted, or a state that does not allow it), and
+#: any other exception when the fact could not be stored (a storage failure).
 Report = Callable[[SessionRef, EngineEvent], Awaitable[object]]
 
 
@@ -76,16 +77,24 @@ class Engine(Protocol):
         committed but whose effect a crash interrupted.
         """
 
-    def hold_until(self, deadline: float | None) -> None:
-        """Keep connections only until ``deadline`` (``time.monotonic()`` seconds).
+    def hold(self, instance_id: str, until: float, epoch: int) -> None:
+        """Run ``instance_id`` only until ``until`` (``service.clock.boottime()`` seconds),
+        under the lease ``epoch``.
 
-        The node that runs this engine holds its sessions' leases until then:
-        once it passes, every connection ends by itself, with no graceful
-        close, even if this process is frozen; nothing is reported and nothing
-        restarts, and new connections are refused (``LEASE_EXPIRED``). Each
-        call replaces the deadline; ``None`` (the default) means none. Cheap,
-        and never blocks: called every few hundred milliseconds.
+        The node that runs this engine holds the session's lease until then.
+        Once it passes, the session's connection ends by itself, with no
+        graceful close, even if this process is frozen; nothing about it is
+        reported and nothing restarts, and a new connection is refused
+        (``LEASE_EXPIRED``). Each call replaces the session's deadline; a new
+        epoch means a new lease, so a connection started under an older one
+        ends. A session with no hold runs with no deadline only on an engine
+        never given any hold (one node). Cheap, and never blocks.
         """
+
+    def revoke(self, instance_id: str) -> None:
+        """The node lost the session's lease: from this instant nothing about it is
+        reported, nothing restarts or starts, and its connection is told to end at
+        once. Never blocks; ``release`` then waits for the connection to end."""
 
     async def release(self, session: SessionRef) -> None:
         """Hand the session over to another node: stop its connection, report

@@ -54,6 +54,8 @@ class PairingTimes:
 @dataclass(slots=True)
 class _Device:
     phone_number: str | None = None
+    #: The phone number recorded in the worker's credentials (written or read), if any.
+    recorded: str | None = None
     #: The phone that asked for a linking code; it is the one that links.
     linking_phone: str | None = None
     rotation: asyncio.Task[None] | None = None
@@ -154,14 +156,21 @@ class SimulatedEngine:
                 raise EngineError(
                     "NO_CREDENTIALS", "this session has no stored device; scan a new QR code"
                 )
-            phone_number = recorded
+            phone_number = device.recorded = recorded
         device.phone_number = phone_number or device.phone_number or DEFAULT_PHONE
         await self._report(session, states.Connected(device.phone_number))
 
     async def _connected(self, session: SessionRef, phone_number: str) -> None:
-        """Record the paired device where a worker keeps credentials, then report it."""
-        if self._stored is not None:
+        """Record the paired device where a worker keeps credentials, then report it.
+
+        A device already recorded is not written again: a reconnection (after a
+        network drop) changes nothing in its credentials, as with whatsmeow, and
+        so does not fail while the credentials cannot be written.
+        """
+        device = self._device(session)
+        if self._stored is not None and device.recorded != phone_number:
             await self._stored.write_phone(phone_number)
+            device.recorded = phone_number
         await self._report(session, states.Connected(phone_number))
 
     async def send(self, session: SessionRef, to: str, text: str) -> str:
@@ -181,12 +190,17 @@ class SimulatedEngine:
         for session in set(self._devices) - kept:
             await self.logout(session)
 
-    def hold_until(self, deadline: float | None) -> None:
+    def hold(self, instance_id: str, until: float, epoch: int) -> None:
         """Nothing to hold: the in-process engine runs with one node only.
 
         Its devices live in the server's own process, which no lease outlives;
         several nodes run workers (``--engine simulated-worker``).
         """
+
+    def revoke(self, instance_id: str) -> None:
+        """Stop the session's codes at once and forget its device."""
+        for session in [s for s in self._devices if s.instance_id == instance_id]:
+            self._stop_rotation(self._devices.pop(session))
 
     async def release(self, session: SessionRef) -> None:
         """Stop the session's codes and forget its device: another node takes it."""

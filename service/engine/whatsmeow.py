@@ -324,8 +324,11 @@ class WhatsmeowEngine:
     async def forget_all_but(self, kept: set[SessionRef]) -> None:
         """The supervisor keeps the credentials; a worker holds only its own."""
 
-    def hold_until(self, deadline: float | None) -> None:
+    def hold(self, instance_id: str, until: float, epoch: int) -> None:
         """The worker process holds the deadline (its ``LeaseSwitch``), not the engine."""
+
+    def revoke(self, instance_id: str) -> None:
+        """The supervisor revokes a session by killing its worker, not through the engine."""
 
     async def release(self, session: SessionRef) -> None:
         """The supervisor releases a session by stopping its worker; this closes the client."""

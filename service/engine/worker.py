@@ -8,8 +8,10 @@ ends when its standard input closes, and never outlives the server.
 
 While its node holds the session's lease, the server sends ``Hold`` commands;
 the worker's ``LeaseSwitch`` ends the process the moment the latest deadline
-passes, so a server that is frozen or cut off from the database cannot keep
-it connected.
+passes on ``CLOCK_BOOTTIME`` (which counts on while the machine is
+suspended), or a Hold names another lease epoch than the one the worker was
+started for, so a server that is frozen or cut off from the database cannot
+keep it connected.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from service.clock import SystemClock
+from service.clock import SystemClock, boottime
 from service.domain.contract import DELIVERED, FAILED, READ
 from service.domain.states import EngineEvent, SessionRef
 from service.engine.credentials import LOCATION_VARIABLE, DeviceStore, device_store
@@ -65,16 +67,28 @@ class LeaseSwitch:
 
     A thread of its own waits for the deadline, so that nothing the event loop
     is busy with can delay it; it ends the process with ``os._exit``: no
-    graceful close, no more writes to WhatsApp or to the credentials.
+    graceful close, no more writes to WhatsApp or to the credentials. It waits
+    in slices of at most ``SLICE`` seconds, because a timed wait counts on the
+    monotonic clock, which stands still while the machine is suspended: after
+    a resume the deadline is read again at once.
     """
 
-    def __init__(self) -> None:
+    SLICE = 0.5
+
+    def __init__(self, epoch: int = 0) -> None:
+        #: The lease epoch this worker was started for (0: none).
+        self._epoch = epoch
         self._until = math.inf
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
 
-    def hold(self, until: float) -> None:
-        """Move the deadline to ``until`` (CLOCK_MONOTONIC seconds; +inf lifts it)."""
+    def hold(self, until: float, epoch: int = 0) -> None:
+        """Move the deadline to ``until`` (CLOCK_BOOTTIME seconds; +inf lifts it).
+
+        A Hold of another epoch belongs to another lease: the deadline passes now.
+        """
+        if epoch and self._epoch and epoch != self._epoch:
+            until = -math.inf
         with self._changed:
             self._until = until
             if self._thread is None:
@@ -83,7 +97,7 @@ class LeaseSwitch:
             self._changed.notify()
 
     def expired(self) -> bool:
-        return not self._until > time.monotonic()  # a NaN deadline counts as passed
+        return not self._until > boottime()  # a NaN deadline counts as passed
 
     def check(self) -> None:
         """End the process now if the deadline has passed (before acting on a command)."""
@@ -93,10 +107,10 @@ class LeaseSwitch:
     def _wait(self) -> None:
         with self._changed:
             while True:
-                remaining = self._until - time.monotonic()
+                remaining = self._until - boottime()
                 if not remaining > 0:  # NaN too: a deadline that cannot be read has passed
                     os._exit(EXIT_LEASE_EXPIRED)
-                self._changed.wait(remaining if math.isfinite(remaining) else None)
+                self._changed.wait(min(remaining, self.SLICE) if math.isfinite(remaining) else None)
 
 
 class PipeReports:
@@ -115,7 +129,7 @@ class Worker:
         self._session = SessionRef(args.instance_id, args.session_id)
         self._out_fd = out_fd
         self._ended: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._lease = LeaseSwitch()
+        self._lease = LeaseSwitch(args.epoch)
         clock = SystemClock()
         devices = device_store(args.credentials)
         self.engine = self._engine(args, devices, PipeReports(self.write, clock), clock)
@@ -159,7 +173,8 @@ class Worker:
             while (frame := await read_frame(reader)) is not None:
                 command = Command.FromString(frame)
                 if command.WhichOneof("command") == "hold":
-                    self._lease.hold(command.hold.until)  # in order, and with no reply
+                    hold = command.hold
+                    self._lease.hold(hold.until, hold.epoch)  # in order, and with no reply
                     continue
                 self._lease.check()
                 task = asyncio.create_task(self._handle(command))
@@ -249,6 +264,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=os.environ.get(LOCATION_VARIABLE),
         help="where the credentials live: a folder, or a postgresql:// URL with its schema "
         f"(default: ${LOCATION_VARIABLE})",
+    )
+    parser.add_argument(
+        "--epoch", type=int, default=0, help="the lease epoch it runs under (0: none)"
     )
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--log-level", default="info")

@@ -27,6 +27,7 @@ import functools
 import hashlib
 import logging
 import re
+import socket
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TypeVar
@@ -50,7 +51,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 #: How long one statement of the writer may take before its connection is given up.
 _COMMAND_TIMEOUT = 10.0
-_CONNECT_TIMEOUT = 10.0
+#: How long making a connection may take: a route that drops packets fails in seconds.
+_CONNECT_TIMEOUT = 5.0
 #: How long PostgreSQL lets a transaction of a node sit idle, or wait for a lock, before
 #: it ends it: a node frozen (or cut off) inside a transaction must not hold a lease row
 #: (and so the take-over of its sessions) for longer than that.
@@ -59,17 +61,16 @@ STALL_LIMIT = 5.0
 SETTLE_WITHIN = 5.0
 #: How long a reconnecting writer waits for its old backend to end.
 _END_WAIT = 3.0  # less than SETTLE_WITHIN
-#: TCP keepalives on the server's side of every connection: a peer that vanished without
-#: closing (a dropped route, a frozen host) is noticed in about 11 s, not hours.
-KEEPALIVES = {
-    "tcp_keepalives_idle": "5",
-    "tcp_keepalives_interval": "2",
-    "tcp_keepalives_count": "3",
-}
+#: TCP keepalives on both ends of every connection: after this many silent seconds, a
+#: probe a second, this many unanswered, and a peer that vanished without closing (a
+#: dropped route, a frozen host) is given up in seconds, not hours.
+KEEPALIVE_IDLE = 5
+KEEPALIVE_INTERVAL = 1
+KEEPALIVE_COUNT = 3
 URL_SCHEMES = ("postgresql", "postgres")
 #: Errors of the connection itself (not of a statement): the transaction's fate is
 #: the server's alone to tell.
-_CONNECTION_ERRORS = (
+CONNECTION_ERRORS = (
     OSError,
     TimeoutError,
     asyncpg.InterfaceError,  # a connection closed, or left in the middle of an operation
@@ -159,6 +160,37 @@ def session_from_json(row: dict[str, Any]) -> Session:
     return sql.session_from_row([row[name] for name in sql.SESSION_COLUMNS], time)
 
 
+def keepalive_settings(idle: int = KEEPALIVE_IDLE) -> dict[str, str]:
+    """The server side of the keepalives: PostgreSQL probes the connection too,
+    and drops one whose data goes unacknowledged as long (``tcp_user_timeout``)."""
+    return {
+        "tcp_keepalives_idle": str(idle),
+        "tcp_keepalives_interval": str(KEEPALIVE_INTERVAL),
+        "tcp_keepalives_count": str(KEEPALIVE_COUNT),
+        "tcp_user_timeout": str(_dead_after(idle) * 1000),
+    }
+
+
+async def keep_alive(connection: asyncpg.Connection, *, idle: int = KEEPALIVE_IDLE) -> None:
+    """The client side: this host's kernel probes the connection, and gives up on
+    unacknowledged data as soon. asyncpg has no option for it, so its socket is set here
+    (as asyncpg's own maintainers suggest: MagicStack/asyncpg#606)."""
+    transport = getattr(connection, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return  # a Unix socket: no network between the node and its database
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, _dead_after(idle) * 1000)
+
+
+def _dead_after(idle: int) -> int:
+    """Seconds after which a connection that stopped answering is given up."""
+    return idle + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT
+
+
 def stall_settings(limit: float) -> dict[str, str]:
     """The server settings that end a transaction stalled for ``limit`` seconds."""
     milliseconds = str(max(1, round(limit * 1000)))
@@ -172,18 +204,20 @@ def server_settings(stall_limit: float, name: str = "session-manager") -> dict[s
         "synchronous_commit": "on",
         "application_name": name,
         **stall_settings(stall_limit),
-        **KEEPALIVES,
+        **keepalive_settings(),
     }
 
 
 async def connect(url: str, stall_limit: float = STALL_LIMIT) -> asyncpg.Connection:
-    """A connection to the sessions' database with ``server_settings``."""
-    return await asyncpg.connect(
+    """A connection to the sessions' database with ``server_settings`` and keepalives."""
+    connection = await asyncpg.connect(
         url,
         timeout=_CONNECT_TIMEOUT,
         command_timeout=_COMMAND_TIMEOUT,
         server_settings=server_settings(stall_limit),
     )
+    await keep_alive(connection)
+    return connection
 
 
 class PostgreSQL:
@@ -208,6 +242,7 @@ class PostgreSQL:
             timeout=_CONNECT_TIMEOUT,
             command_timeout=_COMMAND_TIMEOUT,
             server_settings=server_settings(stall_limit),
+            init=keep_alive,
         )
 
     async def open(self) -> None:
@@ -221,12 +256,15 @@ class PostgreSQL:
             db.terminate()
             raise
         self._db = db
+        # The readers' idle connections went through whatever cut the writer's off: they
+        # are replaced as they are next taken, rather than each hanging for a timeout.
+        await self._readers.expire_connections()
         await self._readers  # min_size 0: opens nothing yet
 
     async def close(self) -> None:
         self._readers.terminate()
         if self._db is not None:
-            with contextlib.suppress(asyncpg.PostgresError, *_CONNECTION_ERRORS):
+            with contextlib.suppress(asyncpg.PostgresError, *CONNECTION_ERRORS):
                 await self._db.close(timeout=_CONNECT_TIMEOUT)
             self._db.terminate()
 
@@ -249,7 +287,7 @@ class PostgreSQL:
                 # A standby, or a read-only default: a new connection may reach a primary.
                 self._give_up(db)
                 raise
-            with contextlib.suppress(asyncpg.PostgresError, *_CONNECTION_ERRORS):
+            with contextlib.suppress(asyncpg.PostgresError, *CONNECTION_ERRORS):
                 await transaction.rollback()
             raise
         try:
@@ -289,7 +327,7 @@ class PostgreSQL:
                 await self._reconnect()  # its old backend is ended first: xid runs no more
                 assert self._db is not None
                 status = await self._db.fetchval("SELECT pg_xact_status($1::text::xid8)", xid)
-        except (*_CONNECTION_ERRORS, asyncpg.PostgresError, DatabaseUnreachable) as failure:
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError, DatabaseUnreachable) as failure:
             if self._db is not None:  # a query cut short by the timeout leaves it unusable
                 self._give_up(self._db)
             raise CommitUnknown(
@@ -308,7 +346,7 @@ class PostgreSQL:
         log.warning("reconnecting to the database %s", display(self.url))
         try:
             db = await connect(self.url, self.stall_limit)
-        except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as error:
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as error:
             raise DatabaseUnreachable(
                 f"cannot reach {display(self.url)}: {_describe(error)}"
             ) from error
@@ -319,12 +357,15 @@ class PostgreSQL:
             self._backend = await _backend_of(db)
         except BaseException as error:
             db.terminate()
-            if isinstance(error, (*_CONNECTION_ERRORS, asyncpg.PostgresError)):
+            if isinstance(error, (*CONNECTION_ERRORS, asyncpg.PostgresError)):
                 raise DatabaseUnreachable(
                     f"cannot reach {display(self.url)}: {_describe(error)}"
                 ) from error
             raise
         self._db = db
+        # The readers' idle connections went through whatever cut the writer's off: they
+        # are replaced as they are next taken, rather than each hanging for a timeout.
+        await self._readers.expire_connections()
 
     async def _take_lock(self, db: asyncpg.Connection) -> None:
         """Take the node's advisory lock; DatabaseInUse if another server holds it.
@@ -340,14 +381,15 @@ class PostgreSQL:
     async def read(self, operation: Operation[T]) -> T:
         try:
             db = await self._readers.acquire(timeout=_CONNECT_TIMEOUT)
-        except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as error:
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as error:
             raise DatabaseUnreachable(
                 f"cannot reach {display(self.url)}: {_describe(error)}"
             ) from error
         try:
             return await operation(Connection(db))
-        except _CONNECTION_ERRORS as error:
+        except CONNECTION_ERRORS as error:
             db.terminate()
+            await self._readers.expire_connections()  # the others likely went the same way
             raise DatabaseUnreachable(self._lost(error)) from error
         finally:
             await self._readers.release(db)
@@ -369,7 +411,7 @@ class PostgreSQL:
 
 def _lost_connection(error: BaseException, db: asyncpg.Connection) -> bool:
     """Whether ``error`` means the connection is gone (or unusable), not a statement's failure."""
-    return isinstance(error, _CONNECTION_ERRORS) or db.is_closed()
+    return isinstance(error, CONNECTION_ERRORS) or db.is_closed()
 
 
 async def _backend_of(db: asyncpg.Connection) -> tuple[int, datetime]:

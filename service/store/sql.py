@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
@@ -49,6 +50,10 @@ from service.store.writer import Writer
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: A transaction that has waited this long for the database counts as failing: a node
+#: whose writer hangs (a route that drops packets) must not look healthy meanwhile.
+STALLED = 3.0
 
 SESSION_COLUMNS = (
     "id",
@@ -418,6 +423,8 @@ class SqlStore:
         self.fence: Fence = fence or NoFence()
         self._writer = Writer(self._transaction, retry_alone=backend.retry_alone)
         self._failing = False
+        #: When the transaction under way began (``time.monotonic()``), if one is.
+        self._busy_since: float | None = None
         #: Whether a transaction ever committed. Until one has, a failure is the start-up's
         #: to report (one line and its exit code), not a database that stopped working.
         self._committed = False
@@ -439,8 +446,11 @@ class SqlStore:
         return await self._writer.run(operation)
 
     def commits_failing(self) -> bool:
-        """Whether the last transaction failed for the storage's sake (health reports it)."""
-        return self._failing
+        """Whether the last transaction failed for the storage's sake, or the one under way
+        has waited for the database for longer than ``STALLED`` seconds (health reports it)."""
+        busy_since = self._busy_since
+        stalled = busy_since is not None and time.monotonic() - busy_since > STALLED
+        return self._failing or stalled
 
     async def _transaction(self, operations: list[Operation[Any]]) -> list[Any]:
         changes: list[Change] = []
@@ -450,12 +460,15 @@ class SqlStore:
             appended.extend(await append_events(db, changes))
 
         self._changes = changes  # the writer runs one transaction at a time
+        self._busy_since = time.monotonic()
         try:
             results = await self.backend.transaction([*operations, append])
         except Exception as error:
             if failures.cause_of(error) is not None:
                 self._set_failing(True, error)
             raise
+        finally:
+            self._busy_since = None
         self._set_failing(False)
         if appended:
             self._on_events(appended)

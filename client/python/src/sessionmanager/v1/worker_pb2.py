@@ -28,7 +28,7 @@ from sessionmanager.v1 import session_pb2 as sessionmanager_dot_v1_dot_session__
 from sessionmanager.v1 import session_service_pb2 as sessionmanager_dot_v1_dot_session__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esessionmanager/v1/worker.proto\x12\x11sessionmanager.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fsessionmanager/v1/session.proto\x1a\'sessionmanager/v1/session_service.proto\"\xb1\t\n\rWorkerCommand\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x46\n\rstart_pairing\x18\x02 \x01(\x0b\x32-.sessionmanager.v1.WorkerCommand.StartPairingH\x00\x12;\n\x07restore\x18\x03 \x01(\x0b\x32(.sessionmanager.v1.WorkerCommand.RestoreH\x00\x12@\n\npair_phone\x18\x04 \x01(\x0b\x32*.sessionmanager.v1.WorkerCommand.PairPhoneH\x00\x12>\n\tsend_text\x18\x05 \x01(\x0b\x32).sessionmanager.v1.WorkerCommand.SendTextH\x00\x12\x39\n\x06logout\x18\x06 \x01(\x0b\x32\'.sessionmanager.v1.WorkerCommand.LogoutH\x00\x12\x35\n\x04stop\x18\x07 \x01(\x0b\x32%.sessionmanager.v1.WorkerCommand.StopH\x00\x12\x35\n\x04ping\x18\x08 \x01(\x0b\x32%.sessionmanager.v1.WorkerCommand.PingH\x00\x12H\n\x0esimulate_phone\x18\t \x01(\x0b\x32..sessionmanager.v1.WorkerCommand.SimulatePhoneH\x00\x12\x35\n\x04hold\x18\n \x01(\x0b\x32%.sessionmanager.v1.WorkerCommand.HoldH\x00\x1a\x0e\n\x0cStartPairing\x1a\x1f\n\x07Restore\x12\x14\n\x0cphone_number\x18\x01 \x01(\t\x1a!\n\tPairPhone\x12\x14\n\x0cphone_number\x18\x01 \x01(\t\x1a$\n\x08SendText\x12\n\n\x02to\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x1a\x08\n\x06Logout\x1a\x06\n\x04Stop\x1a\x06\n\x04Ping\x1a\x15\n\x04Hold\x12\r\n\x05until\x18\x01 \x01(\x01\x1a\xac\x03\n\rSimulatePhone\x12\x45\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x35.sessionmanager.v1.WorkerCommand.SimulatePhone.Action\x12\x14\n\x0cphone_number\x18\x02 \x01(\t\x12\x0c\n\x04hold\x18\x03 \x01(\x08\x12\x0c\n\x04\x63ode\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x12\n\nmessage_id\x18\x06 \x01(\t\"\xfc\x01\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x41\x43TION_SCAN\x10\x01\x12\x1d\n\x19\x41\x43TION_COMPLETE_HANDSHAKE\x10\x02\x12\x17\n\x13\x41\x43TION_DROP_NETWORK\x10\x03\x12\x11\n\rACTION_UNLINK\x10\x04\x12\x0f\n\x0b\x41\x43TION_FAIL\x10\x05\x12\x18\n\x14\x41\x43TION_FAULT_PAIRING\x10\x06\x12\x15\n\x11\x41\x43TION_FAULT_SEND\x10\x07\x12\x12\n\x0e\x41\x43TION_DELIVER\x10\x08\x12\x0f\n\x0b\x41\x43TION_READ\x10\t\x12\x17\n\x13\x41\x43TION_FAIL_MESSAGE\x10\nB\t\n\x07\x63ommand\"\xad\t\n\x0bWorkerEvent\x12\x35\n\x05reply\x18\x01 \x01(\x0b\x32$.sessionmanager.v1.WorkerEvent.ReplyH\x00\x12\x38\n\x07qr_code\x18\x02 \x01(\x0b\x32%.sessionmanager.v1.WorkerEvent.QRCodeH\x00\x12>\n\nqr_scanned\x18\x03 \x01(\x0b\x32(.sessionmanager.v1.WorkerEvent.QRScannedH\x00\x12\x43\n\x0creconnecting\x18\x04 \x01(\x0b\x32+.sessionmanager.v1.WorkerEvent.ReconnectingH\x00\x12=\n\tconnected\x18\x05 \x01(\x0b\x32(.sessionmanager.v1.WorkerEvent.ConnectedH\x00\x12\x43\n\x0c\x64isconnected\x18\x06 \x01(\x0b\x32+.sessionmanager.v1.WorkerEvent.DisconnectedH\x00\x12\x37\n\x06\x66\x61iled\x18\x07 \x01(\x0b\x32%.sessionmanager.v1.WorkerEvent.FailedH\x00\x12\x46\n\x0epairing_failed\x18\x08 \x01(\x0b\x32,.sessionmanager.v1.WorkerEvent.PairingFailedH\x00\x12\x39\n\x07receipt\x18\t \x01(\x0b\x32&.sessionmanager.v1.WorkerEvent.ReceiptH\x00\x1a\x81\x01\n\x05Reply\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x12\n\nerror_code\x18\x02 \x01(\t\x12\x15\n\rerror_message\x18\x03 \x01(\t\x12\x12\n\nmessage_id\x18\x04 \x01(\t\x12\x14\n\x0clinking_code\x18\x05 \x01(\t\x12\x17\n\x0foutcome_unknown\x18\x06 \x01(\x08\x1a\x44\n\x06QRCode\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12,\n\tvalid_for\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x1a\x0b\n\tQRScanned\x1a\x0e\n\x0cReconnecting\x1a!\n\tConnected\x12\x14\n\x0cphone_number\x18\x01 \x01(\t\x1a\x62\n\x0c\x44isconnected\x12\x33\n\x06reason\x18\x01 \x01(\x0e\x32#.sessionmanager.v1.DisconnectReason\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x1a\'\n\x06\x46\x61iled\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x1a.\n\rPairingFailed\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x1a\x97\x01\n\x07Receipt\x12\x13\n\x0bmessage_ids\x18\x01 \x03(\t\x12\x30\n\x06status\x18\x02 \x01(\x0e\x32 .sessionmanager.v1.MessageStatus\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x63ode\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\tB\x07\n\x05\x65ventb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esessionmanager/v1/worker.proto\x12\x11sessionmanager.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fsessionmanager/v1/session.proto\x1a\'sessionmanager/v1/session_service.proto\"\xc0\t\n\rWorkerCommand\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x46\n\rstart_pairing\x18\x02 \x01(\x0b\x32-.sessionmanager.v1.WorkerCommand.StartPairingH\x00\x12;\n\x07restore\x18\x03 \x01(\x0b\x32(.sessionmanager.v1.WorkerCommand.RestoreH\x00\x12@\n\npair_phone\x18\x04 \x01(\x0b\x32*.sessionmanager.v1.WorkerCommand.PairPhoneH\x00\x12>\n\tsend_text\x18\x05 \x01(\x0b\x32).sessionmanager.v1.WorkerCommand.SendTextH\x00\x12\x39\n\x06logout\x18\x06 \x01(\x0b\x32\'.sessionmanager.v1.WorkerCommand.LogoutH\x00\x12\x35\n\x04stop\x18\x07 \x01(\x0b\x32%.sessionmanager.v1.WorkerCommand.StopH\x00\x12\x35\n\x04ping\x18\x08 \x01(\x0b\x32%.sessionmanager.v1.WorkerCommand.PingH\x00\x12H\n\x0esimulate_phone\x18\t \x01(\x0b\x32..sessionmanager.v1.WorkerCommand.SimulatePhoneH\x00\x12\x35\n\x04hold\x18\n \x01(\x0b\x32%.sessionmanager.v1.WorkerCommand.HoldH\x00\x1a\x0e\n\x0cStartPairing\x1a\x1f\n\x07Restore\x12\x14\n\x0cphone_number\x18\x01 \x01(\t\x1a!\n\tPairPhone\x12\x14\n\x0cphone_number\x18\x01 \x01(\t\x1a$\n\x08SendText\x12\n\n\x02to\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x1a\x08\n\x06Logout\x1a\x06\n\x04Stop\x1a\x06\n\x04Ping\x1a$\n\x04Hold\x12\r\n\x05until\x18\x01 \x01(\x01\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x1a\xac\x03\n\rSimulatePhone\x12\x45\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x35.sessionmanager.v1.WorkerCommand.SimulatePhone.Action\x12\x14\n\x0cphone_number\x18\x02 \x01(\t\x12\x0c\n\x04hold\x18\x03 \x01(\x08\x12\x0c\n\x04\x63ode\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x12\n\nmessage_id\x18\x06 \x01(\t\"\xfc\x01\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x41\x43TION_SCAN\x10\x01\x12\x1d\n\x19\x41\x43TION_COMPLETE_HANDSHAKE\x10\x02\x12\x17\n\x13\x41\x43TION_DROP_NETWORK\x10\x03\x12\x11\n\rACTION_UNLINK\x10\x04\x12\x0f\n\x0b\x41\x43TION_FAIL\x10\x05\x12\x18\n\x14\x41\x43TION_FAULT_PAIRING\x10\x06\x12\x15\n\x11\x41\x43TION_FAULT_SEND\x10\x07\x12\x12\n\x0e\x41\x43TION_DELIVER\x10\x08\x12\x0f\n\x0b\x41\x43TION_READ\x10\t\x12\x17\n\x13\x41\x43TION_FAIL_MESSAGE\x10\nB\t\n\x07\x63ommand\"\xad\t\n\x0bWorkerEvent\x12\x35\n\x05reply\x18\x01 \x01(\x0b\x32$.sessionmanager.v1.WorkerEvent.ReplyH\x00\x12\x38\n\x07qr_code\x18\x02 \x01(\x0b\x32%.sessionmanager.v1.WorkerEvent.QRCodeH\x00\x12>\n\nqr_scanned\x18\x03 \x01(\x0b\x32(.sessionmanager.v1.WorkerEvent.QRScannedH\x00\x12\x43\n\x0creconnecting\x18\x04 \x01(\x0b\x32+.sessionmanager.v1.WorkerEvent.ReconnectingH\x00\x12=\n\tconnected\x18\x05 \x01(\x0b\x32(.sessionmanager.v1.WorkerEvent.ConnectedH\x00\x12\x43\n\x0c\x64isconnected\x18\x06 \x01(\x0b\x32+.sessionmanager.v1.WorkerEvent.DisconnectedH\x00\x12\x37\n\x06\x66\x61iled\x18\x07 \x01(\x0b\x32%.sessionmanager.v1.WorkerEvent.FailedH\x00\x12\x46\n\x0epairing_failed\x18\x08 \x01(\x0b\x32,.sessionmanager.v1.WorkerEvent.PairingFailedH\x00\x12\x39\n\x07receipt\x18\t \x01(\x0b\x32&.sessionmanager.v1.WorkerEvent.ReceiptH\x00\x1a\x81\x01\n\x05Reply\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x12\n\nerror_code\x18\x02 \x01(\t\x12\x15\n\rerror_message\x18\x03 \x01(\t\x12\x12\n\nmessage_id\x18\x04 \x01(\t\x12\x14\n\x0clinking_code\x18\x05 \x01(\t\x12\x17\n\x0foutcome_unknown\x18\x06 \x01(\x08\x1a\x44\n\x06QRCode\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12,\n\tvalid_for\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x1a\x0b\n\tQRScanned\x1a\x0e\n\x0cReconnecting\x1a!\n\tConnected\x12\x14\n\x0cphone_number\x18\x01 \x01(\t\x1a\x62\n\x0c\x44isconnected\x12\x33\n\x06reason\x18\x01 \x01(\x0e\x32#.sessionmanager.v1.DisconnectReason\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x1a\'\n\x06\x46\x61iled\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x1a.\n\rPairingFailed\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x1a\x97\x01\n\x07Receipt\x12\x13\n\x0bmessage_ids\x18\x01 \x03(\t\x12\x30\n\x06status\x18\x02 \x01(\x0e\x32 .sessionmanager.v1.MessageStatus\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x63ode\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\tB\x07\n\x05\x65ventb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,7 +36,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sessionmanager.v1.worker_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WORKERCOMMAND']._serialized_start=193
-  _globals['_WORKERCOMMAND']._serialized_end=1394
+  _globals['_WORKERCOMMAND']._serialized_end=1409
   _globals['_WORKERCOMMAND_STARTPAIRING']._serialized_start=783
   _globals['_WORKERCOMMAND_STARTPAIRING']._serialized_end=797
   _globals['_WORKERCOMMAND_RESTORE']._serialized_start=799
@@ -52,29 +52,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERCOMMAND_PING']._serialized_start=923
   _globals['_WORKERCOMMAND_PING']._serialized_end=929
   _globals['_WORKERCOMMAND_HOLD']._serialized_start=931
-  _globals['_WORKERCOMMAND_HOLD']._serialized_end=952
-  _globals['_WORKERCOMMAND_SIMULATEPHONE']._serialized_start=955
-  _globals['_WORKERCOMMAND_SIMULATEPHONE']._serialized_end=1383
-  _globals['_WORKERCOMMAND_SIMULATEPHONE_ACTION']._serialized_start=1131
-  _globals['_WORKERCOMMAND_SIMULATEPHONE_ACTION']._serialized_end=1383
-  _globals['_WORKEREVENT']._serialized_start=1397
-  _globals['_WORKEREVENT']._serialized_end=2594
-  _globals['_WORKEREVENT_REPLY']._serialized_start=1979
-  _globals['_WORKEREVENT_REPLY']._serialized_end=2108
-  _globals['_WORKEREVENT_QRCODE']._serialized_start=2110
-  _globals['_WORKEREVENT_QRCODE']._serialized_end=2178
-  _globals['_WORKEREVENT_QRSCANNED']._serialized_start=2180
-  _globals['_WORKEREVENT_QRSCANNED']._serialized_end=2191
-  _globals['_WORKEREVENT_RECONNECTING']._serialized_start=2193
-  _globals['_WORKEREVENT_RECONNECTING']._serialized_end=2207
-  _globals['_WORKEREVENT_CONNECTED']._serialized_start=2209
-  _globals['_WORKEREVENT_CONNECTED']._serialized_end=2242
-  _globals['_WORKEREVENT_DISCONNECTED']._serialized_start=2244
-  _globals['_WORKEREVENT_DISCONNECTED']._serialized_end=2342
-  _globals['_WORKEREVENT_FAILED']._serialized_start=2344
-  _globals['_WORKEREVENT_FAILED']._serialized_end=2383
-  _globals['_WORKEREVENT_PAIRINGFAILED']._serialized_start=2385
-  _globals['_WORKEREVENT_PAIRINGFAILED']._serialized_end=2431
-  _globals['_WORKEREVENT_RECEIPT']._serialized_start=2434
-  _globals['_WORKEREVENT_RECEIPT']._serialized_end=2585
+  _globals['_WORKERCOMMAND_HOLD']._serialized_end=967
+  _globals['_WORKERCOMMAND_SIMULATEPHONE']._serialized_start=970
+  _globals['_WORKERCOMMAND_SIMULATEPHONE']._serialized_end=1398
+  _globals['_WORKERCOMMAND_SIMULATEPHONE_ACTION']._serialized_start=1146
+  _globals['_WORKERCOMMAND_SIMULATEPHONE_ACTION']._serialized_end=1398
+  _globals['_WORKEREVENT']._serialized_start=1412
+  _globals['_WORKEREVENT']._serialized_end=2609
+  _globals['_WORKEREVENT_REPLY']._serialized_start=1994
+  _globals['_WORKEREVENT_REPLY']._serialized_end=2123
+  _globals['_WORKEREVENT_QRCODE']._serialized_start=2125
+  _globals['_WORKEREVENT_QRCODE']._serialized_end=2193
+  _globals['_WORKEREVENT_QRSCANNED']._serialized_start=2195
+  _globals['_WORKEREVENT_QRSCANNED']._serialized_end=2206
+  _globals['_WORKEREVENT_RECONNECTING']._serialized_start=2208
+  _globals['_WORKEREVENT_RECONNECTING']._serialized_end=2222
+  _globals['_WORKEREVENT_CONNECTED']._serialized_start=2224
+  _globals['_WORKEREVENT_CONNECTED']._serialized_end=2257
+  _globals['_WORKEREVENT_DISCONNECTED']._serialized_start=2259
+  _globals['_WORKEREVENT_DISCONNECTED']._serialized_end=2357
+  _globals['_WORKEREVENT_FAILED']._serialized_start=2359
+  _globals['_WORKEREVENT_FAILED']._serialized_end=2398
+  _globals['_WORKEREVENT_PAIRINGFAILED']._serialized_start=2400
+  _globals['_WORKEREVENT_PAIRINGFAILED']._serialized_end=2446
+  _globals['_WORKEREVENT_RECEIPT']._serialized_start=2449
+  _globals['_WORKEREVENT_RECEIPT']._serialized_end=2600
 # @@protoc_insertion_point(module_scope)

@@ -167,26 +167,33 @@ class WorkerCommand(_message.Message):
     class Hold(_message.Message):
         """Hold is the worker's dead-man's switch while its node holds the session's
         lease. The worker exits at once, with no graceful close (status 77,
-        EXIT_LEASE_EXPIRED), when CLOCK_MONOTONIC passes `until` before a later
-        Hold moves it; the server sends one every few hundred milliseconds while
-        it renews its lease, so a frozen or cut-off server cannot keep its workers
-        connected. The latest Hold replaces any earlier one; a worker that never
-        got one has no deadline. Hold gets no reply: nobody waits for it.
+        EXIT_LEASE_EXPIRED), when CLOCK_BOOTTIME passes `until` before a later
+        Hold moves it, or when a Hold names an epoch other than the one it was
+        started for; the server sends one with every renewal of the session's
+        lease, so a frozen or cut-off server cannot keep its workers connected.
+        The latest Hold replaces any earlier one; a worker that never got one has
+        no deadline. Hold gets no reply: nobody waits for it.
         """
 
         DESCRIPTOR: _descriptor.Descriptor
 
         UNTIL_FIELD_NUMBER: _builtins.int
+        EPOCH_FIELD_NUMBER: _builtins.int
         until: _builtins.float
-        """The deadline, in seconds on CLOCK_MONOTONIC (system-wide on Linux); +inf lifts it."""
+        """The deadline, in seconds on CLOCK_BOOTTIME (system-wide on Linux, and
+        counting while the machine is suspended); +inf lifts it.
+        """
+        epoch: _builtins.int
+        """The epoch of the lease the deadline belongs to; 0: none (one node)."""
         def __init__(
             self,
             *,
             until: _builtins.float = ...,
+            epoch: _builtins.int = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["until", b"until"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "until", b"until"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
