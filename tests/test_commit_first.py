@@ -313,3 +313,14 @@ async def test_after_a_logout_a_drop_of_the_old_connection_changes_nothing(
         )
     assert error_info(refused.value).reason == "INVALID_TRANSITION"
     assert await session_of(harness, "gone_1") == before  # refused whole, not half
+
+
+async def test_a_first_code_stored_on_a_retry_answers_request_qr_with_it(
+    workers: Harness,
+) -> None:
+    """A RequestQR never says "nothing was stored" while its code may still land."""
+    await workers.sessions.CreateSession(pb.CreateSessionRequest(instance_id="blip"))
+    workers.running.store.faults.fail_next("commit")  # the worker's first code, once
+    shown = await workers.sessions.RequestQR(pb.RequestQRRequest(instance_id="blip"))
+    assert shown.session.qr_status == s.QR_STATUS_GENERATED
+    assert (await session_of(workers, "blip")).revision == shown.session.revision

@@ -265,3 +265,29 @@ async def test_a_worker_outlives_a_failure_of_its_report_handling(tmp_path: Path
     started = time.monotonic()
     await worker.stop(5)  # returns at once: it has exited
     assert time.monotonic() - started < 1
+
+
+async def test_pairing_ends_with_its_first_code_stored_on_a_retry(engine: Engine) -> None:
+    session = SessionRef("late-code", 1)
+    engine.reports.failing = True
+    pairing = asyncio.ensure_future(engine.engine.start_pairing(session))
+    await eventually(lambda: engine.engine.worker(session) is not None)
+    worker = engine.engine.worker(session)
+    assert worker is not None
+    await eventually(lambda: worker.unstored is not None)
+    assert not pairing.done()  # not while its first code may still land
+    engine.reports.failing = False
+    await asyncio.wait_for(pairing, AT_ONCE)
+    assert [type(e) for e in engine.reports.stored] == [states.QRShown]
+
+
+async def test_pairing_whose_first_code_is_lost_fails_with_nothing_stored(engine: Engine) -> None:
+    session = SessionRef("no-code", 1)
+    engine.reports.failing = True
+    with pytest.raises(sqlite3.OperationalError):  # past report_retry_for (1 s here)
+        await asyncio.wait_for(engine.engine.start_pairing(session), AT_ONCE)
+    engine.reports.failing = False
+    assert engine.engine.worker_pids() == {}
+    # Nothing followed behind the caller's back: the next pairing's code is the first report.
+    await engine.engine.start_pairing(session)
+    assert [type(e) for e in engine.reports.stored] == [states.QRShown]

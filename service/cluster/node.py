@@ -225,7 +225,7 @@ class Node:
             try:
                 yield db
             except postgres.CONNECTION_ERRORS:
-                db.terminate()
+                postgres.end_pooled(db)
                 await pool.expire_connections()
                 raise
 

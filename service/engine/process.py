@@ -146,10 +146,11 @@ class WorkerProcess:
         """Why it ended, as a ``last_error_code`` and a sentence."""
         if self.killed_for is not None:
             return self.killed_for
-        returncode = self.exited.result() if self.exited.done() else -1
+        if not self.exited.done():  # its pipes closed first; the exit status is not known yet
+            return ("WORKER_CRASHED", "The engine worker stopped answering unexpectedly")
         return (
             "WORKER_CRASHED",
-            f"The engine worker exited unexpectedly ({describe_exit(returncode)})",
+            f"The engine worker exited unexpectedly ({describe_exit(self.exited.result())})",
         )
 
     # Commands.
@@ -207,11 +208,13 @@ class WorkerProcess:
         """From now on its reports are not relayed and its exit is no crash."""
         self.stopping = True
         self._ending.set()
+        self._progress.set()
 
     def give_up_reports(self, code: str, message: str) -> None:
         """A report of it is lost: kill it, and drop the reports it wrote after that one."""
         self.reports_lost = True
         self._ending.set()
+        self._progress.set()
         self.kill(code, message)
 
     async def stop(self, within: float) -> None:
@@ -254,6 +257,14 @@ class WorkerProcess:
         """The report being relayed could not be stored (``error``), or now was (None)."""
         self.unstored = error
         self._progress.set()
+
+    async def report_settled(self) -> Exception | None:
+        """Once the report being retried is stored: None; or, once it is lost (its worker
+        given up on, or ended), why it could not be stored."""
+        while self.unstored is not None and not self.reports_lost and not self.exited.done():
+            self._progress.clear()
+            await self._progress.wait()
+        return self.unstored
 
     # Reading and relaying.
 

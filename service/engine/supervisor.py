@@ -222,8 +222,15 @@ class WorkerEngine:
         if reply.error_code:
             await self._stop_worker(slot, worker)
             check_reply(reply)
-        if worker.unstored is not None:  # its first code could not be stored: say why
-            raise worker.unstored
+        if worker.unstored is not None:
+            # Its first code is not stored yet: the report is being retried, and this call
+            # ends with it (shown, or lost with its worker), never while it may still land.
+            error = await worker.report_settled()
+            if error is not None:  # lost: the caller is told, and nothing starts behind its back
+                worker.mark_stopping()
+                slot.lost_report = None
+                await self._stop_worker(slot, worker)
+                raise error
 
     async def restore(self, session: SessionRef, phone_number: str | None) -> None:
         self._refuse_unless_held(session.instance_id)

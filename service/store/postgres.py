@@ -82,6 +82,13 @@ CONNECTION_ERRORS = (
 )
 
 
+def end_pooled(db: PoolConnectionProxy) -> None:
+    """End a pool's connection that failed; one the pool already let go of (asyncpg detaches
+    a connection that closed) needs nothing more."""
+    with contextlib.suppress(asyncpg.InterfaceError):
+        db.terminate()
+
+
 def lock_key(node_id: str) -> int:
     """The advisory lock that says "node ``node_id`` serves this database"."""
     digest = hashlib.sha256(f"session-manager/{node_id}".encode()).digest()
@@ -388,7 +395,7 @@ class PostgreSQL:
         try:
             return await operation(Connection(db))
         except CONNECTION_ERRORS as error:
-            db.terminate()
+            end_pooled(db)
             await self._readers.expire_connections()  # the others likely went the same way
             raise DatabaseUnreachable(self._lost(error)) from error
         finally:
