@@ -304,7 +304,7 @@ class Settings:
         "/connect, /disconnect, /send) for this instance_id (off when empty)",
         optional_instance_id,
     )
-    # Several nodes over one PostgreSQL database (README, Running several nodes).
+    # Several nodes over one PostgreSQL database (docs/storage-and-nodes.md, Running several nodes).
     node_id: str = setting(
         socket.gethostname(),
         "with PostgreSQL: this node's name, unique among the nodes of one database",

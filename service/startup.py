@@ -1,7 +1,7 @@
 """Why the server could not start, in one line an operator can act on.
 
 Each failure an operator can meet before the server serves has its own exit
-code (README, Operations); ``session-manager`` prints the message on one line
+code (docs/operations.md); ``session-manager`` prints the message on one line
 and exits with that code, never with a traceback.
 """
 
@@ -113,7 +113,7 @@ def check_exposure(
     if not given and not allow_no_tokens:
         raise InsecureAddress(
             f"refusing to listen on {remote[0]} without tokens: set "
-            "SESSION_MANAGER_PUBLIC_TOKEN and SESSION_MANAGER_INTERNAL_TOKEN (README, Security), "
+            "SESSION_MANAGER_PUBLIC_TOKEN and SESSION_MANAGER_INTERNAL_TOKEN (docs/security.md), "
             "or pass --allow-unauthenticated-remote if this is intended"
         )
     for role, token in given:
@@ -329,7 +329,7 @@ def _classified(shown: str, error: BaseException) -> StartupError | None:
 _DATABASE_CAUSES = {
     failures.Cause.CORRUPT: (
         ExitCode.DATABASE_CORRUPT,
-        "is corrupt or not a database; restore a backup (README, Operations)",
+        "is corrupt or not a database; restore a backup (docs/operations.md)",
     ),
     failures.Cause.READ_ONLY: (
         ExitCode.DATABASE_NOT_WRITABLE,

@@ -157,7 +157,7 @@ async def test_tls_and_mutual_tls(settings: Settings, pki: Path) -> None:
 
 
 async def test_client_over_mutual_tls_with_tokens(secured: Settings, pki: Path) -> None:
-    """What the README's Security section sets up, used through the client library."""
+    """What docs/security.md sets up, used through the client library."""
     server_settings = dataclasses.replace(
         secured,
         tls_cert=pki / "server.pem",

@@ -3,7 +3,8 @@
 The wheel of ``client/python`` is built from a copy of its sources and
 installed with its dependencies only (from the package index, or pip's cache):
 none of the server's (neonize, aiosqlite, ...) may come with it. Then the
-README's example and ``smctl`` run from that environment against a server.
+example of docs/central-hub-python.md and ``smctl`` run from that environment
+against a server.
 """
 
 from __future__ import annotations
@@ -88,12 +89,11 @@ def test_only_client_dependencies_are_installed(standalone: Path) -> None:
     assert missing == "None None"
 
 
-def test_readme_example_runs_from_the_client_alone(
+def test_documented_example_runs_from_the_client_alone(
     standalone: Path, address: str, tmp_path: Path
 ) -> None:
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Central Hub integration", 1)[1].split("\n## ", 1)[0]
-    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    page = (ROOT / "docs" / "central-hub-python.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", page, re.S)
     script = tmp_path / "example.py"
     script.write_text(code)
     for _ in range(2):  # the second run finds the session connected and replays the send

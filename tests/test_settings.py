@@ -15,9 +15,9 @@ from service.config import SettingError, Settings
 from service.startup import ExitCode
 from tests.servers import failed_start
 
-README = Path(__file__).parent.parent / "README.md"
+CONFIGURATION = Path(__file__).parent.parent / "docs" / "configuration.md"
 
-# Every flag and variable name the README has documented: they must keep working.
+# Every flag and variable name the documentation has named: they must keep working.
 DOCUMENTED = {
     "address": "127.0.0.1:1",
     "database": "x.db",
@@ -121,8 +121,8 @@ def test_flags_win_over_the_environment() -> None:
     assert settings.send_rate == 2.0
 
 
-def test_the_readme_documents_every_setting() -> None:
-    rows = [line for line in README.read_text().splitlines() if line.startswith("| `--")]
+def test_the_configuration_page_documents_every_setting() -> None:
+    rows = [line for line in CONFIGURATION.read_text().splitlines() if line.startswith("| `--")]
     table = "\n".join(rows)
     for declared in config.options():
         assert f"`{config.flag(declared.name)}`" in table, declared.name

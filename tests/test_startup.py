@@ -1,7 +1,7 @@
 """Start-up failures: one line on stderr, its own exit code, nothing served.
 
 Each test starts the real ``session-manager serve`` as a subprocess; the exit
-codes are the table in README, Operations (``service.startup.ExitCode``).
+codes are the table in docs/operations.md, Start-up failures (``service.startup.ExitCode``).
 """
 
 from __future__ import annotations

@@ -518,8 +518,8 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX messages_by_session ON messages (session_id, accepted_at);
     CREATE INDEX messages_pending ON messages (id) WHERE status = 'pending';
     """,
-    # Several nodes over one database (README, Running several nodes): who is alive,
-    # who owns which session, and a notification for every committed change.
+    # Several nodes over one database (docs/storage-and-nodes.md, Running several nodes):
+    # who is alive, who owns which session, and a notification for every committed change.
     """
     CREATE TABLE nodes (
         node_id text PRIMARY KEY,

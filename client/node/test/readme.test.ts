@@ -1,4 +1,4 @@
-/** README's "Central Hub in Node" is examples/central-hub.ts, and it runs against a server. */
+/** The example of docs/central-hub-node.md is examples/central-hub.ts, and it runs against a server. */
 
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
@@ -10,19 +10,19 @@ import { promisify } from "node:util";
 import { Server } from "./server.js";
 
 const PACKAGE = resolve(__dirname, "../..");
-const README = join(PACKAGE, "../../README.md");
+const PAGE = join(PACKAGE, "../../docs/central-hub-node.md");
 const EXAMPLE = join(PACKAGE, "examples/central-hub.ts");
 const COMPILED = join(PACKAGE, "dist/examples/central-hub.js");
 
-function readmeExample(): string {
-  const section = readFileSync(README, "utf8").split("\n## Central Hub in Node\n")[1]?.split("\n## ")[0] ?? "";
-  const blocks = [...section.matchAll(/```ts\n([\s\S]*?)```/g)].map((match) => match[1]);
-  assert.equal(blocks.length, 1, "one ```ts block in the section");
+function documentedExample(): string {
+  const page = readFileSync(PAGE, "utf8");
+  const blocks = [...page.matchAll(/```ts\n([\s\S]*?)```/g)].map((match) => match[1]);
+  assert.equal(blocks.length, 1, "one ```ts block on the page");
   return blocks[0] as string;
 }
 
-test("the README's example is examples/central-hub.ts, word for word", () => {
-  assert.equal(readmeExample(), readFileSync(EXAMPLE, "utf8"));
+test("the documented example is examples/central-hub.ts, word for word", () => {
+  assert.equal(documentedExample(), readFileSync(EXAMPLE, "utf8"));
 });
 
 test("the example runs against a server: connects, sends, and replays on a second run", async () => {

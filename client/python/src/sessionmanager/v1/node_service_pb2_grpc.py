@@ -27,7 +27,7 @@ if _version_not_supported:
 
 class NodeServiceStub:
     """NodeService is how the nodes of one deployment over PostgreSQL hand a
-    command to the node that owns its session (README, Running several nodes).
+    command to the node that owns its session (docs/storage-and-nodes.md, Running several nodes).
     Any node accepts every SessionService call; a command for a session another
     node owns is forwarded here, authenticated with the internal token, and
     carried out by the owner alone, which never forwards it again. Each call
@@ -75,7 +75,7 @@ class NodeServiceStub:
 
 class NodeServiceServicer:
     """NodeService is how the nodes of one deployment over PostgreSQL hand a
-    command to the node that owns its session (README, Running several nodes).
+    command to the node that owns its session (docs/storage-and-nodes.md, Running several nodes).
     Any node accepts every SessionService call; a command for a session another
     node owns is forwarded here, authenticated with the internal token, and
     carried out by the owner alone, which never forwards it again. Each call
@@ -168,7 +168,7 @@ def add_NodeServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class NodeService:
     """NodeService is how the nodes of one deployment over PostgreSQL hand a
-    command to the node that owns its session (README, Running several nodes).
+    command to the node that owns its session (docs/storage-and-nodes.md, Running several nodes).
     Any node accepts every SessionService call; a command for a session another
     node owns is forwarded here, authenticated with the internal token, and
     carried out by the owner alone, which never forwards it again. Each call

@@ -28,7 +28,7 @@ GRPC_VERSION: str
 
 class NodeServiceStub:
     """NodeService is how the nodes of one deployment over PostgreSQL hand a
-    command to the node that owns its session (README, Running several nodes).
+    command to the node that owns its session (docs/storage-and-nodes.md, Running several nodes).
     Any node accepts every SessionService call; a command for a session another
     node owns is forwarded here, authenticated with the internal token, and
     carried out by the owner alone, which never forwards it again. Each call
@@ -56,7 +56,7 @@ class NodeServiceStub:
 @_typing.type_check_only
 class NodeServiceAsyncStub(NodeServiceStub):
     """NodeService is how the nodes of one deployment over PostgreSQL hand a
-    command to the node that owns its session (README, Running several nodes).
+    command to the node that owns its session (docs/storage-and-nodes.md, Running several nodes).
     Any node accepts every SessionService call; a command for a session another
     node owns is forwarded here, authenticated with the internal token, and
     carried out by the owner alone, which never forwards it again. Each call
@@ -80,7 +80,7 @@ class NodeServiceAsyncStub(NodeServiceStub):
 
 class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
     """NodeService is how the nodes of one deployment over PostgreSQL hand a
-    command to the node that owns its session (README, Running several nodes).
+    command to the node that owns its session (docs/storage-and-nodes.md, Running several nodes).
     Any node accepts every SessionService call; a command for a session another
     node owns is forwarded here, authenticated with the internal token, and
     carried out by the owner alone, which never forwards it again. Each call

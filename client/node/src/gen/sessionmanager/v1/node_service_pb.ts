@@ -268,7 +268,7 @@ export const NodeServiceDisconnectResponseSchema: GenMessage<NodeServiceDisconne
 
 /**
  * NodeService is how the nodes of one deployment over PostgreSQL hand a
- * command to the node that owns its session (README, Running several nodes).
+ * command to the node that owns its session (docs/storage-and-nodes.md, Running several nodes).
  * Any node accepts every SessionService call; a command for a session another
  * node owns is forwarded here, authenticated with the internal token, and
  * carried out by the owner alone, which never forwards it again. Each call
