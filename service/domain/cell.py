@@ -49,6 +49,10 @@ class SessionCell:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     #: The commit that creates it (awaited by a second creation of the same instance_id).
     creation: asyncio.Task[Session] | None = None
+    #: Set once a session taken over from another node is ready for requests (its
+    #: reconnection committed): until then a request waits rather than act on a stored
+    #: ``connected`` that no worker here stands behind yet.
+    arrival: asyncio.Event | None = None
     #: The pairing being started (shared by concurrent RequestQR calls).
     pairing: asyncio.Task[None] | None = None
     #: The timer that marks the shown code expired.

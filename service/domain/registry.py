@@ -119,6 +119,9 @@ class Registry:
     async def settled(self, instance_id: str) -> SessionCell:
         """The live cell of ``instance_id``, its stored row read again first if in doubt."""
         cell = self.cell(instance_id)
+        if cell.arrival is not None and not cell.arrival.is_set():
+            await cell.arrival.wait()
+            cell = self.cell(instance_id)
         if cell.doubt is not None:
             async with cell.lock:
                 await self._settle(cell)

@@ -152,9 +152,17 @@ class SessionManager:
         from its stored credentials.
         """
         cell = self._registry.adopt(session)
-        code, message = OUTCOME_UNKNOWN
-        await self._store.mark_pending_unknown(code, message, self._clock.now(), session.ref)
-        await self._resume(cell, session)
+        cell.arrival = asyncio.Event()
+        try:
+            code, message = OUTCOME_UNKNOWN
+            await self._store.mark_pending_unknown(code, message, self._clock.now(), session.ref)
+            if _was_paired(session):
+                if await self._reconnecting(cell) and cell.live:
+                    self._registry.spawn(self._reconnect(session))
+            else:
+                await self._resume(cell, session)
+        finally:
+            cell.arrival.set()
 
     async def release(self, instance_id: str) -> None:
         """Stop holding a session: its connection stops, its credentials stay for the next owner.
@@ -171,10 +179,20 @@ class SessionManager:
             await asyncio.wait(sends, timeout=RELEASE_SEND_WAIT)
 
     async def _restore(self, cell: SessionCell, session: Session) -> None:
+        if await self._reconnecting(cell) and cell.live:  # else its next owner reconnects it
+            await self._reconnect(session)
+
+    async def _reconnecting(self, cell: SessionCell) -> bool:
+        """Commit that the session reconnects; whether it was."""
         try:
             await self._registry.apply(cell, states.Reconnecting())
-            if not cell.live:  # handed over meanwhile: its next owner reconnects it
-                return
+        except errors.ContractError as error:
+            log.warning("restoring %s failed: %s", cell.instance_id, error)
+            return False
+        return True
+
+    async def _reconnect(self, session: Session) -> None:
+        try:
             await self.engine.restore(session.ref, session.phone_number)
         except (errors.ContractError, EngineError) as error:
             log.warning("restoring %s failed: %s", session.instance_id, error)
