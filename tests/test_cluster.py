@@ -82,6 +82,9 @@ from tests.cluster import (
 from tests.postgres import Cluster
 
 CALL_TIMEOUT = 3.0
+#: A RequestQR starts a worker process (a Python interpreter and its imports): seconds on
+#: a loaded 2-core machine, where three nodes, their workers and PostgreSQL share it.
+QR_TIMEOUT = 10.0
 SETTLE = 20.0  # seconds for every session to be back on a healthy node after a fault
 FIRST_SESSIONS = 12
 PAIRING_AT_ONCE = 3
@@ -348,7 +351,7 @@ class Load:
         for attempt in range(PAIRING_ATTEMPTS):
             self.acked.qr_requests.append(iid)
             code = await self.call(
-                iid, "RequestQR", lambda n: n.sessions.RequestQR(qr, timeout=CALL_TIMEOUT)
+                iid, "RequestQR", lambda n: n.sessions.RequestQR(qr, timeout=QR_TIMEOUT)
             )
             if code is None:
                 return None if attempt == 0 and iid not in self.acked.uncertain else False
@@ -706,7 +709,7 @@ async def _change(load: Load, iid: str, status: str) -> None:
     elif status == "init":
         qr = pb.RequestQRRequest(instance_id=iid)
         load.acked.qr_requests.append(iid)
-        await load.attempt("RequestQR", lambda n: n.sessions.RequestQR(qr, timeout=CALL_TIMEOUT))
+        await load.attempt("RequestQR", lambda n: n.sessions.RequestQR(qr, timeout=QR_TIMEOUT))
     else:
         unlink = pb.DisconnectRequest(instance_id=iid)
         await load.attempt(

@@ -57,7 +57,8 @@ RENEW_ATTEMPTS = 3
 #: The longest the watchdog sleeps at once: a timed wait stands still while the machine
 #: is suspended, so the deadline is read again at least this often.
 WATCH_SLICE = 0.5
-_DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+#: A connection gone or broken (asyncpg's InternalClientError included), or the server's refusal.
+_DATABASE_ERRORS = (*postgres.CONNECTION_ERRORS, asyncpg.PostgresError)
 
 
 @dataclass(frozen=True, slots=True)
